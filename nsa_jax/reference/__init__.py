@@ -1,0 +1,1 @@
+"""Pure-JAX reference of every NSA branch (the ``"xla"`` implementation)."""
