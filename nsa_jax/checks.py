@@ -47,9 +47,7 @@ def same_dim(what: str, **dims: int) -> int:
 def query_key_heads(q_heads: int, kv_heads: int) -> int:
     """Returns the group size G = HQ / H."""
     if q_heads % kv_heads:
-        raise ValueError(
-            f"q heads ({q_heads}) must be a multiple of the key/value heads ({kv_heads})"
-        )
+        raise ValueError(f"q heads ({q_heads}) must be a multiple of the key/value heads ({kv_heads})")
     return q_heads // kv_heads
 
 

@@ -61,29 +61,41 @@ class BlockCompressor(nnx.Module):
         normal = nnx.initializers.normal(0.02)
         fan_in = nnx.initializers.lecun_normal()
         self.position = nnx.Param(
-            nnx.with_partitioning(normal, ("block", "head_dim"))(rngs.params(), (block_length, head_dim), param_dtype)
+            nnx.with_partitioning(normal, ("block", "head_dim"))(
+                rngs.params(), (block_length, head_dim), param_dtype
+            )
         )
         self.w_in = nnx.Param(
             nnx.with_partitioning(fan_in, ("block", "head_dim", "mlp"))(
                 rngs.params(), (block_length, head_dim, hidden_dim), param_dtype
             )
         )
-        self.b_in = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros, ("mlp",))(rngs.params(), (hidden_dim,), param_dtype))
+        self.b_in = nnx.Param(
+            nnx.with_partitioning(nnx.initializers.zeros, ("mlp",))(rngs.params(), (hidden_dim,), param_dtype)
+        )
         self.w_out = nnx.Param(
-            nnx.with_partitioning(fan_in, ("mlp", "head_dim"))(rngs.params(), (hidden_dim, head_dim), param_dtype)
+            nnx.with_partitioning(fan_in, ("mlp", "head_dim"))(
+                rngs.params(), (hidden_dim, head_dim), param_dtype
+            )
         )
         self.b_out = nnx.Param(
-            nnx.with_partitioning(nnx.initializers.zeros, ("head_dim",))(rngs.params(), (head_dim,), param_dtype)
+            nnx.with_partitioning(nnx.initializers.zeros, ("head_dim",))(
+                rngs.params(), (head_dim,), param_dtype
+            )
         )
 
     def __call__(self, blocks: jax.Array, valid: jax.Array) -> jax.Array:
         """Compresses ``blocks [B, Tc, l, H, D]`` to ``[B, Tc, H, D]`` (0 where not ``valid``)."""
         if self.kind == "mean":
-            out = jnp.mean(blocks.astype(jnp.float32), axis=2).astype(blocks.dtype)
+            out = jnp.mean(blocks.astype(jnp.promote_types(blocks.dtype, jnp.float32)), axis=2).astype(
+                blocks.dtype
+            )
         else:
             dtype = blocks.dtype
             blocks = blocks + self.position[...].astype(dtype)[None, None, :, None, :]
-            hidden = jnp.einsum("bclhd,ldm->bchm", blocks, self.w_in[...].astype(dtype)) + self.b_in[...].astype(dtype)
+            hidden = jnp.einsum("bclhd,ldm->bchm", blocks, self.w_in[...].astype(dtype)) + self.b_in[
+                ...
+            ].astype(dtype)
             out = jnp.einsum("bchm,md->bchd", jax.nn.silu(hidden), self.w_out[...].astype(dtype))
             out = out + self.b_out[...].astype(dtype)
         return jnp.where(valid[:, :, None, None], out, 0)

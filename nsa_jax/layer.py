@@ -54,25 +54,41 @@ class NativeSparseAttention(nnx.Module):
         pd = c.param_dtype
         gate_hidden = c.gate_hidden_dim or c.model_dim
         with _lazy_sharding():
-            self.w_query = _param(rngs, dense, (c.model_dim, c.num_heads, c.head_dim_qk), ("embed", "heads", "head_dim"), pd)
+            self.w_query = _param(
+                rngs, dense, (c.model_dim, c.num_heads, c.head_dim_qk), ("embed", "heads", "head_dim"), pd
+            )
             self.w_key = _param(
-                rngs, dense, (c.model_dim, 3, c.num_kv_heads, c.head_dim_qk), ("embed", "branch", "kv_heads", "head_dim"), pd
+                rngs,
+                dense,
+                (c.model_dim, 3, c.num_kv_heads, c.head_dim_qk),
+                ("embed", "branch", "kv_heads", "head_dim"),
+                pd,
             )
             self.w_value = _param(
-                rngs, dense, (c.model_dim, 3, c.num_kv_heads, c.head_dim_v), ("embed", "branch", "kv_heads", "head_dim"), pd
+                rngs,
+                dense,
+                (c.model_dim, 3, c.num_kv_heads, c.head_dim_v),
+                ("embed", "branch", "kv_heads", "head_dim"),
+                pd,
             )
             self.w_out = _param(
                 rngs,
-                nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2),
+                nnx.initializers.variance_scaling(
+                    1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2
+                ),
                 (c.num_heads, c.head_dim_v, c.model_dim),
                 ("heads", "head_dim", "embed"),
                 pd,
             )
             self.w_gate_in = _param(rngs, dense, (c.model_dim, gate_hidden), ("embed", "mlp"), pd)
             self.b_gate_in = _param(rngs, zeros, (gate_hidden,), ("mlp",), pd)
-            self.w_gate_out = _param(rngs, dense, (gate_hidden, c.num_heads, 3), ("mlp", "heads", "branch"), pd)
+            self.w_gate_out = _param(
+                rngs, dense, (gate_hidden, c.num_heads, 3), ("mlp", "heads", "branch"), pd
+            )
             self.b_gate_out = _param(rngs, zeros, (c.num_heads, 3), ("heads", "branch"), pd)
-            compressor = dict(kind=c.compression, hidden_dim=c.compression_hidden_dim, param_dtype=pd, rngs=rngs)
+            compressor = dict(
+                kind=c.compression, hidden_dim=c.compression_hidden_dim, param_dtype=pd, rngs=rngs
+            )
             self.compress_key = BlockCompressor(c.block_length, c.head_dim_qk, **compressor)
             self.compress_value = BlockCompressor(c.block_length, c.head_dim_v, **compressor)
 
@@ -107,12 +123,16 @@ class NativeSparseAttention(nnx.Module):
         batch, length, _ = x.shape
         checks.segment_ids(segment_ids, batch, length)
         if positions is None:
-            positions = jnp.arange(length, dtype=jnp.int32)[None, :] - segment_starts(segment_ids, batch, length)
+            positions = jnp.arange(length, dtype=jnp.int32)[None, :] - segment_starts(
+                segment_ids, batch, length
+            )
         else:
             checks.rank("positions", positions, 2, "[B, T]")
             checks.integer_array("positions", positions)
             if tuple(positions.shape) != (batch, length):
-                raise ValueError(f"positions must have shape (B, T) = {(batch, length)}, got {tuple(positions.shape)}")
+                raise ValueError(
+                    f"positions must have shape (B, T) = {(batch, length)}, got {tuple(positions.shape)}"
+                )
         x = x.astype(c.dtype)
         q = jnp.einsum("btd,dhk->bthk", x, self.w_query[...].astype(c.dtype))
         keys = jnp.einsum("btd,dchk->cbthk", x, self.w_key[...].astype(c.dtype))
@@ -124,6 +144,15 @@ class NativeSparseAttention(nnx.Module):
         k_cmp = self.compress_key(*gather_blocks(k_cmp, segment_ids, **geometry))
         v_cmp = self.compress_value(*gather_blocks(v_cmp, segment_ids, **geometry))
         out = nsa_attention(
-            q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, self.gates(x), segment_ids=segment_ids, **c.attention_kwargs()
+            q,
+            k_cmp,
+            v_cmp,
+            k_slc,
+            v_slc,
+            k_win,
+            v_win,
+            self.gates(x),
+            segment_ids=segment_ids,
+            **c.attention_kwargs(),
         )
         return jnp.einsum("bthv,hvd->btd", out, self.w_out[...].astype(c.dtype))

@@ -22,23 +22,31 @@ from nsa_jax.segments import num_compressed_slots
 Implementation = str | None
 
 
-def _attention_shapes(q: jax.Array, k: jax.Array, v: jax.Array, key_name: str = "k") -> tuple[int, int, int, int]:
+def _attention_shapes(
+    q: jax.Array, k: jax.Array, v: jax.Array, key_name: str = "k"
+) -> tuple[int, int, int, int]:
     """Validates q/k/v layouts; returns (B, T, HQ, H)."""
     value_name = "v" + key_name[1:]
     checks.rank("q", q, 4, "[B, T, HQ, Dk]")
     checks.rank(key_name, k, 4, "[B, T, H, Dk]")
     checks.rank(value_name, v, 4, "[B, T, H, Dv]")
     checks.floating_same_dtype(**{"q": q, key_name: k, value_name: v})
-    batch = checks.same_dim("batch sizes (axis 0)", q=q.shape[0], **{key_name: k.shape[0], value_name: v.shape[0]})
+    batch = checks.same_dim(
+        "batch sizes (axis 0)", q=q.shape[0], **{key_name: k.shape[0], value_name: v.shape[0]}
+    )
     checks.same_dim(f"head dims Dk of q and {key_name}", q=q.shape[3], **{key_name: k.shape[3]})
-    checks.same_dim(f"KV heads of {key_name} and {value_name}", **{key_name: k.shape[2], value_name: v.shape[2]})
+    checks.same_dim(
+        f"KV heads of {key_name} and {value_name}", **{key_name: k.shape[2], value_name: v.shape[2]}
+    )
     checks.query_key_heads(q.shape[2], k.shape[2])
     return batch, q.shape[1], q.shape[2], k.shape[2]
 
 
 def _same_length(q: jax.Array, k: jax.Array, v: jax.Array, key_name: str = "k") -> None:
     value_name = "v" + key_name[1:]
-    checks.same_dim("sequence lengths (axis 1)", q=q.shape[1], **{key_name: k.shape[1], value_name: v.shape[1]})
+    checks.same_dim(
+        "sequence lengths (axis 1)", q=q.shape[1], **{key_name: k.shape[1], value_name: v.shape[1]}
+    )
 
 
 def _block_indices(block_indices: jax.Array, batch: int, length: int, kv_heads: int, block_size: int) -> None:
@@ -174,11 +182,13 @@ def _selection_geometry(
     num_selected = checks.positive_int("num_selected", num_selected)
     if selection_block_size % block_stride:
         raise ValueError(
-            f"block_stride must divide selection_block_size (d | l'), got l'={selection_block_size}, d={block_stride}"
+            "block_stride must divide selection_block_size (d | l'), "
+            f"got l'={selection_block_size}, d={block_stride}"
         )
     if block_length > selection_block_size:
         raise ValueError(
-            f"block_length must not exceed selection_block_size (l <= l'), got l={block_length}, l'={selection_block_size}"
+            "block_length must not exceed selection_block_size (l <= l'), "
+            f"got l={block_length}, l'={selection_block_size}"
         )
     for name, value in (("num_initial_blocks", num_initial_blocks), ("num_local_blocks", num_local_blocks)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -242,7 +252,9 @@ def select_blocks(
     checks.same_dim("head dims Dk", q=q.shape[3], k_cmp=k_cmp.shape[3])
     checks.query_key_heads(q_heads, k_cmp.shape[2])
     if tuple(lse.shape) != (batch, length, q_heads):
-        raise ValueError(f"lse must have shape (B, T, HQ) = {(batch, length, q_heads)}, got {tuple(lse.shape)}")
+        raise ValueError(
+            f"lse must have shape (B, T, HQ) = {(batch, length, q_heads)}, got {tuple(lse.shape)}"
+        )
     geometry = _selection_geometry(
         block_length, block_stride, selection_block_size, num_selected, num_initial_blocks, num_local_blocks
     )
@@ -285,7 +297,9 @@ def sliding_window_attention(
     return fn(*args, **kwargs)
 
 
-def _branch_implementation(implementation: Implementation | Mapping[str, Implementation], op: str) -> Implementation:
+def _branch_implementation(
+    implementation: Implementation | Mapping[str, Implementation], op: str
+) -> Implementation:
     if implementation is None or isinstance(implementation, str):
         return implementation
     unknown = set(implementation) - set(registry.OPS)
@@ -333,7 +347,9 @@ def nsa_attention(
     """
     checks.rank("gates", gates, 4, "[B, T, HQ, 3]")
     if tuple(gates.shape) != (*q.shape[:3], 3):
-        raise ValueError(f"gates must have shape (B, T, HQ, 3) = {(*q.shape[:3], 3)}, got {tuple(gates.shape)}")
+        raise ValueError(
+            f"gates must have shape (B, T, HQ, 3) = {(*q.shape[:3], 3)}, got {tuple(gates.shape)}"
+        )
     geometry = _selection_geometry(
         block_length, block_stride, selection_block_size, num_selected, num_initial_blocks, num_local_blocks
     )
@@ -375,11 +391,12 @@ def nsa_attention(
         segment_ids=segment_ids,
         implementation=_branch_implementation(implementation, "sliding_window_attention"),
     )
-    gates = gates.astype(jnp.float32)
+    wide = jnp.promote_types(q.dtype, jnp.float32)
+    gates = gates.astype(wide)
     combined = (
-        gates[..., 0:1] * compressed_out.astype(jnp.float32)
-        + gates[..., 1:2] * selected_out.astype(jnp.float32)
-        + gates[..., 2:3] * window_out.astype(jnp.float32)
+        gates[..., 0:1] * compressed_out.astype(wide)
+        + gates[..., 1:2] * selected_out.astype(wide)
+        + gates[..., 2:3] * window_out.astype(wide)
     )
     return combined.astype(q.dtype)
 

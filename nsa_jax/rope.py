@@ -14,12 +14,13 @@ def apply_rope(x: jax.Array, positions: jax.Array, *, theta: float) -> jax.Array
       positions: int ``[B, T]``.
 
     Returns:
-      ``[B, T, N, D]`` in ``x.dtype``; the rotation is computed in float32.
+      ``[B, T, N, D]`` in ``x.dtype``; the rotation is computed in at least float32.
     """
     half = x.shape[-1] // 2
-    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angles = positions.astype(jnp.float32)[:, :, None, None] * inv_freq
+    dtype = jnp.promote_types(x.dtype, jnp.float32)
+    inv_freq = theta ** (-jnp.arange(half, dtype=dtype) / half)
+    angles = positions.astype(dtype)[:, :, None, None] * inv_freq
     cos, sin = jnp.cos(angles), jnp.sin(angles)
-    first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    first, second = jnp.split(x.astype(dtype), 2, axis=-1)
     rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
     return rotated.astype(x.dtype)

@@ -58,7 +58,9 @@ def compressed_token_starts(
     offset = positions[None, :] - starts
     last = positions + block_length - 1
     fits = last < length
-    start_of_last = jnp.take_along_axis(starts, jnp.minimum(last, length - 1)[None, :].repeat(batch, 0), axis=1)
+    start_of_last = jnp.take_along_axis(
+        starts, jnp.minimum(last, length - 1)[None, :].repeat(batch, 0), axis=1
+    )
     is_token_start = fits[None, :] & (start_of_last == starts) & (offset % block_stride == 0)
     slot = -(-starts // block_stride) + offset // block_stride
     slot = jnp.where(is_token_start, slot, num_slots)

@@ -54,9 +54,7 @@ def logical_to_mesh_axes(
         axes = table[name]
         candidates = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
         # A mesh axis shards at most one dimension: the first dimension that asks wins.
-        kept = tuple(
-            a for a in candidates if a not in used and (mesh is None or a in mesh.axis_names)
-        )
+        kept = tuple(a for a in candidates if a not in used and (mesh is None or a in mesh.axis_names))
         used.update(kept)
         spec.append(None if not kept else (kept[0] if len(kept) == 1 else kept))
     return PartitionSpec(*spec)
@@ -75,7 +73,9 @@ def logical_names(variable: nnx.Variable) -> tuple[str | None, ...]:
 
 
 def parameter_shardings(
-    state: nnx.State, mesh: Mesh, rules: Sequence[tuple[str, str | tuple[str, ...] | None]] = LOGICAL_AXIS_RULES
+    state: nnx.State,
+    mesh: Mesh,
+    rules: Sequence[tuple[str, str | tuple[str, ...] | None]] = LOGICAL_AXIS_RULES,
 ) -> nnx.State:
     """``NamedSharding`` for every parameter of ``state`` from its logical names."""
 

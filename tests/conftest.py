@@ -9,7 +9,7 @@ import pytest
 
 from tests import oracle
 
-# Relative-error bounds (‖out − ref‖ / ‖ref‖) against the float32 dense oracle; the
+# Relative-error bounds (norm(out - ref) / norm(ref)) against the float32 dense oracle; the
 # bf16 bound covers bf16 rounding of outputs and cotangents.
 TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 1.5e-2}
 
@@ -17,7 +17,9 @@ TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 1.5e-2}
 class Inputs:
     """Fresh random attention inputs ``q [B,T,HQ,Dk]``, ``k [B,T,H,Dk]``, ``v [B,T,H,Dv]``."""
 
-    def __init__(self, seed: int, batch: int, length: int, q_heads: int, kv_heads: int, dk: int, dv: int, dtype):
+    def __init__(
+        self, seed: int, batch: int, length: int, q_heads: int, kv_heads: int, dk: int, dv: int, dtype
+    ):
         keys = jax.random.split(jax.random.key(seed), 4)
         self.q = jax.random.normal(keys[0], (batch, length, q_heads, dk), jnp.float32).astype(dtype)
         self.k = jax.random.normal(keys[1], (batch, length, kv_heads, dk), jnp.float32).astype(dtype)

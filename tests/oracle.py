@@ -77,7 +77,13 @@ def compressed_slots(batch: int, length: int, block_length: int, block_stride: i
 
 
 def compressed_mask(
-    length: int, num_slots: int, heads: int, block_length: int, block_stride: int, batch: int, segment_ids=None
+    length: int,
+    num_slots: int,
+    heads: int,
+    block_length: int,
+    block_stride: int,
+    batch: int,
+    segment_ids=None,
 ) -> np.ndarray:
     """bool ``[B, T, H, Tc]``: compressed slot c is visible to query t."""
     rows = segments_of(segment_ids, batch, length)

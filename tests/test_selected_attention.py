@@ -9,7 +9,13 @@ import pytest
 
 import nsa_jax
 from tests import oracle
-from tests.conftest import TOLERANCE, Inputs, packed_segment_ids, random_block_indices, selected_implementations
+from tests.conftest import (
+    TOLERANCE,
+    Inputs,
+    packed_segment_ids,
+    random_block_indices,
+    selected_implementations,
+)
 
 IMPLEMENTATIONS = selected_implementations()
 
@@ -41,7 +47,13 @@ def test_forward_and_gradients_match_oracle(implementation, shape, packed, dtype
 
     def ours(q, k, v):
         return nsa_jax.selected_attention(
-            q, k, v, jnp.asarray(indices), block_size=block_size, segment_ids=seg, implementation=implementation
+            q,
+            k,
+            v,
+            jnp.asarray(indices),
+            block_size=block_size,
+            segment_ids=seg,
+            implementation=implementation,
         )
 
     def theirs(q, k, v):
@@ -52,7 +64,9 @@ def test_forward_and_gradients_match_oracle(implementation, shape, packed, dtype
     assert out.dtype == dtype and out.shape == ref.shape
     tol = TOLERANCE[dtype]
     assert oracle.relative_error(out, ref) < tol
-    for name, grad, ref_grad in zip("qkv", vjp(inputs.cotangent), ref_vjp(inputs.cotangent.astype(jnp.float32))):
+    for name, grad, ref_grad in zip(
+        "qkv", vjp(inputs.cotangent), ref_vjp(inputs.cotangent.astype(jnp.float32)), strict=False
+    ):
         assert grad.dtype == dtype, name
         assert oracle.relative_error(grad, ref_grad) < tol, name
 
@@ -64,7 +78,12 @@ def test_every_block_selected_is_full_causal_attention(implementation):
     num_blocks = -(-length // block_size)
     indices = np.broadcast_to(np.arange(num_blocks, dtype=np.int32), (batch, length, 2, num_blocks))
     out = nsa_jax.selected_attention(
-        inputs.q, inputs.k, inputs.v, jnp.asarray(indices), block_size=block_size, implementation=implementation
+        inputs.q,
+        inputs.k,
+        inputs.v,
+        jnp.asarray(indices),
+        block_size=block_size,
+        implementation=implementation,
     )
     ref = jax.nn.dot_product_attention(inputs.q, inputs.k, inputs.v, is_causal=True)
     assert oracle.relative_error(out, ref) < TOLERANCE[jnp.float32]
@@ -74,7 +93,9 @@ def test_every_block_selected_is_full_causal_attention(implementation):
 def test_unused_slots_give_zero_not_nan(implementation):
     inputs = Inputs(3, 1, 20, 4, 2, 16, 8, jnp.float32)
     indices = jnp.full((1, 20, 2, 3), -1, jnp.int32)
-    out = nsa_jax.selected_attention(inputs.q, inputs.k, inputs.v, indices, block_size=8, implementation=implementation)
+    out = nsa_jax.selected_attention(
+        inputs.q, inputs.k, inputs.v, indices, block_size=8, implementation=implementation
+    )
     assert np.all(np.asarray(out) == 0.0)
 
 

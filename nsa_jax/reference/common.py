@@ -11,6 +11,12 @@ import jax.numpy as jnp
 # (no TF32 on GPU).
 PRECISION = jax.lax.Precision.HIGHEST
 
+
+def accumulation_dtype(dtype: jnp.dtype) -> jnp.dtype:
+    """float32 for half-precision inputs, the input dtype when it is wider."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 # Queries per chunk in the reference branches. 1024 keeps the gathered keys of the
 # selection branch at 64K tokens (paper config, bf16) near 1 GB per chunk.
 QUERY_CHUNK_SIZE = 1024
@@ -60,8 +66,7 @@ def map_query_chunks(
         return tuple(out[:, :length] for out in outs)
     outs = jax.lax.map(step, jnp.arange(num_chunks, dtype=jnp.int32))
     return tuple(
-        jnp.moveaxis(out, 0, 1).reshape(out.shape[1], padded, *out.shape[3:])[:, :length]
-        for out in outs
+        jnp.moveaxis(out, 0, 1).reshape(out.shape[1], padded, *out.shape[3:])[:, :length] for out in outs
     )
 
 
@@ -72,9 +77,9 @@ def masked_softmax(logits: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.A
     (spec: a branch with nothing visible contributes 0, not NaN).
 
     Returns:
-      ``(probs, lse)``: float32, ``logits.shape`` and ``logits.shape[:-1]``.
+      ``(probs, lse)``: ``logits.shape`` and ``logits.shape[:-1]``, at least float32.
     """
-    logits = jnp.where(mask, logits.astype(jnp.float32), -jnp.inf)
+    logits = jnp.where(mask, logits.astype(accumulation_dtype(logits.dtype)), -jnp.inf)
     row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
     weights = jnp.where(mask, jnp.exp(logits - row_max), 0.0)

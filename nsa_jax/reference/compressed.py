@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from nsa_jax.reference.common import PRECISION, map_query_chunks, masked_softmax
+from nsa_jax.reference.common import PRECISION, accumulation_dtype, map_query_chunks, masked_softmax
 from nsa_jax.segments import compressed_token_starts, segment_starts
 
 
@@ -26,26 +26,26 @@ def compressed_visibility(
       bool ``[B, C, Tc]``.
     """
     ends = token_starts + block_length - 1
-    return (
-        (token_starts[:, None, :] >= query_starts[:, :, None])
-        & (ends[:, None, :] <= positions[None, :, None])
+    return (token_starts[:, None, :] >= query_starts[:, :, None]) & (
+        ends[:, None, :] <= positions[None, :, None]
     )
 
 
-def compressed_logits(
-    q_chunk: jax.Array, k_cmp: jax.Array, scale: float
-) -> jax.Array:
+def compressed_logits(q_chunk: jax.Array, k_cmp: jax.Array, scale: float) -> jax.Array:
     """float32 ``[B, C, H, G, Tc]`` scores of a query chunk ``[B, C, HQ, Dk]``."""
     batch, chunk, q_heads, _ = q_chunk.shape
     kv_heads = k_cmp.shape[2]
     queries = q_chunk.reshape(batch, chunk, kv_heads, q_heads // kv_heads, -1)
-    return jnp.einsum(
-        "bchgd,bshd->bchgs",
-        queries,
-        k_cmp,
-        preferred_element_type=jnp.float32,
-        precision=PRECISION,
-    ) * scale
+    return (
+        jnp.einsum(
+            "bchgd,bshd->bchgs",
+            queries,
+            k_cmp,
+            preferred_element_type=accumulation_dtype(q_chunk.dtype),
+            precision=PRECISION,
+        )
+        * scale
+    )
 
 
 def compressed_attention(
@@ -70,9 +70,7 @@ def compressed_attention(
         logits = compressed_logits(q_chunk, k_cmp, scale)
         visible = compressed_visibility(positions, start_chunk, token_starts, block_length)
         probs, lse = masked_softmax(logits, visible[:, :, None, None, :])
-        out = jnp.einsum(
-            "bchgs,bshd->bchgd", probs, v_cmp.astype(jnp.float32), precision=PRECISION
-        )
+        out = jnp.einsum("bchgs,bshd->bchgd", probs, v_cmp.astype(probs.dtype), precision=PRECISION)
         return (
             out.reshape(batch, chunk, q_heads, -1).astype(q.dtype),
             lse.reshape(batch, chunk, q_heads),

@@ -5,13 +5,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from nsa_jax.reference.common import PRECISION, map_query_chunks, masked_softmax
+from nsa_jax.reference.common import PRECISION, accumulation_dtype, map_query_chunks, masked_softmax
 from nsa_jax.segments import segment_starts
 
 
-def selected_key_positions(
-    block_indices: jax.Array, starts: jax.Array, block_size: int
-) -> jax.Array:
+def selected_key_positions(block_indices: jax.Array, starts: jax.Array, block_size: int) -> jax.Array:
     """Raw key position of every selected key.
 
     Args:
@@ -65,18 +63,19 @@ def selected_attention(
         keys = keys.reshape(batch, kv_heads, chunk, num_slots * block_size, -1)
         values = values.reshape(batch, kv_heads, chunk, num_slots * block_size, -1)
         queries = q_chunk.reshape(batch, chunk, kv_heads, group, -1)
-        logits = jnp.einsum(
-            "bchgd,bhcsd->bchgs",
-            queries,
-            keys,
-            preferred_element_type=jnp.float32,
-            precision=PRECISION,
-        ) * scale
+        logits = (
+            jnp.einsum(
+                "bchgd,bhcsd->bchgs",
+                queries,
+                keys,
+                preferred_element_type=accumulation_dtype(q.dtype),
+                precision=PRECISION,
+            )
+            * scale
+        )
         mask = visible.reshape(batch, chunk, kv_heads, 1, num_slots * block_size)
         probs, _ = masked_softmax(logits, mask)
-        out = jnp.einsum(
-            "bchgs,bhcsd->bchgd", probs, values.astype(jnp.float32), precision=PRECISION
-        )
+        out = jnp.einsum("bchgs,bhcsd->bchgd", probs, values.astype(probs.dtype), precision=PRECISION)
         return (out.reshape(batch, chunk, q_heads, -1).astype(q.dtype),)
 
     (out,) = map_query_chunks(chunk_fn, (q, block_indices, starts))

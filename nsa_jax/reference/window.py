@@ -5,7 +5,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from nsa_jax.reference.common import PRECISION, QUERY_CHUNK_SIZE, map_query_chunks, masked_softmax
+from nsa_jax.reference.common import (
+    PRECISION,
+    QUERY_CHUNK_SIZE,
+    accumulation_dtype,
+    map_query_chunks,
+    masked_softmax,
+)
 from nsa_jax.segments import segment_starts
 
 
@@ -41,22 +47,22 @@ def sliding_window_attention(
         values = jax.lax.dynamic_slice_in_dim(v_padded, chunk_start, slab, axis=1)
         key_pos = chunk_start - window + 1 + jnp.arange(slab, dtype=jnp.int32)
         query_pos = positions[None, :, None]
-        visible = (
-            (key_pos[None, None, :] >= jnp.maximum(query_pos - window + 1, start_chunk[:, :, None]))
-            & (key_pos[None, None, :] <= query_pos)
+        visible = (key_pos[None, None, :] >= jnp.maximum(query_pos - window + 1, start_chunk[:, :, None])) & (
+            key_pos[None, None, :] <= query_pos
         )
         queries = q_chunk.reshape(batch, chunk, kv_heads, group, -1)
-        logits = jnp.einsum(
-            "bchgd,bshd->bchgs",
-            queries,
-            keys,
-            preferred_element_type=jnp.float32,
-            precision=PRECISION,
-        ) * scale
-        probs, _ = masked_softmax(logits, visible[:, :, None, None, :])
-        out = jnp.einsum(
-            "bchgs,bshd->bchgd", probs, values.astype(jnp.float32), precision=PRECISION
+        logits = (
+            jnp.einsum(
+                "bchgd,bshd->bchgs",
+                queries,
+                keys,
+                preferred_element_type=accumulation_dtype(q.dtype),
+                precision=PRECISION,
+            )
+            * scale
         )
+        probs, _ = masked_softmax(logits, visible[:, :, None, None, :])
+        out = jnp.einsum("bchgs,bshd->bchgd", probs, values.astype(probs.dtype), precision=PRECISION)
         return (out.reshape(batch, chunk, q_heads, -1).astype(q.dtype),)
 
     (out,) = map_query_chunks(chunk_fn, (q, starts), chunk_size=chunk)

@@ -1,0 +1,1 @@
+"""Training, ablations and benchmarks built on nsa_jax."""

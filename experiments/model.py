@@ -1,0 +1,116 @@
+"""A decoder-only byte LM whose attention is a config choice (full or NSA)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from nsa_jax import NativeSparseAttention, NSAConfig
+from nsa_jax.rope import apply_rope
+from nsa_jax.segments import segment_starts
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Sizes of the LM; ``attention`` is ``"nsa"`` or ``"full"``."""
+
+    vocab_size: int = 256
+    num_layers: int = 2
+    model_dim: int = 64
+    mlp_dim: int = 172
+    attention: str = "nsa"
+    nsa: NSAConfig = dataclasses.field(
+        default_factory=lambda: NSAConfig(
+            model_dim=64,
+            num_heads=4,
+            num_kv_heads=1,
+            head_dim_qk=16,
+            head_dim_v=16,
+            block_length=8,
+            block_stride=4,
+            selection_block_size=16,
+            num_selected=4,
+            window=32,
+        )
+    )
+
+    def __post_init__(self) -> None:
+        if self.attention not in ("nsa", "full"):
+            raise ValueError(f"ModelConfig.attention must be 'nsa' or 'full', got {self.attention!r}")
+        if self.nsa.model_dim != self.model_dim:
+            raise ValueError(
+                f"ModelConfig.nsa.model_dim ({self.nsa.model_dim}) must equal model_dim ({self.model_dim})"
+            )
+
+
+class FullAttention(nnx.Module):
+    """Dense causal GQA attention with the NSA layer's head sizes (cuDNN on GPU, XLA elsewhere)."""
+
+    def __init__(self, config: NSAConfig, *, rngs: nnx.Rngs):
+        c = config
+        if c.head_dim_v != c.head_dim_qk:
+            raise ValueError(
+                f"full attention needs head_dim_v == head_dim_qk, got {c.head_dim_v} and {c.head_dim_qk}"
+            )
+        self.config = c
+        self.query = nnx.LinearGeneral(c.model_dim, (c.num_heads, c.head_dim_qk), rngs=rngs)
+        self.key = nnx.LinearGeneral(c.model_dim, (c.num_kv_heads, c.head_dim_qk), rngs=rngs)
+        self.value = nnx.LinearGeneral(c.model_dim, (c.num_kv_heads, c.head_dim_v), rngs=rngs)
+        self.out = nnx.LinearGeneral((c.num_heads, c.head_dim_v), c.model_dim, axis=(-2, -1), rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+        """``x [B, T, D] -> [B, T, D]``."""
+        batch, length, _ = x.shape
+        positions = jnp.arange(length)[None] - segment_starts(segment_ids, batch, length)
+        q = apply_rope(self.query(x), positions, theta=self.config.rope_theta)
+        k = apply_rope(self.key(x), positions, theta=self.config.rope_theta)
+        v = self.value(x)
+        implementation = "cudnn" if jax.default_backend() == "gpu" and x.dtype == jnp.bfloat16 else None
+        mask = (
+            None if segment_ids is None else (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+        )
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=implementation)
+        return self.out(out)
+
+
+class Block(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        d = config.model_dim
+        self.attention_norm = nnx.RMSNorm(d, rngs=rngs)
+        attention_cls = NativeSparseAttention if config.attention == "nsa" else FullAttention
+        self.attention = attention_cls(config.nsa, rngs=rngs)
+        self.mlp_norm = nnx.RMSNorm(d, rngs=rngs)
+        self.gate = nnx.Linear(d, config.mlp_dim, use_bias=False, rngs=rngs)
+        self.up = nnx.Linear(d, config.mlp_dim, use_bias=False, rngs=rngs)
+        self.down = nnx.Linear(config.mlp_dim, d, use_bias=False, rngs=rngs)
+
+    def __call__(self, x: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+        x = x + self.attention(self.attention_norm(x), segment_ids=segment_ids).astype(x.dtype)
+        h = self.mlp_norm(x)
+        return x + self.down(jax.nn.silu(self.gate(h)) * self.up(h))
+
+
+class TransformerLM(nnx.Module):
+    """RMSNorm, SwiGLU MLP, RoPE; ``tokens [B, T] int -> logits [B, T, vocab] float32``."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embed = nnx.Embed(config.vocab_size, config.model_dim, rngs=rngs)
+        self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.final_norm = nnx.RMSNorm(config.model_dim, rngs=rngs)
+
+    def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x, segment_ids)
+        return self.embed.attend(self.final_norm(x)).astype(jnp.float32)
+
+
+def next_token_loss(model: TransformerLM, tokens: jax.Array) -> jax.Array:
+    """Mean cross-entropy (nats) of predicting ``tokens[:, 1:]`` from ``tokens[:, :-1]``."""
+    logits = model(tokens[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()

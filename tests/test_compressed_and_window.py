@@ -1,0 +1,166 @@
+"""Compressed (Eqs. 7-8) and sliding-window branches against the dense oracle."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nsa_jax
+from nsa_jax.segments import num_compressed_slots
+from tests import oracle
+from tests.conftest import TOLERANCE, Inputs, packed_segment_ids
+
+# (B, T, HQ, H, Dk, Dv): T never a multiple of l, d or l' used below.
+SHAPES = [
+    (2, 45, 4, 4, 16, 8),  # G = 1
+    (1, 61, 4, 2, 24, 16),  # G = 2
+    (2, 50, 8, 2, 16, 32),  # G = 4
+    (1, 39, 16, 1, 32, 16),  # G = 16
+]
+# One compression geometry (l, d) and one window per shape keeps the suite short
+# while every shape and every geometry is covered.
+GEOMETRIES = [(8, 4), (16, 8), (4, 4), (8, 4)]
+WINDOWS = [1, 7, 32, 16]
+
+
+def _check_vjp(ours, theirs, args, cotangent, dtype):
+    out, vjp = jax.vjp(ours, *args)
+    ref, ref_vjp = jax.vjp(theirs, *args)
+    tol = TOLERANCE[dtype]
+    assert out.dtype == dtype
+    assert oracle.relative_error(out, ref) < tol
+    for i, (grad, ref_grad) in enumerate(
+        zip(vjp(cotangent), ref_vjp(cotangent.astype(jnp.float32)), strict=False)
+    ):
+        assert oracle.relative_error(grad, ref_grad) < tol, f"gradient {i}"
+
+
+@pytest.mark.parametrize("implementation", nsa_jax.implementations("compressed_attention"))
+@pytest.mark.parametrize(("shape", "geometry"), list(zip(SHAPES, GEOMETRIES, strict=True)), ids=str)
+@pytest.mark.parametrize("packed", [False, True], ids=["single", "packed"])
+def test_compressed_matches_oracle(implementation, shape, geometry, packed, dtype):
+    batch, length, q_heads, kv_heads, dk, dv = shape
+    block_length, block_stride = geometry
+    seed = hash((shape, geometry, packed)) % 1000
+    inputs = Inputs(seed, batch, length, q_heads, kv_heads, dk, dv, dtype)
+    slots = num_compressed_slots(length, block_stride)
+    keys = jax.random.split(jax.random.key(seed + 1), 2)
+    k_cmp = jax.random.normal(keys[0], (batch, slots, kv_heads, dk)).astype(dtype)
+    v_cmp = jax.random.normal(keys[1], (batch, slots, kv_heads, dv)).astype(dtype)
+    segment_ids = packed_segment_ids(batch, length, seed) if packed else None
+    mask = oracle.compressed_mask(length, slots, kv_heads, block_length, block_stride, batch, segment_ids)
+    seg = None if segment_ids is None else jnp.asarray(segment_ids)
+
+    def ours(q, k, v):
+        return nsa_jax.compressed_attention(
+            q,
+            k,
+            v,
+            block_length=block_length,
+            block_stride=block_stride,
+            segment_ids=seg,
+            implementation=implementation,
+        )[0]
+
+    _check_vjp(
+        ours,
+        lambda q, k, v: oracle.dense_attention(q, k, v, mask)[0],
+        (inputs.q, k_cmp, v_cmp),
+        inputs.cotangent,
+        dtype,
+    )
+
+    # The log-sum-exp is what selection rebuilds p_cmp from; -inf where nothing is visible.
+    _, lse = nsa_jax.compressed_attention(
+        inputs.q,
+        k_cmp,
+        v_cmp,
+        block_length=block_length,
+        block_stride=block_stride,
+        segment_ids=seg,
+        implementation=implementation,
+    )
+    group = q_heads // kv_heads
+    logits = (
+        jnp.einsum(
+            "bthd,bshd->bths",
+            inputs.q.astype(jnp.float32),
+            jnp.repeat(k_cmp.astype(jnp.float32), group, 2),
+            precision=jax.lax.Precision.HIGHEST,
+        )
+        * dk**-0.5
+    )
+    full_mask = np.repeat(mask, group, axis=2)
+    ref_lse = jax.nn.logsumexp(jnp.where(full_mask, logits, -jnp.inf), axis=-1)
+    visible = full_mask.any(-1)
+    assert np.all(np.isneginf(np.asarray(lse)[~visible]))
+    np.testing.assert_allclose(np.asarray(lse)[visible], np.asarray(ref_lse)[visible], rtol=2e-5, atol=2e-5)
+
+
+def test_compressed_with_standard_token_count():
+    # Without segments, k_cmp may hold just the floor((T - l) / d) + 1 complete tokens.
+    batch, length, block_length, block_stride = 1, 50, 8, 4
+    inputs = Inputs(5, batch, length, 4, 2, 16, 8, jnp.float32)
+    count = (length - block_length) // block_stride + 1
+    k_cmp = jax.random.normal(jax.random.key(1), (batch, count, 2, 16))
+    v_cmp = jax.random.normal(jax.random.key(2), (batch, count, 2, 8))
+    out, _ = nsa_jax.compressed_attention(
+        inputs.q, k_cmp, v_cmp, block_length=block_length, block_stride=block_stride
+    )
+    mask = oracle.compressed_mask(length, count, 2, block_length, block_stride, batch)
+    assert oracle.relative_error(out, oracle.dense_attention(inputs.q, k_cmp, v_cmp, mask)[0]) < 2e-5
+    assert np.all(np.asarray(out[:, : block_length - 1]) == 0.0)
+
+
+@pytest.mark.parametrize("implementation", nsa_jax.implementations("sliding_window_attention"))
+@pytest.mark.parametrize(("shape", "window"), list(zip(SHAPES, WINDOWS, strict=True)), ids=str)
+@pytest.mark.parametrize("packed", [False, True], ids=["single", "packed"])
+def test_window_matches_oracle(implementation, shape, window, packed, dtype):
+    batch, length, q_heads, kv_heads, dk, dv = shape
+    seed = hash((shape, window, packed)) % 1000
+    inputs = Inputs(seed, batch, length, q_heads, kv_heads, dk, dv, dtype)
+    segment_ids = packed_segment_ids(batch, length, seed) if packed else None
+    mask = oracle.window_mask(batch, length, kv_heads, window, segment_ids)
+    seg = None if segment_ids is None else jnp.asarray(segment_ids)
+
+    def ours(q, k, v):
+        return nsa_jax.sliding_window_attention(
+            q, k, v, window=window, segment_ids=seg, implementation=implementation
+        )
+
+    _check_vjp(
+        ours,
+        lambda q, k, v: oracle.dense_attention(q, k, v, mask)[0],
+        (inputs.q, inputs.k, inputs.v),
+        inputs.cotangent,
+        dtype,
+    )
+
+
+@pytest.mark.parametrize("implementation", nsa_jax.implementations("sliding_window_attention"))
+def test_window_covering_sequence_is_full_causal_attention(implementation):
+    inputs = Inputs(9, 2, 77, 8, 2, 16, 16, jnp.float32)
+    out = nsa_jax.sliding_window_attention(
+        inputs.q, inputs.k, inputs.v, window=200, implementation=implementation
+    )
+    ref = jax.nn.dot_product_attention(inputs.q, inputs.k, inputs.v, is_causal=True)
+    assert oracle.relative_error(out, ref) < TOLERANCE[jnp.float32]
+
+
+def test_bad_inputs_raise_naming_the_argument():
+    inputs = Inputs(0, 1, 16, 4, 2, 8, 8, jnp.float32)
+    k_cmp = inputs.k[:, :4]
+    with pytest.raises(ValueError, match="block_stride must divide block_length"):
+        nsa_jax.compressed_attention(inputs.q, k_cmp, k_cmp, block_length=6, block_stride=4)
+    with pytest.raises(ValueError, match="k_cmp must hold at most"):
+        nsa_jax.compressed_attention(inputs.q, inputs.k, inputs.v, block_length=8, block_stride=4)
+    with pytest.raises(ValueError, match="compressed tokens"):
+        nsa_jax.compressed_attention(inputs.q, k_cmp, inputs.v[:, :3], block_length=8, block_stride=4)
+    with pytest.raises(ValueError, match="window must be a positive int"):
+        nsa_jax.sliding_window_attention(inputs.q, inputs.k, inputs.v, window=0)
+    with pytest.raises(ValueError, match="sequence lengths"):
+        nsa_jax.sliding_window_attention(inputs.q, inputs.k[:, :8], inputs.v[:, :8], window=4)
+    with pytest.raises(ValueError, match="scale must be a positive finite number"):
+        nsa_jax.sliding_window_attention(inputs.q, inputs.k, inputs.v, window=4, scale=float("nan"))
