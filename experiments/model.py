@@ -10,6 +10,7 @@ import optax
 from flax import nnx
 
 from nsa_jax import NativeSparseAttention, NSAConfig
+from nsa_jax.decoding import NSACache
 from nsa_jax.rope import apply_rope
 from nsa_jax.segments import segment_starts
 
@@ -90,8 +91,19 @@ class Block(nnx.Module):
 
     def __call__(self, x: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
         x = x + self.attention(self.attention_norm(x), segment_ids=segment_ids).astype(x.dtype)
+        return self._mlp(x)
+
+    def _mlp(self, x: jax.Array) -> jax.Array:
         h = self.mlp_norm(x)
         return x + self.down(jax.nn.silu(self.gate(h)) * self.up(h))
+
+    def prefill(self, x: jax.Array, lengths: jax.Array, cache: NSACache) -> tuple[jax.Array, NSACache]:
+        attended, cache = self.attention.prefill(self.attention_norm(x), lengths, cache)
+        return self._mlp(x + attended.astype(x.dtype)), cache
+
+    def decode(self, x: jax.Array, cache: NSACache) -> tuple[jax.Array, NSACache]:
+        attended, cache = self.attention.decode(self.attention_norm(x), cache)
+        return self._mlp(x + attended.astype(x.dtype)), cache
 
 
 class TransformerLM(nnx.Module):
@@ -108,6 +120,39 @@ class TransformerLM(nnx.Module):
         for block in self.blocks:
             x = block(x, segment_ids)
         return self.embed.attend(self.final_norm(x)).astype(jnp.float32)
+
+    def _require_nsa(self) -> None:
+        if self.config.attention != "nsa":
+            raise ValueError(f"decoding needs attention='nsa', got {self.config.attention!r}")
+
+    def init_cache(self, batch: int, capacity: int) -> tuple[NSACache, ...]:
+        """One :class:`NSACache` per layer."""
+        self._require_nsa()
+        return tuple(block.attention.init_cache(batch, capacity) for block in self.blocks)
+
+    def prefill(
+        self, tokens: jax.Array, lengths: jax.Array, cache: tuple[NSACache, ...]
+    ) -> tuple[jax.Array, tuple[NSACache, ...]]:
+        """``tokens [B, P]`` right-padded, ``lengths [B]`` to ``(logits [B, P, V], cache)``."""
+        self._require_nsa()
+        x = self.embed(tokens)
+        filled = []
+        for block, layer_cache in zip(self.blocks, cache, strict=True):
+            x, layer_cache = block.prefill(x, lengths, layer_cache)
+            filled.append(layer_cache)
+        return self.embed.attend(self.final_norm(x)).astype(jnp.float32), tuple(filled)
+
+    def decode(
+        self, tokens: jax.Array, cache: tuple[NSACache, ...]
+    ) -> tuple[jax.Array, tuple[NSACache, ...]]:
+        """``tokens [B]`` at positions ``cache[0].lengths`` to ``(logits [B, V], cache)``."""
+        self._require_nsa()
+        x = self.embed(tokens)
+        updated = []
+        for block, layer_cache in zip(self.blocks, cache, strict=True):
+            x, layer_cache = block.decode(x, layer_cache)
+            updated.append(layer_cache)
+        return self.embed.attend(self.final_norm(x)).astype(jnp.float32), tuple(updated)
 
 
 def next_token_loss(model: TransformerLM, tokens: jax.Array) -> jax.Array:

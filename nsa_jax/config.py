@@ -116,6 +116,12 @@ class NSAConfig:
         """``G = HQ / H``."""
         return self.num_heads // self.num_kv_heads
 
+    def decode_kwargs(self) -> dict[str, int]:
+        """Keyword arguments of :func:`nsa_jax.decoding.decode_attention` for this config."""
+        kwargs = self.attention_kwargs()
+        del kwargs["implementation"]
+        return kwargs
+
     def attention_kwargs(self) -> dict[str, int | str | None]:
         """Keyword arguments of :func:`nsa_jax.nsa_attention` for this config."""
         return dict(

@@ -391,14 +391,24 @@ def nsa_attention(
         segment_ids=segment_ids,
         implementation=_branch_implementation(implementation, "sliding_window_attention"),
     )
-    wide = jnp.promote_types(q.dtype, jnp.float32)
+    return combine_branches(gates, compressed_out, selected_out, window_out)
+
+
+def combine_branches(
+    gates: jax.Array, compressed_out: jax.Array, selected_out: jax.Array, window_out: jax.Array
+) -> jax.Array:
+    """Eq. 5: ``gates [..., HQ, 3]`` times branch outputs ``[..., HQ, Dv]``, summed.
+
+    Computed in at least float32; returned in the branch outputs' dtype.
+    """
+    wide = jnp.promote_types(compressed_out.dtype, jnp.float32)
     gates = gates.astype(wide)
     combined = (
         gates[..., 0:1] * compressed_out.astype(wide)
         + gates[..., 1:2] * selected_out.astype(wide)
         + gates[..., 2:3] * window_out.astype(wide)
     )
-    return combined.astype(q.dtype)
+    return combined.astype(compressed_out.dtype)
 
 
 def _register_references() -> None:

@@ -31,7 +31,7 @@ def map_query_chunks(
     """Applies ``fn`` to consecutive chunks of queries, one at a time.
 
     Args:
-      fn: ``fn(chunk_start, positions [C], *chunks) -> tuple of [B, C, ...]``; each
+      fn: ``fn(chunk_start, positions [1, C], *chunks) -> tuple of [B, C, ...]``; each
         chunk is the slice ``[:, chunk_start : chunk_start + C]`` of one array.
       per_query: arrays ``[B, T, ...]``; the tail chunk is padded by repetition of
         the last query and its outputs dropped.
@@ -57,7 +57,7 @@ def map_query_chunks(
 
     def step(index: jax.Array) -> tuple[jax.Array, ...]:
         start = index * chunk
-        positions = start + jnp.arange(chunk, dtype=jnp.int32)
+        positions = start + jnp.arange(chunk, dtype=jnp.int32)[None, :]
         chunks = [jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=1) for x in chunked]
         return body(start, positions, *chunks)
 

@@ -18,7 +18,7 @@ def compressed_visibility(
     (``start + l - 1 <= t``) and it lies in ``t``'s segment (``start >= s0(t)``).
 
     Args:
-      positions: int32 ``[C]`` query positions.
+      positions: int32 ``[B, C]`` (or ``[1, C]``) query positions.
       query_starts: int32 ``[B, C]`` segment start of each query.
       token_starts: int32 ``[B, Tc]``, ``-1`` for empty slots.
 
@@ -27,7 +27,7 @@ def compressed_visibility(
     """
     ends = token_starts + block_length - 1
     return (token_starts[:, None, :] >= query_starts[:, :, None]) & (
-        ends[:, None, :] <= positions[None, :, None]
+        ends[:, None, :] <= positions[:, :, None]
     )
 
 
@@ -48,6 +48,35 @@ def compressed_logits(q_chunk: jax.Array, k_cmp: jax.Array, scale: float) -> jax
     )
 
 
+def attend_compressed(
+    q: jax.Array,
+    positions: jax.Array,
+    query_starts: jax.Array,
+    token_starts: jax.Array,
+    k_cmp: jax.Array,
+    v_cmp: jax.Array,
+    *,
+    block_length: int,
+    scale: float,
+) -> tuple[jax.Array, jax.Array]:
+    """Compressed attention of a chunk of queries.
+
+    Args:
+      q: ``[B, C, HQ, Dk]``; positions: int32 ``[B, C]`` (or ``[1, C]``);
+      query_starts: int32 ``[B, C]``; token_starts: int32 ``[B, Tc]``;
+      k_cmp: ``[B, Tc, H, Dk]``; v_cmp: ``[B, Tc, H, Dv]``.
+
+    Returns:
+      ``(out [B, C, HQ, Dv]`` in ``q.dtype``, ``lse [B, C, HQ])``.
+    """
+    batch, chunk, q_heads, _ = q.shape
+    logits = compressed_logits(q, k_cmp, scale)
+    visible = compressed_visibility(positions, query_starts, token_starts, block_length)
+    probs, lse = masked_softmax(logits, visible[:, :, None, None, :])
+    out = jnp.einsum("bchgs,bshd->bchgd", probs, v_cmp.astype(probs.dtype), precision=PRECISION)
+    return out.reshape(batch, chunk, q_heads, -1).astype(q.dtype), lse.reshape(batch, chunk, q_heads)
+
+
 def compressed_attention(
     q: jax.Array,
     k_cmp: jax.Array,
@@ -59,21 +88,22 @@ def compressed_attention(
     segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Reference compressed attention; arguments as :func:`nsa_jax.compressed_attention`."""
-    batch, length, q_heads, _ = q.shape
+    batch, length = q.shape[:2]
     starts = segment_starts(segment_ids, batch, length)
     token_starts = compressed_token_starts(
         starts, k_cmp.shape[1], block_length=block_length, block_stride=block_stride
     )
 
     def chunk_fn(_, positions, q_chunk, start_chunk):
-        chunk = q_chunk.shape[1]
-        logits = compressed_logits(q_chunk, k_cmp, scale)
-        visible = compressed_visibility(positions, start_chunk, token_starts, block_length)
-        probs, lse = masked_softmax(logits, visible[:, :, None, None, :])
-        out = jnp.einsum("bchgs,bshd->bchgd", probs, v_cmp.astype(probs.dtype), precision=PRECISION)
-        return (
-            out.reshape(batch, chunk, q_heads, -1).astype(q.dtype),
-            lse.reshape(batch, chunk, q_heads),
+        return attend_compressed(
+            q_chunk,
+            positions,
+            start_chunk,
+            token_starts,
+            k_cmp,
+            v_cmp,
+            block_length=block_length,
+            scale=scale,
         )
 
     out, lse = map_query_chunks(chunk_fn, (q, starts))

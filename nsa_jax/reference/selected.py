@@ -25,6 +25,57 @@ def selected_key_positions(block_indices: jax.Array, starts: jax.Array, block_si
     return first[..., None] + offsets
 
 
+def attend_selected(
+    q: jax.Array,
+    block_indices: jax.Array,
+    query_starts: jax.Array,
+    positions: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    block_size: int,
+    scale: float,
+) -> jax.Array:
+    """Attention of a chunk of queries over their selected blocks.
+
+    Args:
+      q: ``[B, C, HQ, Dk]``; block_indices: int ``[B, C, H, n]``.
+      query_starts: int32 ``[B, C]`` segment starts; positions: int32 ``[B, C]``
+        (or ``[1, C]``) query positions.
+      k: ``[B, S, H, Dk]``; v: ``[B, S, H, Dv]``, the whole key sequence.
+
+    Returns:
+      ``[B, C, HQ, Dv]`` in ``q.dtype``.
+    """
+    batch, chunk, q_heads, _ = q.shape
+    length, kv_heads = k.shape[1], k.shape[2]
+    num_keys = block_indices.shape[-1] * block_size
+    key_pos = selected_key_positions(block_indices, query_starts, block_size)
+    visible = (
+        (block_indices[..., None] >= 0) & (key_pos <= positions[:, :, None, None, None]) & (key_pos < length)
+    )
+    # [B, C, H, n, l'] -> [B, C * n * l', H, 1]: gather along the sequence axis in place.
+    flat = jnp.clip(key_pos, 0, length - 1)
+    flat = jnp.moveaxis(flat, 2, -1).reshape(batch, chunk * num_keys, kv_heads, 1)
+    keys = jnp.take_along_axis(k, flat, axis=1).reshape(batch, chunk, num_keys, kv_heads, -1)
+    values = jnp.take_along_axis(v, flat, axis=1).reshape(batch, chunk, num_keys, kv_heads, -1)
+    queries = q.reshape(batch, chunk, kv_heads, q_heads // kv_heads, -1)
+    logits = (
+        jnp.einsum(
+            "bchgd,bcshd->bchgs",
+            queries,
+            keys,
+            preferred_element_type=accumulation_dtype(q.dtype),
+            precision=PRECISION,
+        )
+        * scale
+    )
+    mask = visible.reshape(batch, chunk, kv_heads, 1, num_keys)
+    probs, _ = masked_softmax(logits, mask)
+    out = jnp.einsum("bchgs,bcshd->bchgd", probs, values.astype(probs.dtype), precision=PRECISION)
+    return out.reshape(batch, chunk, q_heads, -1).astype(q.dtype)
+
+
 def selected_attention(
     q: jax.Array,
     k: jax.Array,
@@ -40,43 +91,14 @@ def selected_attention(
     Gathers the ``n * block_size`` selected keys of every query, chunk by chunk of
     ``QUERY_CHUNK_SIZE`` queries, and computes float32 masked attention on them.
     """
-    batch, length, q_heads, _ = q.shape
-    kv_heads = k.shape[2]
-    group = q_heads // kv_heads
-    num_slots = block_indices.shape[-1]
-    k_by_head = jnp.swapaxes(k, 1, 2)
-    v_by_head = jnp.swapaxes(v, 1, 2)
+    batch, length = q.shape[:2]
     starts = segment_starts(segment_ids, batch, length)
 
     def chunk_fn(_, positions, q_chunk, index_chunk, start_chunk):
-        chunk = q_chunk.shape[1]
-        key_pos = selected_key_positions(index_chunk, start_chunk, block_size)
-        visible = (
-            (index_chunk[..., None] >= 0)
-            & (key_pos <= positions[None, :, None, None, None])
-            & (key_pos < length)
+        out = attend_selected(
+            q_chunk, index_chunk, start_chunk, positions, k, v, block_size=block_size, scale=scale
         )
-        flat = jnp.clip(key_pos, 0, length - 1)
-        flat = jnp.swapaxes(flat, 1, 2).reshape(batch, kv_heads, chunk * num_slots * block_size)
-        keys = jnp.take_along_axis(k_by_head, flat[..., None], axis=2)
-        values = jnp.take_along_axis(v_by_head, flat[..., None], axis=2)
-        keys = keys.reshape(batch, kv_heads, chunk, num_slots * block_size, -1)
-        values = values.reshape(batch, kv_heads, chunk, num_slots * block_size, -1)
-        queries = q_chunk.reshape(batch, chunk, kv_heads, group, -1)
-        logits = (
-            jnp.einsum(
-                "bchgd,bhcsd->bchgs",
-                queries,
-                keys,
-                preferred_element_type=accumulation_dtype(q.dtype),
-                precision=PRECISION,
-            )
-            * scale
-        )
-        mask = visible.reshape(batch, chunk, kv_heads, 1, num_slots * block_size)
-        probs, _ = masked_softmax(logits, mask)
-        out = jnp.einsum("bchgs,bhcsd->bchgd", probs, values.astype(probs.dtype), precision=PRECISION)
-        return (out.reshape(batch, chunk, q_heads, -1).astype(q.dtype),)
+        return (out,)
 
     (out,) = map_query_chunks(chunk_fn, (q, block_indices, starts))
     return out

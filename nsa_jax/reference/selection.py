@@ -98,7 +98,7 @@ def top_blocks(
 
     Args:
       importance: float32 ``[B, C, H, Nb]``.
-      positions: int32 ``[C]``; query_starts: int32 ``[B, C]``.
+      positions: int32 ``[B, C]`` (or ``[1, C]``); query_starts: int32 ``[B, C]``.
 
     Returns:
       int32 ``[B, C, H, n]``: selected blocks ascending, ``-1`` padding last. Ties
@@ -109,7 +109,7 @@ def top_blocks(
         pad = [(0, 0)] * 3 + [(0, num_selected - num_blocks)]
         importance = jnp.pad(importance, pad, constant_values=-jnp.inf)
     blocks = jnp.arange(importance.shape[-1], dtype=jnp.int32)
-    current = ((positions[None, :] - query_starts) // selection_block_size)[:, :, None, None]
+    current = ((positions - query_starts) // selection_block_size)[:, :, None, None]
     visible = blocks <= current
     forced = (blocks < num_initial_blocks) | (blocks > current - num_local_blocks)
     score = jnp.where(visible, jnp.where(forced, jnp.inf, importance), -jnp.inf)
@@ -138,7 +138,7 @@ def select_blocks_from_probabilities(
     """
     batch, length = probs.shape[:2]
     starts = segment_starts(segment_ids, batch, length)
-    positions = jnp.arange(length, dtype=jnp.int32)
+    positions = jnp.arange(length, dtype=jnp.int32)[None, :]
     importance = block_importance(
         probs.astype(jnp.float32),
         starts,
@@ -152,6 +152,57 @@ def select_blocks_from_probabilities(
         importance,
         positions,
         starts,
+        selection_block_size=selection_block_size,
+        num_selected=num_selected,
+        num_initial_blocks=num_initial_blocks,
+        num_local_blocks=num_local_blocks,
+    )
+
+
+def select_for_chunk(
+    q: jax.Array,
+    lse: jax.Array,
+    positions: jax.Array,
+    query_starts: jax.Array,
+    token_starts: jax.Array,
+    k_cmp: jax.Array,
+    *,
+    num_blocks: int,
+    block_length: int,
+    block_stride: int,
+    selection_block_size: int,
+    num_selected: int,
+    num_initial_blocks: int,
+    num_local_blocks: int,
+    scale: float,
+) -> jax.Array:
+    """Eqs. 9-11 for a chunk of queries, from the compressed keys and saved ``lse``.
+
+    Args:
+      q: ``[B, C, HQ, Dk]``; lse: ``[B, C, HQ]``; positions: int32 ``[B, C]``
+        (or ``[1, C]``); query_starts: int32 ``[B, C]``; token_starts: int32
+        ``[B, Tc]``; k_cmp: ``[B, Tc, H, Dk]``.
+      num_blocks: selection blocks that exist, ``ceil(T / l')``.
+
+    Returns:
+      int32 ``[B, C, H, n]`` as :func:`top_blocks`.
+    """
+    probs = compression_probabilities(
+        q, lse, positions, query_starts, token_starts, k_cmp, block_length=block_length, scale=scale
+    )
+    importance = block_importance(
+        probs,
+        query_starts,
+        num_kv_heads=k_cmp.shape[2],
+        block_length=block_length,
+        block_stride=block_stride,
+        selection_block_size=selection_block_size,
+        num_blocks=num_blocks,
+    )
+    return top_blocks(
+        importance,
+        positions,
+        query_starts,
         selection_block_size=selection_block_size,
         num_selected=num_selected,
         num_initial_blocks=num_initial_blocks,
@@ -187,33 +238,21 @@ def select_blocks(
     )
 
     def chunk_fn(_, positions, q_chunk, lse_chunk, start_chunk):
-        probs = compression_probabilities(
+        chosen = select_for_chunk(
             q_chunk,
             lse_chunk,
             positions,
             start_chunk,
             token_starts,
             k_cmp,
-            block_length=block_length,
-            scale=scale,
-        )
-        importance = block_importance(
-            probs,
-            start_chunk,
-            num_kv_heads=k_cmp.shape[2],
+            num_blocks=-(-length // selection_block_size),
             block_length=block_length,
             block_stride=block_stride,
-            selection_block_size=selection_block_size,
-            num_blocks=-(-length // selection_block_size),
-        )
-        chosen = top_blocks(
-            importance,
-            positions,
-            start_chunk,
             selection_block_size=selection_block_size,
             num_selected=num_selected,
             num_initial_blocks=num_initial_blocks,
             num_local_blocks=num_local_blocks,
+            scale=scale,
         )
         return (chosen,)
 

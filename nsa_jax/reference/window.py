@@ -46,7 +46,7 @@ def sliding_window_attention(
         keys = jax.lax.dynamic_slice_in_dim(k_padded, chunk_start, slab, axis=1)
         values = jax.lax.dynamic_slice_in_dim(v_padded, chunk_start, slab, axis=1)
         key_pos = chunk_start - window + 1 + jnp.arange(slab, dtype=jnp.int32)
-        query_pos = positions[None, :, None]
+        query_pos = positions[:, :, None]
         visible = (key_pos[None, None, :] >= jnp.maximum(query_pos - window + 1, start_chunk[:, :, None])) & (
             key_pos[None, None, :] <= query_pos
         )

@@ -1,0 +1,230 @@
+"""Decoding with NSA: the per-layer cache and one decode step of attention (spec, "Decoding").
+
+A step reads at most ``floor((s - l) / d) + 1`` compressed tokens, ``n * l'`` selected
+tokens and ``w`` window tokens, ``s`` the cached length. The compressed cache gains
+one entry every ``d`` tokens, once a block of ``l`` raw tokens is complete; nothing in
+the past is recompressed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from nsa_jax.reference.common import PRECISION, accumulation_dtype, masked_softmax
+from nsa_jax.reference.compressed import attend_compressed
+from nsa_jax.reference.selected import attend_selected
+from nsa_jax.reference.selection import select_for_chunk
+
+# Logical axis names of the cache's arrays (rules in nsa_jax.sharding).
+CACHE_LOGICAL_AXES = {
+    "keys": ("branch", "batch", "length", "kv_heads", "head_dim"),
+    "values": ("branch", "batch", "length", "kv_heads", "head_dim"),
+    "k_cmp": ("batch", "length", "kv_heads", "head_dim"),
+    "v_cmp": ("batch", "length", "kv_heads", "head_dim"),
+    "lengths": ("batch",),
+}
+
+
+@struct.dataclass
+class NSACache:
+    """Decoding state of one NSA layer; a pytree that shards over batch and KV heads.
+
+    Attributes:
+      keys: ``[3, B, S, H, Dk]`` raw rotated keys of the (compressed, selected,
+        window) branches, ``S`` the capacity.
+      values: ``[3, B, S, H, Dv]``.
+      k_cmp: ``[B, ceil(S / d), H, Dk]`` compressed keys; slot ``i`` covers raw
+        tokens ``[i*d, i*d + l)`` and is valid once ``lengths >= i*d + l``.
+      v_cmp: ``[B, ceil(S / d), H, Dv]``.
+      lengths: int32 ``[B]``: tokens cached per sequence (ragged batch).
+    """
+
+    keys: jax.Array
+    values: jax.Array
+    k_cmp: jax.Array
+    v_cmp: jax.Array
+    lengths: jax.Array
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
+
+
+def attend_window_at(
+    q: jax.Array, positions: jax.Array, k: jax.Array, v: jax.Array, *, window: int, scale: float
+) -> jax.Array:
+    """Window attention of one query per row, reading only its ``w`` keys.
+
+    Args:
+      q: ``[B, 1, HQ, Dk]``; positions: int32 ``[B, 1]``; k: ``[B, S, H, Dk]``;
+      v: ``[B, S, H, Dv]``.
+
+    Returns:
+      ``[B, 1, HQ, Dv]`` in ``q.dtype``.
+    """
+    batch, _, q_heads, _ = q.shape
+    kv_heads = k.shape[2]
+    window = min(window, k.shape[1])
+    key_pos = positions - window + 1 + jnp.arange(window, dtype=jnp.int32)  # [B, w]
+    index = jnp.clip(key_pos, 0, k.shape[1] - 1)[:, :, None, None]
+    keys = jnp.take_along_axis(k, index, axis=1)
+    values = jnp.take_along_axis(v, index, axis=1)
+    queries = q.reshape(batch, kv_heads, q_heads // kv_heads, -1)
+    logits = (
+        jnp.einsum(
+            "bhgd,bshd->bhgs",
+            queries,
+            keys,
+            preferred_element_type=accumulation_dtype(q.dtype),
+            precision=PRECISION,
+        )
+        * scale
+    )
+    probs, _ = masked_softmax(logits, (key_pos >= 0)[:, None, None, :])
+    out = jnp.einsum("bhgs,bshd->bhgd", probs, values.astype(probs.dtype), precision=PRECISION)
+    return out.reshape(batch, 1, q_heads, -1).astype(q.dtype)
+
+
+def decode_attention(
+    q: jax.Array,
+    cache: NSACache,
+    *,
+    block_length: int,
+    block_stride: int,
+    selection_block_size: int,
+    num_selected: int,
+    window: int,
+    num_initial_blocks: int = 1,
+    num_local_blocks: int = 2,
+    scale: float | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The three branch outputs for the newest token of every sequence.
+
+    The query of row ``b`` sits at position ``cache.lengths[b] - 1``; the cache
+    already holds its keys and values (and any compressed token its step completed).
+
+    Args:
+      q: ``[B, HQ, Dk]``.
+
+    Returns:
+      ``(compressed, selected, window)``, each ``[B, HQ, Dv]`` in ``q.dtype``.
+    """
+    batch = q.shape[0]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    positions = (cache.lengths - 1)[:, None]
+    starts = jnp.zeros((batch, 1), jnp.int32)
+    num_slots = cache.k_cmp.shape[1]
+    token_starts = jnp.broadcast_to(jnp.arange(num_slots, dtype=jnp.int32) * block_stride, (batch, num_slots))
+    query = q[:, None]
+    compressed, lse = attend_compressed(
+        query,
+        positions,
+        starts,
+        token_starts,
+        cache.k_cmp,
+        cache.v_cmp,
+        block_length=block_length,
+        scale=scale,
+    )
+    block_indices = select_for_chunk(
+        query,
+        lse,
+        positions,
+        starts,
+        token_starts,
+        cache.k_cmp,
+        num_blocks=-(-cache.capacity // selection_block_size),
+        block_length=block_length,
+        block_stride=block_stride,
+        selection_block_size=selection_block_size,
+        num_selected=num_selected,
+        num_initial_blocks=num_initial_blocks,
+        num_local_blocks=num_local_blocks,
+        scale=scale,
+    )
+    selected = attend_selected(
+        query,
+        block_indices,
+        starts,
+        positions,
+        cache.keys[1],
+        cache.values[1],
+        block_size=selection_block_size,
+        scale=scale,
+    )
+    windowed = attend_window_at(query, positions, cache.keys[2], cache.values[2], window=window, scale=scale)
+    return compressed[:, 0], selected[:, 0], windowed[:, 0]
+
+
+def _compiled_steps(model: Any) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """``model.prefill`` and ``model.decode``, compiled once per shape (NNX modules via ``nnx.jit``)."""
+    if not isinstance(model, nnx.Module):
+        return model.prefill, model.decode
+    prefill = nnx.jit(lambda m, tokens, lengths, cache: m.prefill(tokens, lengths, cache))
+    decode = nnx.jit(lambda m, tokens, cache: m.decode(tokens, cache))
+    return (
+        lambda tokens, lengths, cache: prefill(model, tokens, lengths, cache),
+        lambda tokens, cache: decode(model, tokens, cache),
+    )
+
+
+def generate(
+    model: Any,
+    prompt: jax.Array,
+    prompt_lengths: jax.Array,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    rng: jax.Array | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> jax.Array:
+    """Greedy (``temperature=0``) or sampled generation with a cached model.
+
+    ``model`` provides ``init_cache(batch, capacity)``, ``prefill(tokens, lengths,
+    cache) -> (logits [B, P, V], cache)`` and ``decode(tokens [B], cache) ->
+    (logits [B, V], cache)``, as ``experiments.model.TransformerLM`` does.
+
+    Args:
+      prompt: int ``[B, P]``, right-padded; prompt_lengths: int ``[B]`` in ``[1, P]``.
+      max_new_tokens: tokens to generate per sequence.
+      temperature: 0 for greedy, else softmax temperature (needs ``rng``).
+      progress: called with the step number after each step.
+
+    Returns:
+      int32 ``[B, max_new_tokens]``: row ``b`` continues ``prompt[b, :prompt_lengths[b]]``.
+    """
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature > 0 and rng is None:
+        raise ValueError("rng must be given when temperature > 0")
+    batch, prompt_len = prompt.shape
+    prompt_lengths = jnp.asarray(prompt_lengths, jnp.int32)
+    if prompt_lengths.shape != (batch,):
+        raise ValueError(f"prompt_lengths must have shape (B,) = {(batch,)}, got {prompt_lengths.shape}")
+    prefill, decode = _compiled_steps(model)
+    cache = model.init_cache(batch, prompt_len + max_new_tokens)
+    logits, cache = prefill(prompt, prompt_lengths, cache)
+    last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
+
+    def choose(logits: jax.Array, key: jax.Array | None) -> jax.Array:
+        if temperature == 0:
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return jax.random.categorical(key, logits / temperature).astype(jnp.int32)
+
+    keys = [None] * max_new_tokens if rng is None else list(jax.random.split(rng, max_new_tokens))
+    tokens = []
+    for step in range(max_new_tokens):
+        token = choose(last, keys[step])
+        tokens.append(token)
+        if step + 1 < max_new_tokens:
+            last, cache = decode(token, cache)
+        if progress is not None:
+            progress(step)
+    return jnp.stack(tokens, axis=1)

@@ -1,0 +1,112 @@
+"""Decoding (spec, "Decoding"): cached steps reproduce the full-sequence forward."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import nsa_jax
+from experiments.model import ModelConfig, TransformerLM
+from nsa_jax.decoding import CACHE_LOGICAL_AXES, generate
+from tests.test_layer import SMALL
+
+
+def _decode_all(layer, x, prompt_lengths, steps):
+    """Prefills ``x[:, :max(prompt_lengths)]`` then feeds row b's tokens from its own length on."""
+    batch = x.shape[0]
+    prompt = int(max(prompt_lengths))
+    cache = layer.init_cache(batch, prompt + steps)
+    _, cache = nnx.jit(lambda m, x, n, c: m.prefill(x, n, c))(
+        layer, x[:, :prompt], jnp.asarray(prompt_lengths), cache
+    )
+    step = nnx.jit(lambda m, x, c: m.decode(x, c))
+    rows = np.arange(batch)
+    outs = []
+    for k in range(steps):
+        y, cache = step(layer, x[rows, np.asarray(prompt_lengths) + k], cache)
+        outs.append(y)
+    return jnp.stack(outs, axis=1), cache
+
+
+@pytest.mark.parametrize("compression", ["mlp", "mean"])
+def test_token_by_token_equals_full_forward(compression):
+    config = dataclasses.replace(SMALL, compression=compression)
+    layer = nsa_jax.NativeSparseAttention(config, rngs=nnx.Rngs(0))
+    length, prompt = 61, 11  # neither a multiple of l=8, d=4 nor l'=16
+    x = jax.random.normal(jax.random.key(1), (2, length, config.model_dim))
+    full = layer(x)
+    decoded, cache = _decode_all(layer, x, [prompt, prompt], length - prompt)
+    np.testing.assert_allclose(np.asarray(decoded), np.asarray(full[:, prompt:]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(cache.lengths), [length, length])
+    # Steps right after a compressed block completes ((t + 1 - l) % d == 0) are among those checked,
+    # and every complete block has been compressed into its slot.
+    completed = [t for t in range(prompt, length) if (t + 1 - config.block_length) % config.block_stride == 0]
+    assert completed
+    complete_slots = (length - config.block_length) // config.block_stride + 1
+    assert bool(jnp.all(jnp.any(cache.k_cmp[:, :complete_slots] != 0, axis=(-1, -2))))
+
+
+def test_ragged_batch_decodes_each_row_on_its_own():
+    layer = nsa_jax.NativeSparseAttention(SMALL, rngs=nnx.Rngs(2))
+    length, steps = 45, 20
+    x = jax.random.normal(jax.random.key(3), (3, length, SMALL.model_dim))
+    lengths = [7, 17, 24]
+    decoded, _ = _decode_all(layer, x, lengths, steps)
+    full = layer(x)
+    for row, start in enumerate(lengths):
+        np.testing.assert_allclose(
+            np.asarray(decoded[row]), np.asarray(full[row, start : start + steps]), rtol=1e-5, atol=1e-5
+        )
+
+
+def test_cache_is_a_pytree_with_logical_axes():
+    layer = nsa_jax.NativeSparseAttention(SMALL, rngs=nnx.Rngs(0))
+    cache = layer.init_cache(2, 50)
+    leaves = jax.tree.leaves(cache)
+    assert len(leaves) == 5
+    assert cache.keys.shape == (3, 2, 50, SMALL.num_kv_heads, SMALL.head_dim_qk)
+    assert cache.k_cmp.shape == (2, 13, SMALL.num_kv_heads, SMALL.head_dim_qk)
+    for name, axes in CACHE_LOGICAL_AXES.items():
+        assert len(axes) == getattr(cache, name).ndim, name
+    moved = jax.tree.map(lambda a: a + 0, cache)
+    assert type(moved) is type(cache)
+
+
+def _tiny_lm():
+    return TransformerLM(ModelConfig(num_layers=2), rngs=nnx.Rngs(0))
+
+
+def test_greedy_generate_equals_recomputing_the_whole_sequence():
+    model = _tiny_lm()
+    prompt = jax.random.randint(jax.random.key(5), (2, 12), 0, 256)
+    lengths = jnp.array([12, 9])
+    new = 10
+    generated = generate(model, prompt, lengths, max_new_tokens=new)
+    assert generated.shape == (2, new) and generated.dtype == jnp.int32
+    forward = nnx.jit(lambda m, t: m(t))
+    for row in range(2):
+        sequence = list(np.asarray(prompt[row, : int(lengths[row])]))
+        for _ in range(new):
+            logits = forward(model, jnp.asarray([sequence]))
+            sequence.append(int(jnp.argmax(logits[0, -1])))
+        np.testing.assert_array_equal(np.asarray(generated[row]), sequence[int(lengths[row]) :])
+
+
+def test_sampling_is_reproducible_and_checked():
+    model = _tiny_lm()
+    prompt = jnp.zeros((1, 4), jnp.int32)
+    a = generate(model, prompt, jnp.array([4]), max_new_tokens=5, temperature=1.0, rng=jax.random.key(0))
+    b = generate(model, prompt, jnp.array([4]), max_new_tokens=5, temperature=1.0, rng=jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="rng must be given"):
+        generate(model, prompt, jnp.array([4]), max_new_tokens=5, temperature=1.0)
+    with pytest.raises(ValueError, match="prompt_lengths must have shape"):
+        generate(model, prompt, jnp.array([4, 4]), max_new_tokens=5)
+    full = TransformerLM(ModelConfig(attention="full"), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="decoding needs attention='nsa'"):
+        generate(full, prompt, jnp.array([4]), max_new_tokens=2)
