@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from nsa_jax import registry
 from nsa_jax.reference.common import PRECISION, accumulation_dtype, masked_softmax
 from nsa_jax.reference.compressed import attend_compressed
 from nsa_jax.reference.selected import attend_selected
@@ -90,6 +91,54 @@ def attend_window_at(
     return out.reshape(batch, 1, q_heads, -1).astype(q.dtype)
 
 
+def selected_and_window_at(
+    q: jax.Array,
+    block_indices: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    lengths: jax.Array,
+    *,
+    block_size: int,
+    window: int,
+    scale: float,
+) -> tuple[jax.Array, jax.Array]:
+    """Reference of the decode step's selected and window reads (op ``decode_selected_window``).
+
+    Args:
+      q: ``[B, HQ, Dk]``; block_indices: int ``[B, H, n]`` (``-1`` unused);
+      keys: ``[3, B, S, H, Dk]``; values: ``[3, B, S, H, Dv]`` (branch 1 selected,
+      branch 2 window); lengths: int ``[B]``, the query at ``lengths - 1``.
+
+    Returns:
+      ``(selected, window)``, each ``[B, HQ, Dv]`` in ``q.dtype``.
+    """
+    positions = (lengths - 1)[:, None]
+    starts = jnp.zeros_like(positions)
+    query = q[:, None]
+    selected = attend_selected(
+        query,
+        block_indices[:, None],
+        starts,
+        positions,
+        keys[1],
+        values[1],
+        block_size=block_size,
+        scale=scale,
+    )
+    windowed = attend_window_at(query, positions, keys[2], values[2], window=window, scale=scale)
+    return selected[:, 0], windowed[:, 0]
+
+
+registry.register(
+    registry.Implementation(
+        op="decode_selected_window",
+        name="xla",
+        fn=selected_and_window_at,
+        platforms=("cpu", "gpu", "tpu"),
+    )
+)
+
+
 def decode_attention(
     q: jax.Array,
     cache: NSACache,
@@ -102,6 +151,7 @@ def decode_attention(
     num_initial_blocks: int = 1,
     num_local_blocks: int = 2,
     scale: float | None = None,
+    implementation: str | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The three branch outputs for the newest token of every sequence.
 
@@ -110,6 +160,8 @@ def decode_attention(
 
     Args:
       q: ``[B, HQ, Dk]``.
+      implementation: of the op ``decode_selected_window`` (the selected and window
+        reads); ``None`` picks the best for the backend.
 
     Returns:
       ``(compressed, selected, window)``, each ``[B, HQ, Dv]`` in ``q.dtype``.
@@ -147,18 +199,12 @@ def decode_attention(
         num_local_blocks=num_local_blocks,
         scale=scale,
     )
-    selected = attend_selected(
-        query,
-        block_indices,
-        starts,
-        positions,
-        cache.keys[1],
-        cache.values[1],
-        block_size=selection_block_size,
-        scale=scale,
+    args = (q, block_indices[:, 0], cache.keys, cache.values, cache.lengths)
+    kwargs = dict(block_size=selection_block_size, window=window, scale=scale)
+    selected, windowed = registry.resolve("decode_selected_window", implementation, *args, **kwargs)(
+        *args, **kwargs
     )
-    windowed = attend_window_at(query, positions, cache.keys[2], cache.values[2], window=window, scale=scale)
-    return compressed[:, 0], selected[:, 0], windowed[:, 0]
+    return compressed[:, 0], selected, windowed
 
 
 def _compiled_steps(model: Any) -> tuple[Callable[..., Any], Callable[..., Any]]:

@@ -23,6 +23,7 @@ OPS = (
     "compressed_attention",
     "select_blocks",
     "sliding_window_attention",
+    "decode_selected_window",
 )
 
 # Modules that register implementations on import. Imported lazily, on the first

@@ -110,3 +110,40 @@ def test_sampling_is_reproducible_and_checked():
     full = TransformerLM(ModelConfig(attention="full"), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="decoding needs attention='nsa'"):
         generate(full, prompt, jnp.array([4]), max_new_tokens=2)
+
+
+@pytest.mark.parametrize("implementation", nsa_jax.implementations("decode_selected_window"))
+@pytest.mark.parametrize(("group", "dk", "dv"), [(1, 16, 16), (4, 24, 16), (16, 32, 8)], ids=str)
+def test_decode_reads_match_the_oracle(implementation, group, dk, dv, dtype):
+    from nsa_jax import registry
+    from tests import oracle
+    from tests.conftest import TOLERANCE
+
+    batch, kv_heads, capacity, block_size, slots, window = 3, 2, 150, 16, 4, 40
+    keys = jax.random.split(jax.random.key(group), 3)
+    q = jax.random.normal(keys[0], (batch, kv_heads * group, dk)).astype(dtype)
+    k = jax.random.normal(keys[1], (3, batch, capacity, kv_heads, dk)).astype(dtype)
+    v = jax.random.normal(keys[2], (3, batch, capacity, kv_heads, dv)).astype(dtype)
+    lengths = np.array([150, 37, 5])
+    rng = np.random.default_rng(group)
+    indices = np.full((batch, kv_heads, slots), -1, np.int32)
+    selected_mask = np.zeros((batch, 1, kv_heads, capacity), bool)
+    window_mask = np.zeros((batch, 1, kv_heads, capacity), bool)
+    for b in range(batch):
+        position = lengths[b] - 1
+        window_mask[b, 0, :, max(0, position - window + 1) : position + 1] = True
+        for h in range(kv_heads):
+            chosen = rng.permutation(position // block_size + 1)[: rng.integers(1, slots + 1)]
+            indices[b, h, rng.permutation(slots)[: len(chosen)]] = chosen
+            for j in chosen:
+                selected_mask[b, 0, h, j * block_size : min(position + 1, (j + 1) * block_size)] = True
+    args = (q, jnp.asarray(indices), k, v, jnp.asarray(lengths, jnp.int32))
+    kwargs = dict(block_size=block_size, window=window, scale=dk**-0.5)
+    selected, windowed = registry.resolve("decode_selected_window", implementation, *args, **kwargs)(
+        *args, **kwargs
+    )
+    ref_selected = oracle.dense_attention(q[:, None], k[1], v[1], selected_mask)[0][:, 0]
+    ref_window = oracle.dense_attention(q[:, None], k[2], v[2], window_mask)[0][:, 0]
+    assert selected.dtype == dtype
+    assert oracle.relative_error(selected, ref_selected) < TOLERANCE[dtype]
+    assert oracle.relative_error(windowed, ref_window) < TOLERANCE[dtype]
