@@ -1,0 +1,26 @@
+"""Pallas kernels for nsa_jax; importing this package registers them (nsa_jax.registry)."""
+
+from nsa_jax import registry
+from pallas_kernels.gpu import decode, selection
+
+registry.register(
+    registry.Implementation(
+        op="selected_attention",
+        name="pallas_triton",
+        fn=selection.selected_attention,
+        platforms=("gpu",),
+        priority=10,
+        interpretable=True,
+        check=selection.check,
+    )
+)
+registry.register(
+    registry.Implementation(
+        op="decode_selected_window",
+        name="pallas_triton",
+        fn=decode.selected_and_window,
+        platforms=("gpu",),
+        priority=10,
+        interpretable=True,
+    )
+)

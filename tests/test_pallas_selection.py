@@ -1,0 +1,197 @@
+"""Kernel-specific tests of the pallas_triton selected attention (interpret mode on CPU).
+
+The shared oracle tests live in ``tests/test_selected_attention.py``; these cover the
+pieces behind the kernel: the inverse block -> query map, the key starts, launch
+variants, and shapes the shared tests leave out.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nsa_jax
+from pallas_kernels.gpu import selection
+from pallas_kernels.gpu.block_sizes import SelectionTuning
+from pallas_kernels.gpu.inverse_map import build_inverse_map, key_tile_count, listed_parts
+
+
+def _random_starts(rng, batch, length, heads, slots, block_size, aligned):
+    """int32 [B, T, H, n] key starts at or before each query, -1 for some slots."""
+    query = np.arange(length)[None, :, None, None]
+    if aligned:
+        blocks = rng.integers(-1, length // block_size + 1, (batch, length, heads, slots))
+        starts = blocks * block_size
+    else:
+        starts = rng.integers(-1, length, (batch, length, heads, slots))
+    starts = np.where((starts >= 0) & (starts <= query), starts, -1)
+    return jnp.asarray(starts, jnp.int32)
+
+
+def _expected_lists(starts, block_size, aligned):
+    """Brute force: {(b, h, tile): sorted ids} of the pairs touching each tile."""
+    starts = np.asarray(starts)
+    batch, length, heads, slots = starts.shape
+    parts = 1 if aligned else 2
+    lists = {}
+    for b, t, h, i in np.ndindex(batch, length, heads, slots):
+        start = starts[b, t, h, i]
+        if start < 0:
+            continue
+        touched = range(start // block_size, (start + block_size - 1) // block_size + 1)
+        for part, tile in enumerate(touched):
+            if tile < key_tile_count(length, block_size):
+                lists.setdefault((b, h, tile), []).append((t * slots + i) * parts + part)
+    return lists
+
+
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "straddling"])
+def test_inverse_map_lists_every_pair_once_under_its_tiles(aligned):
+    rng = np.random.default_rng(0)
+    block_size, length = 8, 45
+    starts = _random_starts(rng, 2, length, 3, 4, block_size, aligned)
+    entries, offsets = build_inverse_map(starts, block_size=block_size, aligned=aligned)
+    entries, offsets = np.asarray(entries), np.asarray(offsets)
+    expected = _expected_lists(starts, block_size, aligned)
+    num_tiles = key_tile_count(length, block_size)
+    assert offsets.shape == (2, 3, num_tiles + 1)
+    for b, h in np.ndindex(2, 3):
+        assert offsets[b, h, 0] == 0 and np.all(np.diff(offsets[b, h]) >= 0)
+        for tile in range(num_tiles):
+            got = entries[b, h, offsets[b, h, tile] : offsets[b, h, tile + 1]]
+            assert sorted(got.tolist()) == sorted(expected.get((b, h, tile), [])), (b, h, tile)
+
+
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "straddling"])
+def test_listed_parts_matches_inverse_map(aligned):
+    rng = np.random.default_rng(1)
+    block_size, length, slots = 8, 37, 3
+    starts = _random_starts(rng, 1, length, 2, slots, block_size, aligned)
+    entries, offsets = build_inverse_map(starts, block_size=block_size, aligned=aligned)
+    listed = np.asarray(listed_parts(starts, block_size=block_size, aligned=aligned))
+    parts = 1 if aligned else 2
+    for h in range(2):
+        owned = np.asarray(entries[0, h, : offsets[0, h, -1]])
+        flags = np.zeros(length * slots * parts, bool)
+        flags[owned] = True
+        np.testing.assert_array_equal(flags, listed[0, :, h].reshape(-1))
+
+
+def test_key_starts_follow_segments_and_drop_future_blocks():
+    segment_ids = jnp.asarray([[0] * 5 + [1] * 7])
+    indices = jnp.zeros((1, 12, 1, 3), jnp.int32).at[..., 1].set(1).at[..., 2].set(-1)
+    starts = np.asarray(selection.selected_key_starts(indices, segment_ids, 4))[0, :, 0]
+    np.testing.assert_array_equal(starts[:, 0], [0] * 5 + [5] * 7)
+    np.testing.assert_array_equal(starts[:, 1], [-1, -1, -1, -1, 4, -1, -1, -1, -1, 9, 9, 9])
+    assert np.all(starts[:, 2] == -1)
+
+
+def _inputs(seed, batch, length, q_heads, kv_heads, dk, dv, dtype):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(keys[0], (batch, length, q_heads, dk), jnp.float32).astype(dtype)
+    k = jax.random.normal(keys[1], (batch, length, kv_heads, dk), jnp.float32).astype(dtype)
+    v = jax.random.normal(keys[2], (batch, length, kv_heads, dv), jnp.float32).astype(dtype)
+    ct = jax.random.normal(keys[3], (batch, length, q_heads, dv), jnp.float32).astype(dtype)
+    return q, k, v, ct
+
+
+def _indices(seed, batch, length, heads, slots, block_size):
+    """Distinct random blocks (any order, some -1), within range."""
+    rng = np.random.default_rng(seed)
+    num_blocks = -(-length // block_size)
+    picks = np.stack(
+        [rng.permutation(num_blocks + slots)[:slots] for _ in range(batch * length * heads)]
+    ).reshape(batch, length, heads, slots)
+    return jnp.asarray(np.where(picks < num_blocks, picks, -1), jnp.int32)
+
+
+def _relative_error(x, ref):
+    x, ref = np.asarray(x, np.float32), np.asarray(ref, np.float32)
+    return np.linalg.norm(x - ref) / np.linalg.norm(ref)
+
+
+def _compare(q, k, v, ct, indices, block_size, tolerance, segment_ids=None, tuning=None):
+    scale = q.shape[-1] ** -0.5
+
+    def ours(q, k, v):
+        if tuning is None:
+            return nsa_jax.selected_attention(
+                q,
+                k,
+                v,
+                indices,
+                block_size=block_size,
+                segment_ids=segment_ids,
+                implementation="pallas_triton",
+            )
+        return selection.selected_attention(
+            q,
+            k,
+            v,
+            indices,
+            block_size=block_size,
+            scale=scale,
+            segment_ids=segment_ids,
+            interpret=True,
+            tuning=tuning,
+        )
+
+    def reference(q, k, v):
+        return nsa_jax.selected_attention(
+            q, k, v, indices, block_size=block_size, segment_ids=segment_ids, implementation="xla"
+        )
+
+    out, vjp = jax.vjp(ours, q, k, v)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    ref, ref_vjp = jax.vjp(reference, *f32)
+    assert out.dtype == q.dtype and np.all(np.isfinite(np.asarray(out, np.float32)))
+    assert _relative_error(out, ref) < tolerance
+    for name, grad, ref_grad in zip("qkv", vjp(ct), ref_vjp(ct.astype(jnp.float32)), strict=True):
+        assert grad.dtype == q.dtype, name
+        assert _relative_error(grad, ref_grad) < tolerance, name
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (1, 130, 4, 4, 32, 16, 32, 3),  # G = 1, odd T, 32-key blocks
+        (1, 40, 32, 2, 192, 128, 16, 2),  # paper head dims, G = 16, tiny T
+        (2, 67, 6, 2, 20, 12, 12, 4),  # G = 3, block size 12: nothing a power of two
+    ],
+    ids=lambda s: "x".join(map(str, s)),
+)
+def test_odd_shapes_match_reference_float32(shape):
+    batch, length, q_heads, kv_heads, dk, dv, block_size, slots = shape
+    q, k, v, ct = _inputs(5, batch, length, q_heads, kv_heads, dk, dv, jnp.float32)
+    indices = _indices(5, batch, length, kv_heads, slots, block_size)
+    _compare(q, k, v, ct, indices, block_size, 2e-5)
+
+
+def test_bfloat16_paper_head_dims_with_segments():
+    q, k, v, ct = _inputs(6, 1, 48, 16, 1, 192, 128, jnp.bfloat16)
+    indices = _indices(6, 1, 48, 1, 3, 16)
+    segment_ids = jnp.asarray([[0] * 21 + [1] * 27])
+    _compare(q, k, v, ct, indices, 16, 1.5e-2, segment_ids=segment_ids)
+
+
+@pytest.mark.parametrize("rows", [16, 128])
+def test_backward_row_batching_does_not_change_the_result(rows):
+    q, k, v, ct = _inputs(7, 1, 50, 4, 2, 16, 16, jnp.float32)
+    indices = _indices(7, 1, 50, 2, 4, 8)
+    segment_ids = jnp.asarray([[0] * 13 + [1] * 37])
+    _compare(q, k, v, ct, indices, 8, 2e-5, segment_ids=segment_ids, tuning=SelectionTuning(bwd_rows=rows))
+
+
+def test_slot_order_does_not_matter():
+    q, k, v, _ = _inputs(8, 1, 33, 4, 2, 16, 8, jnp.float32)
+    indices = _indices(8, 1, 33, 2, 4, 8)
+    run = lambda i: nsa_jax.selected_attention(q, k, v, i, block_size=8, implementation="pallas_triton")
+    np.testing.assert_allclose(run(indices), run(indices[..., ::-1]), rtol=1e-5, atol=1e-6)
+
+
+def test_check_refuses_float64():
+    x = np.zeros((1, 4, 2, 8))
+    with pytest.raises(ValueError, match="q"):
+        selection.check(x, x, x, np.zeros((1, 4, 2, 1), np.int32), block_size=4, scale=1.0)
