@@ -13,6 +13,14 @@ from nsa_jax import NativeSparseAttention, NSAConfig
 from nsa_jax.decoding import NSACache
 from nsa_jax.rope import apply_rope
 from nsa_jax.segments import segment_starts
+from nsa_jax.sharding import lazy_sharding
+
+
+def _partitioned(init, *names: str | None):
+    return nnx.with_partitioning(init, names)
+
+
+_DENSE = nnx.initializers.lecun_normal()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,10 +66,20 @@ class FullAttention(nnx.Module):
                 f"full attention needs head_dim_v == head_dim_qk, got {c.head_dim_v} and {c.head_dim_qk}"
             )
         self.config = c
-        self.query = nnx.LinearGeneral(c.model_dim, (c.num_heads, c.head_dim_qk), rngs=rngs)
-        self.key = nnx.LinearGeneral(c.model_dim, (c.num_kv_heads, c.head_dim_qk), rngs=rngs)
-        self.value = nnx.LinearGeneral(c.model_dim, (c.num_kv_heads, c.head_dim_v), rngs=rngs)
-        self.out = nnx.LinearGeneral((c.num_heads, c.head_dim_v), c.model_dim, axis=(-2, -1), rngs=rngs)
+        common = dict(use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+        heads = _partitioned(_DENSE, "embed", "heads", "head_dim")
+        kv_heads = _partitioned(_DENSE, "embed", "kv_heads", "head_dim")
+        self.query = nnx.LinearGeneral(c.model_dim, (c.num_heads, c.head_dim_qk), kernel_init=heads, **common)
+        self.key = nnx.LinearGeneral(
+            c.model_dim, (c.num_kv_heads, c.head_dim_qk), kernel_init=kv_heads, **common
+        )
+        self.value = nnx.LinearGeneral(
+            c.model_dim, (c.num_kv_heads, c.head_dim_v), kernel_init=kv_heads, **common
+        )
+        out_init = _partitioned(_DENSE, "heads", "head_dim", "embed")
+        self.out = nnx.LinearGeneral(
+            (c.num_heads, c.head_dim_v), c.model_dim, axis=(-2, -1), kernel_init=out_init, **common
+        )
 
     def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
         """``x [B, T, D] -> [B, T, D]``."""
@@ -80,14 +98,16 @@ class FullAttention(nnx.Module):
 
 class Block(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        d = config.model_dim
-        self.attention_norm = nnx.RMSNorm(d, rngs=rngs)
+        d, c = config.model_dim, config.nsa
+        norm = dict(scale_init=_partitioned(nnx.initializers.ones, "embed"), dtype=c.dtype, rngs=rngs)
+        self.attention_norm = nnx.RMSNorm(d, param_dtype=c.param_dtype, **norm)
         attention_cls = NativeSparseAttention if config.attention == "nsa" else FullAttention
-        self.attention = attention_cls(config.nsa, rngs=rngs)
-        self.mlp_norm = nnx.RMSNorm(d, rngs=rngs)
-        self.gate = nnx.Linear(d, config.mlp_dim, use_bias=False, rngs=rngs)
-        self.up = nnx.Linear(d, config.mlp_dim, use_bias=False, rngs=rngs)
-        self.down = nnx.Linear(config.mlp_dim, d, use_bias=False, rngs=rngs)
+        self.attention = attention_cls(c, rngs=rngs)
+        self.mlp_norm = nnx.RMSNorm(d, param_dtype=c.param_dtype, **norm)
+        common = dict(use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+        self.gate = nnx.Linear(d, config.mlp_dim, kernel_init=_partitioned(_DENSE, "embed", "mlp"), **common)
+        self.up = nnx.Linear(d, config.mlp_dim, kernel_init=_partitioned(_DENSE, "embed", "mlp"), **common)
+        self.down = nnx.Linear(config.mlp_dim, d, kernel_init=_partitioned(_DENSE, "mlp", "embed"), **common)
 
     def __call__(self, x: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
         x = x + self.attention(self.attention_norm(x), segment_ids=segment_ids).astype(x.dtype)
@@ -111,9 +131,26 @@ class TransformerLM(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
-        self.embed = nnx.Embed(config.vocab_size, config.model_dim, rngs=rngs)
-        self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
-        self.final_norm = nnx.RMSNorm(config.model_dim, rngs=rngs)
+        c = config.nsa
+        with lazy_sharding():
+            self.embed = nnx.Embed(
+                config.vocab_size,
+                config.model_dim,
+                embedding_init=_partitioned(
+                    nnx.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0), "vocab", "embed"
+                ),
+                dtype=c.dtype,
+                param_dtype=c.param_dtype,
+                rngs=rngs,
+            )
+            self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+            self.final_norm = nnx.RMSNorm(
+                config.model_dim,
+                scale_init=_partitioned(nnx.initializers.ones, "embed"),
+                dtype=c.dtype,
+                param_dtype=c.param_dtype,
+                rngs=rngs,
+            )
 
     def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
         x = self.embed(tokens)

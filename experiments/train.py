@@ -1,7 +1,13 @@
 """Train the byte LM: ``python -m experiments.train --preset cpu``.
 
-Writes ``metrics.jsonl`` (one line per logged step), ``summary.json`` and a loss
-curve ``loss.png`` into the run directory.
+Runs ``jax.jit`` over a ``Mesh`` with axes ``(data, fsdp, tensor)``: parameters are
+placed by their logical axis names (``nsa_jax.sharding``), batches split over
+``data`` and ``fsdp``. AdamW with warmup and cosine decay, global-norm clipping,
+gradient accumulation, compute in ``NSAConfig.dtype`` with float32 parameters, orbax
+checkpoints with exact resume (the data stream is a pure function of the step).
+
+Writes into ``--out``: ``metrics.jsonl`` (one line per step), ``summary.json``,
+``loss.png``, ``retrieval.png`` and ``checkpoints/``.
 """
 
 from __future__ import annotations
@@ -17,17 +23,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from experiments import data
-from experiments.model import ModelConfig, TransformerLM, next_token_loss
+from experiments import data, evaluate, tasks
+from experiments.model import ModelConfig, TransformerLM
 from nsa_jax import NSAConfig
+from nsa_jax.sharding import parameter_shardings
+
+MESH_AXES = ("data", "fsdp", "tensor")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """One training run."""
+    """One training run.
+
+    Attributes:
+      mesh: sizes of the ``(data, fsdp, tensor)`` axes; ``None`` uses every device for
+        ``data``.
+      grad_accum: micro-batches per step (``batch_size`` must be divisible by it).
+      task_fraction: share of each batch that is pass-key retrieval (the rest is text).
+      eval_lengths, eval_depths: the retrieval heat map's grid.
+    """
 
     model: ModelConfig
     seq_len: int
@@ -37,10 +56,34 @@ class TrainConfig:
     warmup_steps: int = 20
     weight_decay: float = 0.01
     clip_norm: float = 1.0
+    grad_accum: int = 1
+    mesh: tuple[int, int, int] | None = None
+    task_fraction: float = 0.25
     eval_every: int = 50
     eval_batches: int = 4
+    eval_lengths: tuple[int, ...] = (128, 256)
+    eval_depths: tuple[float, ...] = (0.0, 0.5, 1.0)
+    eval_examples: int = 8
+    checkpoint_every: int = 100
     corpus_bytes: int | None = 4_000_000
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "batch_size", "steps", "grad_accum", "checkpoint_every", "eval_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"TrainConfig.batch_size ({self.batch_size}) must be divisible by "
+                f"grad_accum ({self.grad_accum})"
+            )
+        if not 0.0 <= self.task_fraction <= 1.0:
+            raise ValueError(f"TrainConfig.task_fraction must lie in [0, 1], got {self.task_fraction}")
+        shortest = tasks.passkey_min_length()
+        if self.task_fraction > 0 and self.seq_len < shortest:
+            raise ValueError(f"TrainConfig.seq_len must be at least {shortest} for pass-key examples")
+        if min(self.eval_lengths) < shortest:
+            raise ValueError(f"TrainConfig.eval_lengths must all be at least {shortest}")
 
 
 def _cpu_preset() -> TrainConfig:
@@ -64,27 +107,32 @@ def _cpu_preset() -> TrainConfig:
     )
 
 
-def _gpu_preset() -> TrainConfig:
+def _accelerator_preset() -> TrainConfig:
     nsa = NSAConfig(
         model_dim=512,
-        num_heads=8,
-        num_kv_heads=2,
+        num_heads=16,
+        num_kv_heads=1,
         head_dim_qk=64,
         head_dim_v=64,
+        window=512,
         dtype=jnp.bfloat16,
     )
     return TrainConfig(
-        model=ModelConfig(model_dim=512, mlp_dim=1376, num_layers=6, nsa=nsa),
+        model=ModelConfig(model_dim=512, mlp_dim=1376, num_layers=4, nsa=nsa),
         seq_len=8192,
-        batch_size=4,
-        steps=2000,
+        batch_size=8,
+        steps=1000,
         learning_rate=1e-3,
         warmup_steps=100,
         corpus_bytes=None,
+        eval_lengths=(1024, 2048, 4096, 8192),
+        eval_depths=(0.0, 0.25, 0.5, 0.75, 1.0),
+        eval_examples=16,
+        checkpoint_every=250,
     )
 
 
-PRESETS = {"cpu": _cpu_preset, "gpu": _gpu_preset}
+PRESETS = {"cpu": _cpu_preset, "gpu": _accelerator_preset, "tpu": _accelerator_preset}
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
@@ -97,7 +145,143 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     )
 
 
-def _plot(rows: list[dict], path: pathlib.Path, title: str) -> None:
+def make_mesh(shape: tuple[int, int, int] | None) -> jax.sharding.Mesh:
+    """A mesh with axes ``(data, fsdp, tensor)`` over the first ``prod(shape)`` devices;
+    ``None`` puts every device on ``data``."""
+    shape = shape or (jax.device_count(), 1, 1)
+    if math.prod(shape) > jax.device_count():
+        raise ValueError(f"mesh {shape} needs {math.prod(shape)} devices, {jax.device_count()} are present")
+    # Auto axes: XLA propagates shardings from the placed parameters and batches.
+    return jax.make_mesh(
+        shape,
+        MESH_AXES,
+        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+        devices=jax.devices()[: math.prod(shape)],
+    )
+
+
+def masked_loss(
+    model: TransformerLM, tokens: jax.Array, mask: jax.Array, scored: jax.Array | None = None
+) -> jax.Array:
+    """Cross-entropy (nats) summed over scored next-byte predictions, divided by ``scored``.
+
+    ``tokens [B, L+1]``, ``mask [B, L]``; ``scored`` defaults to ``mask.sum()`` (the
+    mean). Micro-batches pass the whole batch's count, so their sum is the mean.
+    """
+    logits = model(tokens[:, :-1])
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+    scored = jnp.sum(mask) if scored is None else scored
+    return jnp.sum(losses * mask) / jnp.maximum(scored, 1.0)
+
+
+class Trainer:
+    """Model, optimizer and the compiled sharded step of one run."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.mesh = make_mesh(config.mesh)
+        model = TransformerLM(config.model, rngs=nnx.Rngs(config.seed))
+        optimizer = nnx.Optimizer(model, make_optimizer(config), wrt=nnx.Param)
+        self.graphdef, state = nnx.split((model, optimizer))
+        self.state_shardings = parameter_shardings(state, self.mesh)
+        self.state = jax.device_put(state, self.state_shardings)
+        self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(("data", "fsdp"), None))
+        self._step = jax.jit(
+            self._train_step,
+            in_shardings=(self.state_shardings, self.batch_sharding, self.batch_sharding),
+            out_shardings=(self.state_shardings, None),
+            donate_argnums=0,
+        )
+        self._logits = jax.jit(lambda state, tokens: nnx.merge(self.graphdef, state)[0](tokens))
+
+    def _train_step(self, state, tokens, mask):
+        model, optimizer = nnx.merge(self.graphdef, state)
+        micro = self.config.grad_accum
+        tokens = tokens.reshape(micro, -1, tokens.shape[-1])
+        mask = mask.reshape(micro, -1, mask.shape[-1])
+        graph, params, rest = nnx.split(model, nnx.Param, ...)
+        scored = jnp.sum(mask)
+
+        def loss_of(params, tokens, mask):
+            return masked_loss(nnx.merge(graph, params, rest), tokens, mask, scored)
+
+        def accumulate(carry, batch):
+            loss, grads = jax.value_and_grad(loss_of)(params, *batch)
+            return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        (loss, grads), _ = jax.lax.scan(accumulate, zeros, (tokens, mask))
+        optimizer.update(model, grads)
+        return nnx.state((model, optimizer)), loss
+
+    def step(self, tokens: np.ndarray, mask: np.ndarray) -> float:
+        self.state, loss = self._step(self.state, tokens, mask)
+        return float(loss)
+
+    def logits(self, tokens: jax.Array) -> jax.Array:
+        return self._logits(self.state, tokens)
+
+    def checkpoint_manager(self, directory: pathlib.Path) -> ocp.CheckpointManager:
+        return ocp.CheckpointManager(
+            directory.absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+        )
+
+    def save(self, manager: ocp.CheckpointManager, step: int) -> None:
+        manager.save(step, args=ocp.args.StandardSave(nnx.to_pure_dict(self.state)))
+        manager.wait_until_finished()
+
+    def restore(self, manager: ocp.CheckpointManager) -> int:
+        """Restores the latest checkpoint; returns its step (0 when there is none)."""
+        latest = manager.latest_step()
+        if latest is None:
+            return 0
+        target = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            nnx.to_pure_dict(self.state),
+            nnx.to_pure_dict(self.state_shardings),
+        )
+        restored = manager.restore(latest, args=ocp.args.StandardRestore(target))
+        nnx.replace_by_pure_dict(self.state, restored)
+        return latest
+
+
+def _batches(config: TrainConfig, corpus: np.ndarray, start_step: int):
+    """Endless ``(tokens [B, L+1], mask [B, L])`` batches mixing text and pass-key examples."""
+    task_rows = round(config.batch_size * config.task_fraction)
+    text_rows = config.batch_size - task_rows
+    text = (
+        data.window_batches(
+            corpus, seq_len=config.seq_len, batch_size=text_rows, seed=config.seed, start_step=start_step
+        )
+        if text_rows
+        else None
+    )
+    task = (
+        tasks.task_batches(
+            "passkey",
+            filler=corpus,
+            seq_len=config.seq_len,
+            batch_size=task_rows,
+            seed=config.seed + 7,
+            start_step=start_step,
+        )
+        if task_rows
+        else None
+    )
+    while True:
+        tokens, masks = [], []
+        if text is not None:
+            batch = next(text)["tokens"]
+            tokens.append(batch)
+            masks.append(np.ones((text_rows, config.seq_len), np.float32))
+        if task is not None:
+            batch = next(task)
+            tokens.append(batch["tokens"])
+            masks.append(batch["mask"])
+        yield np.concatenate(tokens), np.concatenate(masks)
+
+
+def _plot_loss(rows: list[dict], path: pathlib.Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -115,15 +299,31 @@ def _plot(rows: list[dict], path: pathlib.Path, title: str) -> None:
     plt.close(fig)
 
 
-def train(config: TrainConfig, out_dir: pathlib.Path, *, progress: bool = True) -> dict:
-    """Trains from scratch; returns the summary also written to ``out_dir/summary.json``."""
+def _peak_memory_bytes() -> int | None:
+    stats = jax.devices()[0].memory_stats()
+    return None if not stats else int(stats.get("peak_bytes_in_use", 0))
+
+
+def train(
+    config: TrainConfig,
+    out_dir: pathlib.Path,
+    *,
+    progress: bool = True,
+    resume: bool = False,
+    stop_after: int | None = None,
+) -> dict:
+    """Trains (resuming from ``out_dir/checkpoints`` if ``resume``); returns the summary.
+
+    ``stop_after`` ends the run early after that many steps (the schedule still
+    follows ``config.steps``), to exercise checkpoint resume.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     corpus = data.load_bytes(data.default_corpus_path(), max_bytes=config.corpus_bytes)
     train_bytes, held_out = data.split(corpus)
-    batches = data.window_batches(
-        train_bytes, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed
-    )
-    eval_batches = [
+    trainer = Trainer(config)
+    manager = trainer.checkpoint_manager(out_dir / "checkpoints")
+    start = trainer.restore(manager) if resume else 0
+    eval_sets = [
         b["tokens"]
         for _, b in zip(
             range(config.eval_batches),
@@ -133,50 +333,67 @@ def train(config: TrainConfig, out_dir: pathlib.Path, *, progress: bool = True) 
             strict=False,
         )
     ]
-    model = TransformerLM(config.model, rngs=nnx.Rngs(config.seed))
-    optimizer = nnx.Optimizer(model, make_optimizer(config), wrt=nnx.Param)
-
-    @nnx.jit
-    def train_step(model, optimizer, tokens):
-        loss, grads = nnx.value_and_grad(next_token_loss)(model, tokens)
-        optimizer.update(model, grads)
-        return loss
-
-    @nnx.jit
-    def eval_step(model, tokens):
-        return next_token_loss(model, tokens)
-
-    rows = []
+    batches = _batches(config, train_bytes, start)
     tokens_per_step = config.batch_size * config.seq_len
-    bar = tqdm(range(config.steps), disable=not progress, desc=f"train {config.model.attention}")
-    with (out_dir / "metrics.jsonl").open("w") as log:
-        start = time.perf_counter()
+    end = config.steps if stop_after is None else min(config.steps, stop_after)
+    mode = "a" if resume and start else "w"
+    rows = []
+    with (out_dir / "metrics.jsonl").open(mode) as log:
+        bar = tqdm(
+            range(start, end),
+            disable=not progress,
+            desc=f"train {config.model.attention}",
+            initial=start,
+            total=end,
+        )
+        last = time.perf_counter()
         for step in bar:
-            tokens = jnp.asarray(next(batches)["tokens"])
-            loss = float(train_step(model, optimizer, tokens))
+            tokens, mask = next(batches)
+            loss = trainer.step(tokens, mask)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss} at step {step}")
-            elapsed = time.perf_counter() - start
-            row = {"step": step, "loss": loss, "tokens_per_s": tokens_per_step * (step + 1) / elapsed}
+            now = time.perf_counter()
+            row = {"step": step, "loss": loss, "tokens_per_s": tokens_per_step / (now - last)}
+            last = now
             if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
-                row["eval_loss"] = float(
-                    np.mean([float(eval_step(model, jnp.asarray(b))) for b in eval_batches])
-                )
-                row["eval_bits_per_byte"] = row["eval_loss"] / math.log(2)
+                row["eval_loss"] = evaluate.bits_per_byte(trainer.logits, eval_sets) * math.log(2)
+                last = time.perf_counter()
+            if (step + 1) % config.checkpoint_every == 0 or step + 1 == end:
+                trainer.save(manager, step + 1)
+                last = time.perf_counter()
             rows.append(row)
             log.write(json.dumps(row) + "\n")
+            log.flush()
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+    all_rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     summary = {
         "attention": config.model.attention,
-        "steps": config.steps,
-        "first_loss": rows[0]["loss"],
-        "final_loss": float(np.mean([r["loss"] for r in rows[-10:]])),
-        "final_eval_bits_per_byte": rows[-1]["eval_bits_per_byte"],
-        "tokens_per_s": rows[-1]["tokens_per_s"],
+        "branches": list(config.model.nsa.branches),
+        "steps": end,
+        "first_loss": all_rows[0]["loss"],
+        "final_loss": float(np.mean([r["loss"] for r in all_rows[-10:]])),
+        "tokens_per_s": float(np.median([r["tokens_per_s"] for r in all_rows[len(all_rows) // 2 :]])),
+        "peak_memory_bytes": _peak_memory_bytes(),
         "backend": jax.default_backend(),
+        "devices": jax.device_count(),
+        "losses": [r["loss"] for r in all_rows],
     }
+    if end == config.steps:
+        summary["eval_bits_per_byte"] = evaluate.bits_per_byte(trainer.logits, eval_sets)
+        grid = evaluate.retrieval_accuracy(
+            trainer.logits,
+            held_out,
+            lengths=config.eval_lengths,
+            depths=config.eval_depths,
+            examples=config.eval_examples,
+            seed=config.seed + 2,
+        )
+        summary["retrieval_accuracy"] = grid.tolist()
+        evaluate.plot_heatmaps(
+            {config.model.attention: grid}, config.eval_lengths, config.eval_depths, out_dir / "retrieval.png"
+        )
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    _plot(rows, out_dir / "loss.png", f"byte LM, {config.model.attention} attention")
+    _plot_loss(all_rows, out_dir / "loss.png", f"byte LM, {config.model.attention} attention")
     return summary
 
 
@@ -187,16 +404,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--attention", choices=["nsa", "full"], default="nsa")
     parser.add_argument("--steps", type=int, help="override the preset's number of steps")
+    parser.add_argument(
+        "--mesh", type=int, nargs=3, metavar=("DATA", "FSDP", "TENSOR"), help="mesh axis sizes"
+    )
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    parser.add_argument(
+        "--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)"
+    )
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/train"))
     args = parser.parse_args(argv)
+    if args.distributed:
+        jax.distributed.initialize()
     config = PRESETS[args.preset]()
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, attention=args.attention))
     if args.steps is not None:
-        if args.steps <= 0:
-            parser.error(f"--steps must be positive, got {args.steps}")
         config = dataclasses.replace(config, steps=args.steps)
-    summary = train(config, args.out)
-    print(json.dumps(summary, indent=2))
+    if args.mesh is not None:
+        config = dataclasses.replace(config, mesh=tuple(args.mesh))
+    summary = train(config, args.out, resume=args.resume)
+    print(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ class NSAConfig:
       rope_theta: RoPE base.
       dtype: compute dtype of activations; param_dtype: dtype of parameters.
       implementation: passed to :func:`nsa_jax.nsa_attention` (``None``: best).
+      branches: branches that contribute (ablations drop some; see
+        :func:`nsa_jax.nsa_attention`).
     """
 
     model_dim: int
@@ -52,6 +54,7 @@ class NSAConfig:
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     implementation: str | None = None
+    branches: tuple[str, ...] = ("compressed", "selected", "window")
 
     def __post_init__(self) -> None:
         positive = (
@@ -96,6 +99,10 @@ class NSAConfig:
             (self.head_dim_qk % 2 == 0, "head_dim_qk must be even (RoPE rotates pairs)"),
             (self.compression in ("mlp", "mean"), "compression must be 'mlp' or 'mean'"),
             (self.rope_theta > 0, "rope_theta must be positive"),
+            (
+                bool(self.branches) and set(self.branches) <= {"compressed", "selected", "window"},
+                "branches must be a non-empty subset of ('compressed', 'selected', 'window')",
+            ),
         )
         for holds, rule in rules:
             if not holds:
@@ -119,10 +126,10 @@ class NSAConfig:
     def decode_kwargs(self) -> dict[str, int]:
         """Keyword arguments of :func:`nsa_jax.decoding.decode_attention` for this config."""
         kwargs = self.attention_kwargs()
-        del kwargs["implementation"]
+        del kwargs["implementation"], kwargs["branches"]
         return kwargs
 
-    def attention_kwargs(self) -> dict[str, int | str | None]:
+    def attention_kwargs(self) -> dict[str, int | str | tuple[str, ...] | None]:
         """Keyword arguments of :func:`nsa_jax.nsa_attention` for this config."""
         return dict(
             block_length=self.block_length,
@@ -133,4 +140,5 @@ class NSAConfig:
             num_initial_blocks=self.num_initial_blocks,
             num_local_blocks=self.num_local_blocks,
             implementation=self.implementation,
+            branches=self.branches,
         )

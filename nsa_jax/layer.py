@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -12,17 +10,10 @@ from nsa_jax import checks
 from nsa_jax.compression import BlockCompressor, gather_blocks
 from nsa_jax.config import NSAConfig
 from nsa_jax.decoding import NSACache, decode_attention
-from nsa_jax.ops import combine_branches, nsa_attention
+from nsa_jax.ops import BRANCHES, combine_branches, nsa_attention
 from nsa_jax.rope import apply_rope
 from nsa_jax.segments import num_compressed_slots, segment_starts
-
-BRANCHES = ("compressed", "selected", "window")
-
-
-def _lazy_sharding() -> contextlib.AbstractContextManager:
-    """Parameters record logical names without being placed (older Flax never places)."""
-    use_eager_sharding = getattr(nnx, "use_eager_sharding", None)
-    return contextlib.nullcontext() if use_eager_sharding is None else use_eager_sharding(False)
+from nsa_jax.sharding import lazy_sharding
 
 
 def _param(rngs: nnx.Rngs, init, shape: tuple[int, ...], names: tuple[str | None, ...], dtype) -> nnx.Param:
@@ -54,7 +45,7 @@ class NativeSparseAttention(nnx.Module):
         zeros = nnx.initializers.zeros
         pd = c.param_dtype
         gate_hidden = c.gate_hidden_dim or c.model_dim
-        with _lazy_sharding():
+        with lazy_sharding():
             self.w_query = _param(
                 rngs, dense, (c.model_dim, c.num_heads, c.head_dim_qk), ("embed", "heads", "head_dim"), pd
             )
@@ -259,8 +250,11 @@ class NativeSparseAttention(nnx.Module):
         cache = cache.replace(
             keys=keys_all, values=values_all, k_cmp=k_cmp, v_cmp=v_cmp, lengths=position + 1
         )
-        branches = decode_attention(q[:, 0], cache, **c.decode_kwargs())
-        heads = combine_branches(self.gates(x)[:, 0], *branches)
+        outputs = decode_attention(q[:, 0], cache, **c.decode_kwargs())
+        outputs = [
+            o if name in c.branches else jnp.zeros_like(o) for name, o in zip(BRANCHES, outputs, strict=True)
+        ]
+        heads = combine_branches(self.gates(x)[:, 0], *outputs)
         return self._output(heads[:, None])[:, 0], cache
 
     def _append_compressed(

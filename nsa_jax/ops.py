@@ -21,6 +21,8 @@ from nsa_jax.segments import num_compressed_slots
 
 Implementation = str | None
 
+BRANCHES = ("compressed", "selected", "window")
+
 
 def _attention_shapes(
     q: jax.Array, k: jax.Array, v: jax.Array, key_name: str = "k"
@@ -328,6 +330,7 @@ def nsa_attention(
     scale: float | None = None,
     segment_ids: jax.Array | None = None,
     implementation: Implementation | Mapping[str, Implementation] = None,
+    branches: tuple[str, ...] = BRANCHES,
 ) -> jax.Array:
     """The three gated branches of NSA (spec, Eq. 5).
 
@@ -341,6 +344,9 @@ def nsa_attention(
       implementation: one name for every branch op, or a mapping from op name
         (``"compressed_attention"``, ``"select_blocks"``, ``"selected_attention"``,
         ``"sliding_window_attention"``) to a name; missing ops use ``None``.
+      branches: the branches that contribute, for ablations; a branch left out
+        contributes 0 and is not computed (selection still uses the compression
+        scores when ``"compressed"`` is left out).
 
     Returns:
       ``[B, T, HQ, Dv]`` in ``q.dtype``.
@@ -353,6 +359,9 @@ def nsa_attention(
     geometry = _selection_geometry(
         block_length, block_stride, selection_block_size, num_selected, num_initial_blocks, num_local_blocks
     )
+    if not branches or set(branches) - set(BRANCHES):
+        raise ValueError(f"branches must be a non-empty subset of {BRANCHES}, got {branches!r}")
+    zeros = jnp.zeros((*q.shape[:3], v_slc.shape[-1]), q.dtype)
     compressed_out, lse = compressed_attention(
         q,
         k_cmp,
@@ -363,34 +372,39 @@ def nsa_attention(
         segment_ids=segment_ids,
         implementation=_branch_implementation(implementation, "compressed_attention"),
     )
-    block_indices = select_blocks(
-        q,
-        k_cmp,
-        lse,
-        **geometry,
-        scale=scale,
-        segment_ids=segment_ids,
-        implementation=_branch_implementation(implementation, "select_blocks"),
-    )
-    selected_out = selected_attention(
-        q,
-        k_slc,
-        v_slc,
-        block_indices,
-        block_size=selection_block_size,
-        scale=scale,
-        segment_ids=segment_ids,
-        implementation=_branch_implementation(implementation, "selected_attention"),
-    )
-    window_out = sliding_window_attention(
-        q,
-        k_win,
-        v_win,
-        window=window,
-        scale=scale,
-        segment_ids=segment_ids,
-        implementation=_branch_implementation(implementation, "sliding_window_attention"),
-    )
+    selected_out = window_out = zeros
+    if "selected" in branches:
+        block_indices = select_blocks(
+            q,
+            k_cmp,
+            lse,
+            **geometry,
+            scale=scale,
+            segment_ids=segment_ids,
+            implementation=_branch_implementation(implementation, "select_blocks"),
+        )
+        selected_out = selected_attention(
+            q,
+            k_slc,
+            v_slc,
+            block_indices,
+            block_size=selection_block_size,
+            scale=scale,
+            segment_ids=segment_ids,
+            implementation=_branch_implementation(implementation, "selected_attention"),
+        )
+    if "window" in branches:
+        window_out = sliding_window_attention(
+            q,
+            k_win,
+            v_win,
+            window=window,
+            scale=scale,
+            segment_ids=segment_ids,
+            implementation=_branch_implementation(implementation, "sliding_window_attention"),
+        )
+    if "compressed" not in branches:
+        compressed_out = zeros
     return combine_branches(gates, compressed_out, selected_out, window_out)
 
 

@@ -7,6 +7,8 @@ a training loop chooses the physical mesh axes with rules in the MaxText style:
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections.abc import Sequence
 
 import jax
@@ -27,6 +29,16 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("branch", None),
     ("block", None),
 )
+
+
+def lazy_sharding() -> contextlib.AbstractContextManager:
+    """Context in which new parameters record logical names without being placed.
+
+    Modules built inside it construct with or without a mesh; place them afterwards
+    with :func:`parameter_shardings`. (Older Flax never places eagerly.)
+    """
+    use_eager_sharding = getattr(nnx, "use_eager_sharding", None)
+    return contextlib.nullcontext() if use_eager_sharding is None else use_eager_sharding(False)
 
 
 def logical_to_mesh_axes(
@@ -77,10 +89,24 @@ def parameter_shardings(
     mesh: Mesh,
     rules: Sequence[tuple[str, str | tuple[str, ...] | None]] = LOGICAL_AXIS_RULES,
 ) -> nnx.State:
-    """``NamedSharding`` for every parameter of ``state`` from its logical names."""
+    """``NamedSharding`` for every variable of ``state`` from its logical names.
+
+    Variables without names (optimizer counters) are replicated, and so is any
+    dimension that its mesh axes do not divide evenly.
+    """
 
     def sharding(variable: nnx.Variable) -> NamedSharding:
-        names = logical_names(variable)
-        return NamedSharding(mesh, logical_to_mesh_axes(names, rules, mesh))
+        spec = logical_to_mesh_axes(logical_names(variable), rules, mesh)
+        shape = variable.get_value().shape
+        # A dimension the mesh axes do not divide stays whole (replicated).
+        fitted = [
+            axes
+            if axes is None
+            or shape[dim] % math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+            == 0
+            else None
+            for dim, axes in enumerate(spec)
+        ]
+        return NamedSharding(mesh, PartitionSpec(*fitted))
 
     return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
