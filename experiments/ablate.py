@@ -118,10 +118,11 @@ def ablate(
 ) -> dict[str, dict]:
     """Runs every variant; returns their summaries and writes the report."""
     configs = {name: variant_config(base, name) for name in variants}  # all errors before any training
-    summaries = {
-        name: train.train(config, out_dir / name.replace("=", "_"), progress=progress)
-        for name, config in configs.items()
-    }
+    summaries = {}
+    for name, config in configs.items():
+        summaries[name] = train.train(config, out_dir / name.replace("=", "_"), progress=progress)
+        brief = {k: v for k, v in summaries[name].items() if k != "losses"}
+        print(json.dumps({"variant": name, **brief}), flush=True)
     grids = {name: np.asarray(s["retrieval_accuracy"]) for name, s in summaries.items()}
     evaluate.plot_heatmaps(grids, base.eval_lengths, base.eval_depths, out_dir / "retrieval.png")
     _plot_losses(summaries, out_dir / "loss.png")
@@ -138,6 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", nargs="+", default=["full", "nsa", "no_compressed", "no_window"])
     parser.add_argument("--steps", type=int, help="override the preset's number of steps")
     parser.add_argument("--seq-len", type=int, help="override the preset's context length")
+    parser.add_argument("--layers", type=int, help="override the preset's number of layers")
+    parser.add_argument("--eval-lengths", type=int, nargs="+", help="context lengths of the retrieval map")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/ablate"))
     args = parser.parse_args(argv)
     base = train.PRESETS[args.preset]()
@@ -145,6 +148,10 @@ def main(argv: list[str] | None = None) -> None:
         base = dataclasses.replace(base, steps=args.steps)
     if args.seq_len is not None:
         base = dataclasses.replace(base, seq_len=args.seq_len)
+    if args.layers is not None:
+        base = dataclasses.replace(base, model=dataclasses.replace(base.model, num_layers=args.layers))
+    if args.eval_lengths is not None:
+        base = dataclasses.replace(base, eval_lengths=tuple(args.eval_lengths))
     command = "python -m experiments.ablate " + " ".join(sys.argv[1:] if argv is None else argv)
     args.out.mkdir(parents=True, exist_ok=True)
     ablate(base, args.variants, args.out, command=command)
