@@ -13,23 +13,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.gpu.selection import _dot, _dot_nt, _lanes, _load, _tile_mask
+from pallas_kernels.gpu.tiles import LOG2E, MASKED, dot, dot_nt, lanes, load, padded, tile_mask
 
-_LOG2E = math.log2(math.e)
-_MASKED = -1e30
 # Enough programs to keep every SM of an H100/H200 (132) busy twice over.
 _TARGET_PROGRAMS = 264
-
-
-def _padded(size: int) -> int:
-    return max(16, pl.next_power_of_2(size))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,11 +41,11 @@ class _DecodeGeometry:
 
     @property
     def rows(self) -> int:
-        return _padded(self.group)
+        return padded(self.group)
 
     @property
     def tile(self) -> int:
-        return _padded(self.block_size)
+        return padded(self.block_size)
 
     @property
     def programs(self) -> int:
@@ -89,10 +82,10 @@ def _decode_kernel(position_ref, starts_ref, q_ref, k_ref, v_ref, max_ref, sum_r
     program = pl.program_id(0)
     position = position_ref[0]
     lowest = jnp.where(program >= geo.selected_programs, position - geo.window + 1, 0)
-    head_rows = _lanes(geo.group, geo.rows)
-    dk_cols, dv_cols = _lanes(geo.dk, _padded(geo.dk)), _lanes(geo.dv, _padded(geo.dv))
-    q = _load(q_ref, _tile_mask(head_rows, dk_cols))
-    log2_scale = geo.scale * _LOG2E
+    head_rows = lanes(geo.group, geo.rows)
+    dk_cols, dv_cols = lanes(geo.dk, padded(geo.dk)), lanes(geo.dv, padded(geo.dv))
+    q = load(q_ref, tile_mask(head_rows, dk_cols))
+    log2_scale = geo.scale * LOG2E
     offsets = jnp.arange(geo.tile)
 
     def body(item, carry):
@@ -103,19 +96,19 @@ def _decode_kernel(position_ref, starts_ref, q_ref, k_ref, v_ref, max_ref, sum_r
         readable = (keys < geo.capacity) & (offsets < geo.block_size)
         valid = (start >= 0) & readable & (keys <= position) & (keys >= lowest)
         rows = pl.ds(first, geo.tile)
-        k = _load(k_ref.at[rows, :], _tile_mask(readable, dk_cols))
-        v = _load(v_ref.at[rows, :], _tile_mask(readable, dv_cols))
-        s = jnp.where(valid[None, :], _dot_nt(q, k, None) * log2_scale, _MASKED)
+        k = load(k_ref.at[rows, :], tile_mask(readable, dk_cols))
+        v = load(v_ref.at[rows, :], tile_mask(readable, dv_cols))
+        s = jnp.where(valid[None, :], dot_nt(q, k, None) * log2_scale, MASKED)
         new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
         p = jnp.where(valid[None, :], jnp.exp2(s - new_max[:, None]), 0.0)
         alpha = jnp.exp2(row_max - new_max)
         row_sum = row_sum * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, None)
+        acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, None)
         return acc, new_max, row_sum
 
     init = (
-        jnp.zeros((geo.rows, _padded(geo.dv)), jnp.float32),
-        jnp.full((geo.rows,), _MASKED, jnp.float32),
+        jnp.zeros((geo.rows, padded(geo.dv)), jnp.float32),
+        jnp.full((geo.rows,), MASKED, jnp.float32),
         jnp.zeros((geo.rows,), jnp.float32),
     )
     acc, row_max, row_sum = jax.lax.fori_loop(0, geo.items_per_program, body, init)
@@ -182,7 +175,7 @@ def selected_and_window(
     listed = pl.next_power_of_2(starts.shape[-1])
     starts = jnp.pad(starts, ((0, 0), (0, 0), (0, listed - starts.shape[-1])), constant_values=-1)
     q4 = q.reshape(batch, kv_heads, group, dk)
-    dkp, dvp = _padded(dk), _padded(dv)
+    dkp, dvp = padded(dk), padded(dv)
 
     def branch_of(program):
         return 1 + (program >= geo.selected_programs).astype(jnp.int32)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -39,15 +38,9 @@ from jax.experimental.pallas import triton as plt
 from nsa_jax.segments import segment_starts
 from pallas_kernels.gpu.block_sizes import DEFAULT_TUNING, SelectionTuning
 from pallas_kernels.gpu.inverse_map import build_inverse_map, key_tile_count, listed_parts, parts_per_slot
+from pallas_kernels.gpu.tiles import LOG2E, MASKED, dot, dot_nt, lanes, load, padded, store, tile_mask
 
-_LOG2E = math.log2(math.e)
-# Finite stand-in for -inf: keeps exp2(s - m) free of inf - inf.
-_MASKED = -1e30
 _SUPPORTED_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
-
-
-def _padded(size: int) -> int:
-    return max(16, pl.next_power_of_2(size))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,19 +61,19 @@ class _Geometry:
 
     @property
     def rows(self) -> int:
-        return _padded(self.group)
+        return padded(self.group)
 
     @property
     def tile(self) -> int:
-        return _padded(self.block_size)
+        return padded(self.block_size)
 
     @property
     def dk_padded(self) -> int:
-        return _padded(self.dk)
+        return padded(self.dk)
 
     @property
     def dv_padded(self) -> int:
-        return _padded(self.dv)
+        return padded(self.dv)
 
     @property
     def heads_pow2(self) -> int:
@@ -109,50 +102,6 @@ class _Geometry:
         return plt.CompilerParams(num_warps=warps, num_stages=stages)
 
 
-def _all(*masks: jax.Array | None) -> jax.Array | None:
-    present = [m for m in masks if m is not None]
-    if not present:
-        return None
-    out = present[0]
-    for m in present[1:]:
-        out = out & m
-    return out
-
-
-def _lanes(valid: int, padded: int) -> jax.Array | None:
-    """``arange(padded) < valid``, or ``None`` when nothing is padded."""
-    return None if valid == padded else jnp.arange(padded) < valid
-
-
-def _tile_mask(rows: jax.Array | None, cols: jax.Array | None) -> jax.Array | None:
-    return _all(None if rows is None else rows[:, None], None if cols is None else cols[None, :])
-
-
-def _load(ref, mask: jax.Array | None) -> jax.Array:
-    if mask is None:
-        return ref[...]
-    return plt.load(ref, mask=mask, other=0)
-
-
-def _store(ref, value: jax.Array, mask: jax.Array | None) -> None:
-    if mask is None:
-        ref[...] = value.astype(ref.dtype)
-    else:
-        plt.store(ref, value.astype(ref.dtype), mask=mask)
-
-
-def _dot_nt(a: jax.Array, b: jax.Array, precision: jax.lax.Precision | None) -> jax.Array:
-    """``a @ b.T`` accumulated in float32."""
-    dims = (((1,), (1,)), ((), ()))
-    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32, precision=precision)
-
-
-def _dot(a: jax.Array, b: jax.Array, precision: jax.lax.Precision | None) -> jax.Array:
-    """``a @ b`` accumulated in float32."""
-    dims = (((1,), (0,)), ((), ()))
-    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32, precision=precision)
-
-
 def _selected_keys(geo: _Geometry, start: jax.Array, query: jax.Array):
     """Rows of the key tile read for a selected block starting at ``start`` (-1: none).
 
@@ -173,33 +122,33 @@ def _selected_keys(geo: _Geometry, start: jax.Array, query: jax.Array):
 def _forward_kernel(starts_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, geo: _Geometry):
     """One query position ``t`` and one KV head: ``q_ref [rows, Dk']``, ``k_ref [T, Dk']``."""
     query = pl.program_id(0)
-    head_rows = _lanes(geo.group, geo.rows)
-    dk_cols, dv_cols = _lanes(geo.dk, geo.dk_padded), _lanes(geo.dv, geo.dv_padded)
-    q = _load(q_ref, _tile_mask(head_rows, dk_cols))
-    log2_scale = geo.scale * _LOG2E
+    head_rows = lanes(geo.group, geo.rows)
+    dk_cols, dv_cols = lanes(geo.dk, geo.dk_padded), lanes(geo.dv, geo.dv_padded)
+    q = load(q_ref, tile_mask(head_rows, dk_cols))
+    log2_scale = geo.scale * LOG2E
 
     def body(slot, carry):
         acc, row_max, row_sum = carry
         rows, valid, load_rows = _selected_keys(geo, starts_ref[slot], query)
-        k = _load(k_ref.at[rows, :], _tile_mask(load_rows, dk_cols))
-        v = _load(v_ref.at[rows, :], _tile_mask(load_rows, dv_cols))
-        s = jnp.where(valid[None, :], _dot_nt(q, k, geo.precision) * log2_scale, _MASKED)
+        k = load(k_ref.at[rows, :], tile_mask(load_rows, dk_cols))
+        v = load(v_ref.at[rows, :], tile_mask(load_rows, dv_cols))
+        s = jnp.where(valid[None, :], dot_nt(q, k, geo.precision) * log2_scale, MASKED)
         new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
         p = jnp.where(valid[None, :], jnp.exp2(s - new_max[:, None]), 0.0)
         alpha = jnp.exp2(row_max - new_max)
         row_sum = row_sum * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, geo.precision)
+        acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, geo.precision)
         return acc, new_max, row_sum
 
     init = (
         jnp.zeros((geo.rows, geo.dv_padded), jnp.float32),
-        jnp.full((geo.rows,), _MASKED, jnp.float32),
+        jnp.full((geo.rows,), MASKED, jnp.float32),
         jnp.zeros((geo.rows,), jnp.float32),
     )
     acc, row_max, row_sum = jax.lax.fori_loop(0, geo.slots, body, init)
     seen = row_sum > 0
     out = acc / jnp.where(seen, row_sum, 1.0)[:, None]
-    _store(o_ref, out, _tile_mask(head_rows, dv_cols))
+    store(o_ref, out, tile_mask(head_rows, dv_cols))
     lse_ref[...] = jnp.where(seen, row_max + jnp.log2(jnp.where(seen, row_sum, 1.0)), 0.0)
 
 
@@ -230,16 +179,16 @@ def _backward_kernel(
     ``dq_parts``, summed afterwards: every output element has one writer.
     """
     tile_index = pl.program_id(0)
-    dk_cols, dv_cols = _lanes(geo.dk, geo.dk_padded), _lanes(geo.dv, geo.dv_padded)
+    dk_cols, dv_cols = lanes(geo.dk, geo.dk_padded), lanes(geo.dv, geo.dv_padded)
     offsets = jnp.arange(geo.tile)
     positions = tile_index * geo.block_size + offsets
     in_tile = None
     if geo.key_rows_may_overrun:
         in_tile = (positions < geo.length) & (offsets < geo.block_size)
     rows = pl.ds(tile_index * geo.block_size, geo.tile)
-    k = _load(k_ref.at[rows, :], _tile_mask(in_tile, dk_cols))
-    v = _load(v_ref.at[rows, :], _tile_mask(in_tile, dv_cols))
-    log2_scale = geo.scale * _LOG2E
+    k = load(k_ref.at[rows, :], tile_mask(in_tile, dk_cols))
+    v = load(v_ref.at[rows, :], tile_mask(in_tile, dv_cols))
+    log2_scale = geo.scale * LOG2E
     row = jnp.arange(geo.bwd_rows)
     pair, head = row // geo.heads_pow2, row % geo.heads_pow2
     dk_lanes, dv_lanes = jnp.arange(geo.dk_padded), jnp.arange(geo.dv_padded)
@@ -277,11 +226,11 @@ def _backward_kernel(
             )
         if in_tile is not None:
             valid = valid & in_tile[:, None]
-        s = _dot_nt(k, q, geo.precision) * log2_scale
+        s = dot_nt(k, q, geo.precision) * log2_scale
         p = jnp.where(valid, jnp.exp2(s - lse[None, :]), 0.0)
-        dv = dv + _dot(p.astype(do.dtype), do, geo.precision)
-        ds = p * (_dot_nt(v, do, geo.precision) - delta[None, :])
-        dk = dk + _dot(ds.astype(q.dtype), q, geo.precision)
+        dv = dv + dot(p.astype(do.dtype), do, geo.precision)
+        ds = p * (dot_nt(v, do, geo.precision) - delta[None, :])
+        dk = dk + dot(ds.astype(q.dtype), q, geo.precision)
         dq = jax.lax.dot_general(
             ds.astype(k.dtype),
             k,
@@ -304,8 +253,8 @@ def _backward_kernel(
     )
     steps = jax.lax.div(last - first + pairs - 1, pairs)
     dk, dv = jax.lax.fori_loop(0, steps, body, init)
-    _store(dk_ref.at[rows, :], dk * geo.scale, _tile_mask(in_tile, dk_cols))
-    _store(dv_ref.at[rows, :], dv, _tile_mask(in_tile, dv_cols))
+    store(dk_ref.at[rows, :], dk * geo.scale, tile_mask(in_tile, dk_cols))
+    store(dv_ref.at[rows, :], dv, tile_mask(in_tile, dv_cols))
 
 
 def _per_query(*trailing: int) -> pl.BlockSpec:

@@ -1,0 +1,66 @@
+"""Tile helpers shared by the Pallas (Triton lowering) kernels: padding, masks, loads, dots.
+
+``tl.dot`` wants tiles of at least 16 and powers of two, so kernels pad rows, block
+sizes and head dims and mask the padding on loads and stores.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+LOG2E = math.log2(math.e)
+# Finite stand-in for -inf: keeps exp2(s - m) free of inf - inf.
+MASKED = -1e30
+
+
+def padded(size: int) -> int:
+    return max(16, pl.next_power_of_2(size))
+
+
+def all_of(*masks: jax.Array | None) -> jax.Array | None:
+    present = [m for m in masks if m is not None]
+    if not present:
+        return None
+    out = present[0]
+    for m in present[1:]:
+        out = out & m
+    return out
+
+
+def lanes(valid: int, padded: int) -> jax.Array | None:
+    """``arange(padded) < valid``, or ``None`` when nothing is padded."""
+    return None if valid == padded else jnp.arange(padded) < valid
+
+
+def tile_mask(rows: jax.Array | None, cols: jax.Array | None) -> jax.Array | None:
+    return all_of(None if rows is None else rows[:, None], None if cols is None else cols[None, :])
+
+
+def load(ref, mask: jax.Array | None) -> jax.Array:
+    if mask is None:
+        return ref[...]
+    return plt.load(ref, mask=mask, other=0)
+
+
+def store(ref, value: jax.Array, mask: jax.Array | None) -> None:
+    if mask is None:
+        ref[...] = value.astype(ref.dtype)
+    else:
+        plt.store(ref, value.astype(ref.dtype), mask=mask)
+
+
+def dot_nt(a: jax.Array, b: jax.Array, precision: jax.lax.Precision | None) -> jax.Array:
+    """``a @ b.T`` accumulated in float32."""
+    dims = (((1,), (1,)), ((), ()))
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32, precision=precision)
+
+
+def dot(a: jax.Array, b: jax.Array, precision: jax.lax.Precision | None) -> jax.Array:
+    """``a @ b`` accumulated in float32."""
+    dims = (((1,), (0,)), ((), ()))
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32, precision=precision)
