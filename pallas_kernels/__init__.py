@@ -1,5 +1,6 @@
 """Pallas kernels for nsa_jax; importing this package registers them (nsa_jax.registry)."""
 
+import pallas_kernels.tpu.register  # noqa: F401  (registers the pallas_tpu implementations)
 from nsa_jax import registry
 from pallas_kernels.gpu import decode, selection
 
