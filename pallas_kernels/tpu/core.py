@@ -174,6 +174,22 @@ def _forward_kernel(tiles_ref, counts_ref, q_ref, k_ref, v_ref, row_ref, *rest, 
         lse_ref[...] = jnp.where(nonempty, m_sc[...] + jnp.log(safe), -jnp.inf)
 
 
+def _key_tile_maps(cfg: Config, heads: int, size: int):
+    """Index maps of grid ``(b, h, i, j)`` that fetch the ``j``-th listed key tile of query
+    tile ``i``: one for K/V blocks ``[B, H, T, D]``, one for key info ``[B, 1, T]``."""
+
+    def tile(b, h, i, j, tiles_ref):
+        return tiles_ref[((b * heads + h) * size + i) * cfg.width + j]
+
+    def kv_map(b, h, i, j, tiles_ref, counts_ref):
+        return (b, h, tile(b, h, i, j, tiles_ref), 0)
+
+    def key_info_map(b, h, i, j, tiles_ref, counts_ref):
+        return (b, 0, tile(b, h, i, j, tiles_ref))
+
+    return kv_map, key_info_map
+
+
 def _row_index(cfg: Config, row_heads: int):
     if row_heads == 1:
         return lambda b, h, i: (b, 0, i, 0)
@@ -191,11 +207,7 @@ def _forward(q, k, v, row_info, key_info, tiles, counts, cfg: Config):
         tiles_c = tiles[:, :, start : start + size].reshape(-1)
         counts_c = counts[:, :, start : start + size].reshape(-1)
 
-        def kv_map(b, h, i, j, tiles_ref, counts_ref, size=size):
-            return (b, h, tiles_ref[((b * heads + h) * size + i) * cfg.width + j], 0)
-
-        def key_info_map(b, h, i, j, tiles_ref, counts_ref, size=size):
-            return (b, 0, tiles_ref[((b * heads + h) * size + i) * cfg.width + j])
+        kv_map, key_info_map = _key_tile_maps(cfg, heads, size)
 
         row_of = _row_index(cfg, row_heads)
         in_specs = [
@@ -291,11 +303,7 @@ def _dq(q, k, v, do, lse, delta, row_info, key_info, tiles, counts, cfg: Config)
         tiles_c = tiles[:, :, start : start + size].reshape(-1)
         counts_c = counts[:, :, start : start + size].reshape(-1)
 
-        def kv_map(b, h, i, j, tiles_ref, counts_ref, size=size):
-            return (b, h, tiles_ref[((b * heads + h) * size + i) * cfg.width + j], 0)
-
-        def key_info_map(b, h, i, j, tiles_ref, counts_ref, size=size):
-            return (b, 0, tiles_ref[((b * heads + h) * size + i) * cfg.width + j])
+        kv_map, key_info_map = _key_tile_maps(cfg, heads, size)
 
         def q_side(width, s=start):
             return pl.BlockSpec((None, None, cfg.rows, width), lambda b, h, i, j, *_: (b, h, i + s, 0))
