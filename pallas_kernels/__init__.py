@@ -2,7 +2,7 @@
 
 import pallas_kernels.tpu.register  # noqa: F401  (registers the pallas_tpu implementations)
 from nsa_jax import registry
-from pallas_kernels.gpu import decode, selection
+from pallas_kernels.gpu import decode, select_blocks, selection
 
 registry.register(
     registry.Implementation(
@@ -23,5 +23,16 @@ registry.register(
         platforms=("gpu",),
         priority=10,
         interpretable=True,
+    )
+)
+registry.register(
+    registry.Implementation(
+        op="select_blocks",
+        name="pallas_triton",
+        fn=select_blocks.select_blocks,
+        platforms=("gpu",),
+        priority=-1,  # opt-in by name until it has been compiled and timed on a GPU
+        interpretable=True,
+        check=select_blocks.check,
     )
 )

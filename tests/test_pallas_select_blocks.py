@@ -1,0 +1,179 @@
+"""Kernel-specific tests of the pallas_triton block selection (interpret mode on CPU).
+
+The shared oracle test lives in ``tests/test_selection.py``; these compare the kernel
+with the ``xla`` reference on fresh random inputs over the (l, d, l') geometries, GQA
+group sizes, packing, several steps of selection blocks and exact ties.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nsa_jax
+from nsa_jax.segments import num_compressed_slots
+
+
+def _select_both(
+    q, k_cmp, *, geometry, num_selected, segment_ids=None, num_initial_blocks=1, num_local_blocks=2
+):
+    """``(pallas_triton, xla)`` block indices for the same inputs, lse from the xla compression."""
+    l, d, lsel = geometry
+    seg = None if segment_ids is None else jnp.asarray(segment_ids)
+    _, lse = nsa_jax.compressed_attention(q, k_cmp, k_cmp, block_length=l, block_stride=d, segment_ids=seg)
+    kwargs = dict(
+        block_length=l,
+        block_stride=d,
+        selection_block_size=lsel,
+        num_selected=num_selected,
+        num_initial_blocks=num_initial_blocks,
+        num_local_blocks=num_local_blocks,
+        segment_ids=seg,
+    )
+    ours = nsa_jax.select_blocks(q, k_cmp, lse, implementation="pallas_triton", **kwargs)
+    reference = nsa_jax.select_blocks(q, k_cmp, lse, implementation="xla", **kwargs)
+    return np.asarray(ours), np.asarray(reference)
+
+
+def _random_inputs(seed, batch, length, q_heads, kv_heads, dk, block_stride, dtype=jnp.float32):
+    keys = jax.random.split(jax.random.key(seed), 2)
+    slots = num_compressed_slots(length, block_stride)
+    q = jax.random.normal(keys[0], (batch, length, q_heads, dk), jnp.float32).astype(dtype)
+    k_cmp = jax.random.normal(keys[1], (batch, slots, kv_heads, dk), jnp.float32).astype(dtype)
+    return q, k_cmp
+
+
+def _packed(batch: int, length: int, seed: int) -> np.ndarray:
+    """int32 ``[B, T]``: row 0 a short segment then a long one (many blocks to rank after
+    a nonzero segment start), the other rows three segments."""
+    positions = np.arange(length)
+    rows = [positions >= 5 + seed % 20]
+    rows += [np.searchsorted([length // 3, 2 * length // 3 + 1], positions, side="right")] * (batch - 1)
+    return np.asarray(rows, np.int32)
+
+
+@pytest.mark.parametrize(
+    ("geometry", "length", "num_selected", "forced", "group", "packed"),
+    [
+        ((32, 16, 64), 300, 4, (1, 2), 4, False),
+        ((32, 16, 64), 300, 3, (1, 1), 1, True),
+        ((16, 8, 16), 83, 4, (1, 2), 16, True),
+        ((8, 8, 8), 77, 6, (1, 2), 1, False),
+        ((64, 64, 64), 250, 3, (1, 1), 4, True),
+        ((16, 4, 32), 150, 4, (1, 2), 16, False),
+    ],
+    ids=str,
+)
+def test_equals_xla_on_random_inputs(geometry, length, num_selected, forced, group, packed):
+    batch, kv_heads, dk = 2, 2, 24
+    seed = hash((geometry, length, group)) % 1000
+    q, k_cmp = _random_inputs(seed, batch, length, kv_heads * group, kv_heads, dk, geometry[1])
+    ours, reference = _select_both(
+        q,
+        k_cmp,
+        geometry=geometry,
+        num_selected=num_selected,
+        num_initial_blocks=forced[0],
+        num_local_blocks=forced[1],
+        segment_ids=_packed(batch, length, seed) if packed else None,
+    )
+    np.testing.assert_array_equal(ours, reference)
+
+
+def test_several_steps_of_blocks_and_other_forced_counts():
+    # 300 / 8 = 38 selection blocks: two steps of 32 blocks; no initial block, so block 0
+    # (which lacks its Eq. 9 term at offset -1) competes; fewer compressed tokens than
+    # slots (Tc < ceil(T / d)).
+    q, k_cmp = _random_inputs(5, 1, 300, 4, 1, 16, 4)
+    ours, reference = _select_both(
+        q, k_cmp[:, :70], geometry=(8, 4, 8), num_selected=7, num_initial_blocks=0, num_local_blocks=1
+    )
+    np.testing.assert_array_equal(ours, reference)
+
+
+def test_bfloat16_equals_xla():
+    q, k_cmp = _random_inputs(7, 1, 130, 8, 2, 32, 16, jnp.bfloat16)
+    ours, reference = _select_both(q, k_cmp, geometry=(32, 16, 64), num_selected=3)
+    np.testing.assert_array_equal(ours, reference)
+
+
+@pytest.mark.parametrize(("geometry", "length"), [((8, 8, 16), 160), ((32, 16, 64), 400)], ids=str)
+def test_ties_go_to_the_lower_block(geometry, length):
+    # q = 0: every visible compressed token is equally likely, so interior blocks tie exactly.
+    _, k_cmp = _random_inputs(3, 1, length, 2, 1, 16, geometry[1])
+    q = jnp.zeros((1, length, 2, 16), jnp.float32)
+    num_selected = 5 if geometry == (8, 8, 16) else 4
+    ours, reference = _select_both(q, k_cmp, geometry=geometry, num_selected=num_selected)
+    np.testing.assert_array_equal(ours, reference)
+    if geometry == (8, 8, 16):
+        # t = 159: block 9 holds t, 8 is local, 0 initial; ties among 1..7 pick 1 and 2.
+        np.testing.assert_array_equal(ours[0, 159, 0], [0, 1, 2, 8, 9])
+        # t = 20: only blocks 0 and 1 are visible, the rest is padding.
+        np.testing.assert_array_equal(ours[0, 20, 0], [0, 1, -1, -1, -1])
+    else:
+        # t = 399: blocks 1..4 have all five Eq. 9 terms and tie; block 1 wins.
+        np.testing.assert_array_equal(ours[0, 399, 0], [0, 1, 5, 6])
+
+
+def test_carries_no_gradient():
+    q, k_cmp = _random_inputs(2, 1, 40, 2, 1, 8, 4)
+    lse = jnp.zeros((1, 40, 2))
+
+    def total(q, k_cmp):
+        chosen = nsa_jax.select_blocks(
+            q,
+            k_cmp,
+            lse,
+            block_length=8,
+            block_stride=4,
+            selection_block_size=8,
+            num_selected=3,
+            implementation="pallas_triton",
+        )
+        return jnp.sum(chosen.astype(jnp.float32))
+
+    for grad in jax.grad(total, argnums=(0, 1))(q, k_cmp):
+        assert not np.any(np.asarray(grad))
+
+
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+def test_kernel_lowers_to_triton_ir(monkeypatch):
+    # Cross-platform export runs the Pallas Triton lowering (kernel to Triton IR) without a
+    # GPU once the lowering is told which GPU to target (private API, hence the guard);
+    # Triton's own compilation to PTX happens on a GPU only.
+    try:
+        from jax._src.pallas.triton import gpu_info, pallas_call_registration
+    except ImportError:
+        pytest.skip("this jax has no Pallas Triton lowering module")
+    if not hasattr(gpu_info, "_get_gpu_info_impl"):
+        pytest.skip("this jax names its GPU info differently")
+    h200 = gpu_info._get_gpu_info_impl(gpu_info.GpuVersion.H200)
+    monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info", lambda: h200)
+    from pallas_kernels.gpu import select_blocks
+
+    batch, length, q_heads, kv_heads, dk = 1, 1024, 64, 4, 192
+    q = jnp.zeros((batch, length, q_heads, dk), jnp.bfloat16)
+    k_cmp = jnp.zeros((batch, length // 16, kv_heads, dk), jnp.bfloat16)
+    lse = jnp.zeros((batch, length, q_heads), jnp.float32)
+    segment_ids = jnp.zeros((batch, length), jnp.int32)
+    select = lambda q, k_cmp, lse: select_blocks.select_blocks(
+        q,
+        k_cmp,
+        lse,
+        block_length=32,
+        block_stride=16,
+        selection_block_size=64,
+        num_selected=16,
+        num_initial_blocks=1,
+        num_local_blocks=2,
+        scale=0.1,
+        segment_ids=segment_ids,
+    )
+    triton_call = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    exported = jax.export.export(jax.jit(select), platforms=["cuda"], disabled_checks=[triton_call])(
+        q, k_cmp, lse
+    )
+    module = exported.mlir_module()
+    assert module.count("__gpu$xla.gpu.triton") == 1 and "nsa_select_blocks" in module
