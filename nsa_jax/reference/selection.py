@@ -114,9 +114,14 @@ def top_blocks(
     forced = (blocks < num_initial_blocks) | (blocks > current - num_local_blocks)
     score = jnp.where(visible, jnp.where(forced, jnp.inf, importance), -jnp.inf)
     values, chosen = jax.lax.top_k(jax.lax.stop_gradient(score), num_selected)
-    sort_key = jnp.where(values == -jnp.inf, importance.shape[-1], chosen)
-    sort_key = jnp.sort(sort_key, axis=-1)
-    return jnp.where(sort_key == importance.shape[-1], -1, sort_key).astype(jnp.int32)
+    return ascending_unused_last(jnp.where(values == -jnp.inf, -1, chosen))
+
+
+def ascending_unused_last(blocks: jax.Array) -> jax.Array:
+    """Sorts block numbers ``[..., n]`` ascending with the unused slots (``-1``) last; int32."""
+    unused = jnp.iinfo(jnp.int32).max
+    ordered = jnp.sort(jnp.where(blocks < 0, unused, blocks.astype(jnp.int32)), axis=-1)
+    return jnp.where(ordered == unused, -1, ordered)
 
 
 def select_blocks_from_probabilities(

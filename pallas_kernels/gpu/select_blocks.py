@@ -40,11 +40,18 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from nsa_jax.reference.selection import overlap_weights
+from nsa_jax.reference.selection import ascending_unused_last, overlap_weights
 from nsa_jax.segments import segment_starts
-from pallas_kernels.gpu.tiles import dot_nt, lanes, load, padded, tile_mask
+from pallas_kernels.gpu.tiles import (
+    dot_nt,
+    lanes,
+    load,
+    padded,
+    per_query_block,
+    require_supported_dtype,
+    tile_mask,
+)
 
-_SUPPORTED_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 # Selection blocks scored per step: rows of the gathered key tile (>= 16 for tl.dot).
 _BLOCKS_PER_STEP = 32
 # Score of a block that cannot be picked: below every importance (those are >= 0).
@@ -175,12 +182,6 @@ def _kernel(start_ref, q_ref, lse_ref, k_ref, out_ref, *, geo: _Geometry):
     out_ref[...] = picks
 
 
-def _per_query(*trailing: int) -> pl.BlockSpec:
-    """Block of one (query, KV head) for grid ``(T, H, B)``; ``trailing`` block dims."""
-    zeros = (0,) * len(trailing)
-    return pl.BlockSpec((None, None, None, *trailing), lambda t, h, b: (b, t, h, *zeros))
-
-
 @functools.partial(
     jax.jit,
     static_argnames=(
@@ -248,20 +249,17 @@ def select_blocks(
         grid=(length, kv_heads, batch),
         in_specs=[
             pl.BlockSpec((None, None, 1), lambda t, h, b: (b, t, 0)),
-            _per_query(geo.rows, geo.dk_padded),
-            _per_query(geo.rows),
+            per_query_block(geo.rows, geo.dk_padded),
+            per_query_block(geo.rows),
             pl.BlockSpec((None, geo.slots, None, geo.dk_padded), lambda t, h, b: (b, 0, h, 0)),
         ],
-        out_specs=_per_query(geo.picks_padded),
+        out_specs=per_query_block(geo.picks_padded),
         out_shape=jax.ShapeDtypeStruct((batch, length, kv_heads, geo.picks_padded), jnp.int32),
         compiler_params=plt.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret,
         name="nsa_select_blocks",
     )(starts, q5, lse4, k_cmp)
-    picks = picks[..., :num_selected]
-    unused = geo.blocks_padded
-    ordered = jnp.sort(jnp.where(picks < 0, unused, picks), axis=-1)
-    return jnp.where(ordered == unused, -1, ordered)
+    return ascending_unused_last(picks[..., :num_selected])
 
 
 def check(
@@ -281,7 +279,6 @@ def check(
     """Raises ``ValueError`` for inputs this kernel does not serve (other dtypes, ``Tc = 0``)."""
     del lse, block_length, block_stride, selection_block_size, num_selected
     del num_initial_blocks, num_local_blocks, scale, segment_ids
-    if jnp.dtype(q.dtype) not in [jnp.dtype(d) for d in _SUPPORTED_DTYPES]:
-        raise ValueError(f"q must be float16, bfloat16 or float32 for pallas_triton, got {q.dtype}")
+    require_supported_dtype(q)
     if k_cmp.shape[1] == 0:
         raise ValueError("k_cmp must hold at least one compressed token (axis 1) for pallas_triton")

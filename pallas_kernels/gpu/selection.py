@@ -38,9 +38,19 @@ from jax.experimental.pallas import triton as plt
 from nsa_jax.segments import segment_starts
 from pallas_kernels.gpu.block_sizes import DEFAULT_TUNING, SelectionTuning
 from pallas_kernels.gpu.inverse_map import build_inverse_map, key_tile_count, listed_parts, parts_per_slot
-from pallas_kernels.gpu.tiles import LOG2E, MASKED, dot, dot_nt, lanes, load, padded, store, tile_mask
-
-_SUPPORTED_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
+from pallas_kernels.gpu.tiles import (
+    LOG2E,
+    MASKED,
+    dot,
+    dot_nt,
+    lanes,
+    load,
+    padded,
+    per_query_block,
+    require_supported_dtype,
+    store,
+    tile_mask,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,12 +267,6 @@ def _backward_kernel(
     store(dv_ref.at[rows, :], dv, tile_mask(in_tile, dv_cols))
 
 
-def _per_query(*trailing: int) -> pl.BlockSpec:
-    """Block of one (query, KV head) for grid ``(T, H, B)``; ``trailing`` block dims."""
-    zeros = (0,) * len(trailing)
-    return pl.BlockSpec((None, None, None, *trailing), lambda t, h, b: (b, t, h, *zeros))
-
-
 def _per_head(geo: _Geometry, *trailing: int) -> pl.BlockSpec:
     """Block of a whole row ``[T, ...]`` of one KV head, for grids ``(x, H, B)``."""
     zeros = (0,) * len(trailing)
@@ -276,12 +280,12 @@ def _forward(q, k, v, key_starts, geo: _Geometry):
         functools.partial(_forward_kernel, geo=geo),
         grid=(length, heads, batch),
         in_specs=[
-            _per_query(geo.slots),
-            _per_query(geo.rows, geo.dk_padded),
+            per_query_block(geo.slots),
+            per_query_block(geo.rows, geo.dk_padded),
             _per_head(geo, geo.dk_padded),
             _per_head(geo, geo.dv_padded),
         ],
-        out_specs=[_per_query(geo.rows, geo.dv_padded), _per_query(geo.rows)],
+        out_specs=[per_query_block(geo.rows, geo.dv_padded), per_query_block(geo.rows)],
         out_shape=[
             jax.ShapeDtypeStruct((batch, length, heads, geo.group, geo.dv), q.dtype),
             jax.ShapeDtypeStruct((batch, length, heads, geo.rows), jnp.float32),
@@ -431,5 +435,4 @@ def check(
 ) -> None:
     """Raises ``ValueError`` for inputs these kernels do not serve (only non-float16/32 dtypes)."""
     del k, v, block_indices, block_size, scale, segment_ids
-    if jnp.dtype(q.dtype) not in [jnp.dtype(d) for d in _SUPPORTED_DTYPES]:
-        raise ValueError(f"q must be float16, bfloat16 or float32 for pallas_triton, got {q.dtype}")
+    require_supported_dtype(q)

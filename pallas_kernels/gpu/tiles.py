@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+SUPPORTED_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 LOG2E = math.log2(math.e)
 # Finite stand-in for -inf: keeps exp2(s - m) free of inf - inf.
 MASKED = -1e30
@@ -64,3 +65,15 @@ def dot(a: jax.Array, b: jax.Array, precision: jax.lax.Precision | None) -> jax.
     """``a @ b`` accumulated in float32."""
     dims = (((1,), (0,)), ((), ()))
     return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32, precision=precision)
+
+
+def per_query_block(*trailing: int) -> pl.BlockSpec:
+    """Block of one (query, KV head) of a ``[B, T, H, ...]`` array for grid ``(T, H, B)``."""
+    zeros = (0,) * len(trailing)
+    return pl.BlockSpec((None, None, None, *trailing), lambda t, h, b: (b, t, h, *zeros))
+
+
+def require_supported_dtype(q: jax.Array) -> None:
+    """Raises ``ValueError`` unless ``q`` is float16, bfloat16 or float32 (what ``tl.dot`` takes)."""
+    if jnp.dtype(q.dtype) not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
+        raise ValueError(f"q must be float16, bfloat16 or float32 for pallas_triton, got {q.dtype}")
