@@ -1,0 +1,141 @@
+"""Registers, spills and shared memory of the Pallas (Triton) kernels, measured without a GPU.
+
+Lowers a function for CUDA on this (CPU) machine, captures every Pallas Triton
+module it contains, compiles each with the ``triton`` package for sm_90a (the H200)
+under the kernel's own ``num_warps``/``num_stages``, and runs ``ptxas -v`` on the PTX.
+A kernel whose ``ptxas`` report shows a stack frame spills registers to local memory:
+check this before spending device time on a kernel change.
+
+Needs ``pip install triton`` (the GPU extra's compiler; a CPU install works). The Triton
+lowering and the compiler here are this machine's jax and triton, not the H200's
+jax 0.11.2, so treat the numbers as close leads, not as the H200's exact build.
+
+Usage::
+
+    python -m experiments.kernel_resources                 # the shipped kernels, paper shapes
+    python -m experiments.kernel_resources --dk 192 --dv 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import subprocess
+import tempfile
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelResources:
+    name: str
+    num_warps: int
+    num_stages: int
+    registers: int
+    stack_bytes: int
+    shared_bytes: int
+
+    @property
+    def spills(self) -> bool:
+        return self.stack_bytes > 0
+
+
+def _capture_triton_modules(fn: Callable, *args) -> list[tuple[str, int, int, str]]:
+    """``(name, num_warps, num_stages, ttir)`` of every Pallas Triton call in ``fn(*args)``."""
+    from jax._src.pallas.triton import gpu_info, lowering, pallas_call_registration
+
+    h200 = gpu_info._get_gpu_info_impl(gpu_info.GpuVersion.H200)
+    modules: list[str] = []
+    original_info = pallas_call_registration.gpu_info_lib.get_gpu_info
+    original_lower = lowering.lower_jaxpr_to_triton_module
+
+    def capture(*a, **k):
+        result = original_lower(*a, **k)
+        modules.append(result.module.operation.get_asm(enable_debug_info=False))
+        return result
+
+    pallas_call_registration.gpu_info_lib.get_gpu_info = lambda: h200
+    lowering.lower_jaxpr_to_triton_module = capture
+    try:
+        text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    finally:
+        pallas_call_registration.gpu_info_lib.get_gpu_info = original_info
+        lowering.lower_jaxpr_to_triton_module = original_lower
+    launches = re.findall(r'name = "([^"]+)", num_stages = (\d+) : i32, num_warps = (\d+) : i32', text)
+    if len(launches) != len(modules):
+        raise RuntimeError(f"found {len(launches)} Triton launches but captured {len(modules)} modules")
+    return [(name, int(warps), int(stages), ttir) for (name, stages, warps), ttir in zip(launches, modules)]
+
+
+def kernel_resources(fn: Callable, *args) -> list[KernelResources]:
+    """Compiles every Pallas Triton kernel of ``fn(*args)`` for sm_90a and reads ``ptxas -v``."""
+    import triton
+    import triton.backends.nvidia as nvidia_backend
+    from triton.backends.compiler import GPUTarget
+
+    ptxas = os.path.join(os.path.dirname(nvidia_backend.__file__), "bin", "ptxas")
+    reports = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for index, (name, warps, stages, ttir) in enumerate(_capture_triton_modules(fn, *args)):
+            source = os.path.join(scratch, f"kernel{index}.ttir")
+            with open(source, "w") as f:
+                f.write(ttir)
+            compiled = triton.compile(
+                source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages)
+            )
+            ptx = os.path.join(scratch, f"kernel{index}.ptx")
+            with open(ptx, "w") as f:
+                f.write(compiled.asm["ptx"])
+            log = subprocess.run(
+                [ptxas, "-arch=sm_90a", "-v", ptx, "-o", os.devnull], capture_output=True, text=True, check=True
+            ).stderr
+            registers = int(re.search(r"Used (\d+) registers", log).group(1))
+            stack = re.search(r"(\d+) bytes cumulative stack size", log)
+            reports.append(
+                KernelResources(
+                    name=name,
+                    num_warps=warps,
+                    num_stages=stages,
+                    registers=registers,
+                    stack_bytes=int(stack.group(1)) if stack else 0,
+                    shared_bytes=int(compiled.metadata.shared),
+                )
+            )
+    return reports
+
+
+def _selection_forward_backward(dk: int, dv: int, length: int = 1024):
+    from pallas_kernels.gpu import selection
+
+    q = jnp.zeros((1, length, 64, dk), jnp.bfloat16)
+    k = jnp.zeros((1, length, 4, dk), jnp.bfloat16)
+    v = jnp.zeros((1, length, 4, dv), jnp.bfloat16)
+    indices = jnp.zeros((1, length, 4, 16), jnp.int32)
+
+    def loss(q, k, v):
+        out = selection.selected_attention(q, k, v, indices, block_size=64, scale=dk**-0.5)
+        return out.astype(jnp.float32).sum()
+
+    return jax.grad(loss, argnums=(0, 1, 2)), (q, k, v)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dk", type=int, default=128)
+    parser.add_argument("--dv", type=int, default=128)
+    args = parser.parse_args()
+    fn, inputs = _selection_forward_backward(args.dk, args.dv)
+    print(f"{'kernel':28} warps stages registers stack_B shared_B")
+    for r in kernel_resources(fn, *inputs):
+        print(
+            f"{r.name:28} {r.num_warps:5} {r.num_stages:6} {r.registers:9} {r.stack_bytes:7} {r.shared_bytes:8}"
+            + ("  SPILLS" if r.spills else "")
+        )
+
+
+if __name__ == "__main__":
+    main()
