@@ -68,7 +68,10 @@ def _capture_triton_modules(fn: Callable, *args) -> list[tuple[str, int, int, st
     launches = re.findall(r'name = "([^"]+)", num_stages = (\d+) : i32, num_warps = (\d+) : i32', text)
     if len(launches) != len(modules):
         raise RuntimeError(f"found {len(launches)} Triton launches but captured {len(modules)} modules")
-    return [(name, int(warps), int(stages), ttir) for (name, stages, warps), ttir in zip(launches, modules)]
+    return [
+        (name, int(warps), int(stages), ttir)
+        for (name, stages, warps), ttir in zip(launches, modules, strict=True)
+    ]
 
 
 def kernel_resources(fn: Callable, *args) -> list[KernelResources]:
@@ -91,7 +94,10 @@ def kernel_resources(fn: Callable, *args) -> list[KernelResources]:
             with open(ptx, "w") as f:
                 f.write(compiled.asm["ptx"])
             log = subprocess.run(
-                [ptxas, "-arch=sm_90a", "-v", ptx, "-o", os.devnull], capture_output=True, text=True, check=True
+                [ptxas, "-arch=sm_90a", "-v", ptx, "-o", os.devnull],
+                capture_output=True,
+                text=True,
+                check=True,
             ).stderr
             registers = int(re.search(r"Used (\d+) registers", log).group(1))
             stack = re.search(r"(\d+) bytes cumulative stack size", log)
@@ -132,8 +138,8 @@ def main() -> None:
     print(f"{'kernel':28} warps stages registers stack_B shared_B")
     for r in kernel_resources(fn, *inputs):
         print(
-            f"{r.name:28} {r.num_warps:5} {r.num_stages:6} {r.registers:9} {r.stack_bytes:7} {r.shared_bytes:8}"
-            + ("  SPILLS" if r.spills else "")
+            f"{r.name:28} {r.num_warps:5} {r.num_stages:6} {r.registers:9} {r.stack_bytes:7}"
+            f" {r.shared_bytes:8}" + ("  SPILLS" if r.spills else "")
         )
 
 
