@@ -99,7 +99,8 @@ def report(summaries: dict[str, dict], config: train.TrainConfig, command: str) 
         "|---|---|---|---|---|---|",
     ]
     for name, s in summaries.items():
-        memory = "-" if s["peak_memory_bytes"] is None else f"{s['peak_memory_bytes'] / 2**30:.2f} GiB"
+        peaks = s["peak_memory_bytes_per_device"]
+        memory = "-" if peaks is None else f"{max(peaks) / 2**30:.2f} GiB"
         lines.append(
             f"| {name} | {s['final_loss']:.3f} | {s['eval_bits_per_byte']:.3f} | "
             f"{np.mean(s['retrieval_accuracy']):.2f} | {s['tokens_per_s']:.0f} | {memory} |"

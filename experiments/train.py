@@ -299,9 +299,15 @@ def _plot_loss(rows: list[dict], path: pathlib.Path, title: str) -> None:
     plt.close(fig)
 
 
-def _peak_memory_bytes() -> int | None:
-    stats = jax.devices()[0].memory_stats()
-    return None if not stats else int(stats.get("peak_bytes_in_use", 0))
+def _peak_memory_bytes_per_device() -> list[int] | None:
+    """Peak bytes in use on each local device, ``None`` where the backend keeps no statistics."""
+    peaks = []
+    for device in jax.local_devices():
+        stats = device.memory_stats()
+        if not stats:
+            return None
+        peaks.append(int(stats.get("peak_bytes_in_use", 0)))
+    return peaks
 
 
 def train(
@@ -373,7 +379,7 @@ def train(
         "first_loss": all_rows[0]["loss"],
         "final_loss": float(np.mean([r["loss"] for r in all_rows[-10:]])),
         "tokens_per_s": float(np.median([r["tokens_per_s"] for r in all_rows[len(all_rows) // 2 :]])),
-        "peak_memory_bytes": _peak_memory_bytes(),
+        "peak_memory_bytes_per_device": _peak_memory_bytes_per_device(),
         "backend": jax.default_backend(),
         "devices": jax.device_count(),
         "losses": [r["loss"] for r in all_rows],

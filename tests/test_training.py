@@ -192,3 +192,23 @@ def test_ablation_report_covers_every_variant(tmp_path):
         ablate.variant_config(base, "nonsense=3")
     with pytest.raises(ValueError, match="variant must be one of"):
         ablate.variant_config(base, "bogus")
+
+
+def test_scaling_report_measures_efficiency_and_loss_agreement():
+    from experiments import scaling
+
+    def summary(tokens_per_s, losses, peaks):
+        return {
+            "backend": "gpu",
+            "steps": len(losses),
+            "tokens_per_s": tokens_per_s,
+            "losses": losses,
+            "peak_memory_bytes_per_device": peaks,
+        }
+
+    meshes = [(1, 1, 1), (2, 1, 1)]
+    summaries = [summary(1000.0, [3.0, 2.0], [2**30]), summary(1500.0, [3.0, 2.5], [2**29, 2**29])]
+    text = scaling.report(meshes, summaries, "cmd")
+    assert "| (2, 1, 1) | 2 | 1500 | 0.75 | 0.50, 0.50 | 5.00e-01 |" in text
+    with pytest.raises(ValueError, match="--mesh sizes must be positive"):
+        scaling.main(["--mesh", "0", "1", "1", "--out", "/tmp/unused-scaling"])
