@@ -1,19 +1,44 @@
 """Decode-step latency: NSA attention against dense attention, one run.
 
-    python experiments/bench_decode.py --out experiments/results   # on the GPU
-    python experiments/bench_decode.py --quick                      # tiny sizes, any backend
+    PYTHONPATH=$PWD python3 experiments/bench_decode.py --out $OUT          # on the GPU, ~4 min
+    # focused, ~90 s: the step, its split and the launch variants of kernels 1 and 3
+    PYTHONPATH=$PWD python3 experiments/bench_decode.py --batches 16 --lengths 65536 \
+        --paths new --dense cudnn --tune --out $OUT
+    python experiments/bench_decode.py --quick                              # tiny sizes, any backend
 
-One step = one query token per sequence against a full cache of ``S`` tokens.
-NSA (:func:`nsa_jax.decoding.decode_attention`): compressed attention and top-n
-selection in XLA, the selected and window reads by the implementation named in the
-row. Dense: ``jax.nn.dot_product_attention`` on a ``[B, S, H, 128]`` cache with cuDNN
-and with XLA. Bytes are counted from the shapes: each key/value element a step must
-read, once.
+One step = one query token per sequence against a cache of ``S`` tokens (bf16, HQ=64,
+H=4, paper geometry l=32, d=16, l'=64, n=16, w=512). NSA paths, each
+:func:`nsa_jax.decoding.decode_attention`'s two ops:
+
+- ``new``: the defaults for the backend (on GPU the ``pallas_triton`` kernels of both
+  ops: compressed attention + selection in two launches, then the selected + window
+  reads);
+- ``old``: compressed attention and selection in XLA, the selected + window reads by
+  the default kernel (the previous default);
+- ``xla``: both ops in XLA (the reference of the correctness check; timed only when
+  ``--paths`` names it).
+
+Dense: ``jax.nn.dot_product_attention`` on a ``[B, S, H, 128]`` cache with cuDNN and
+with XLA.
+
+Correctness first: every NSA path against ``xla`` on the same random inputs (relative
+error of each branch, block indices of ``new`` equal to ``xla``'s; a differing row is
+reported with the reference importance gap of the blocks it swapped, a near-tie when
+tiny); a failure is printed at once, timing goes on, and the run exits non-zero at
+the end. Timing: one jitted ``fori_loop`` runs ``--steps`` steps back to back with no host
+sync between them (each step feeds the next through its query, so nothing is hoisted);
+when one input set's bytes could stay in L2, the steps cycle through up to ``MAX_SETS`` sets.
+Per-step time = call time / steps, median over ``--repeats`` calls after a warm-up call.
+``--tune`` then times kernel 1 and kernel 3 alone under other launches, and the whole step
+under the fastest launch of each (checked against ``xla`` first), at the largest B and S.
+Bytes per step are counted from the shapes: every key/value element a step must read,
+once; ``new`` also writes and reads its float32 compressed logits.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 import statistics
@@ -21,134 +46,502 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-import nsa_jax
+from nsa_jax import registry
 from nsa_jax.decoding import NSACache, decode_attention
+from nsa_jax.reference.compressed import attend_compressed, compression_probabilities
+from nsa_jax.reference.selection import block_importance
 from nsa_jax.segments import num_compressed_slots
 
 PAPER = dict(block_length=32, block_stride=16, selection_block_size=64, num_selected=16, window=512)
+HEADS, KV_HEADS, DENSE_DIM = 64, 4, 128
+# Bytes the input sets of one timed loop should span so that L2 (50 MB on an H200) cannot hold them.
+ROTATION_BYTES = 200e6
+MAX_SETS = 4
+PATHS = ("new", "old", "xla")
+# Relative-error bound of a bf16 path against the xla path.
+TOLERANCE = 1e-2
+# Reference-importance gap below which differing block indices count as a near-tie.
+NEAR_TIE = 1e-4
 
 
-def time_call(fn, args_list, repeats: int) -> float:
-    """Median milliseconds of ``fn(*args)`` cycling through ``args_list`` after a warm-up."""
-    for args in args_list:
-        jax.block_until_ready(fn(*args))
+def nsa_step(path: str):
+    """``fn(q, cache) -> (compressed, selected, window)`` of one NSA path."""
+    if path == "new":
+        return functools.partial(decode_attention, **PAPER)
+    if path == "xla":
+        return functools.partial(decode_attention, **PAPER, implementation="xla")
+    if path != "old":
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+
+    def old(q, cache):
+        scale = q.shape[-1] ** -0.5
+        args = (q, cache.k_cmp, cache.v_cmp, cache.lengths)
+        kwargs = dict(
+            block_length=PAPER["block_length"],
+            block_stride=PAPER["block_stride"],
+            selection_block_size=PAPER["selection_block_size"],
+            num_selected=PAPER["num_selected"],
+            num_initial_blocks=1,
+            num_local_blocks=2,
+            scale=scale,
+        )
+        compressed, indices = registry.resolve("decode_compressed_selection", "xla", *args, **kwargs)(
+            *args, **kwargs
+        )
+        args = (q, indices, cache.keys, cache.values, cache.lengths)
+        kwargs = dict(block_size=PAPER["selection_block_size"], window=PAPER["window"], scale=scale)
+        return (
+            compressed,
+            *registry.resolve("decode_selected_window", None, *args, **kwargs)(*args, **kwargs),
+        )
+
+    return old
+
+
+def selection_kwargs(dk: int) -> dict:
+    return dict(
+        block_length=PAPER["block_length"],
+        block_stride=PAPER["block_stride"],
+        selection_block_size=PAPER["selection_block_size"],
+        num_selected=PAPER["num_selected"],
+        num_initial_blocks=1,
+        num_local_blocks=2,
+        scale=dk**-0.5,
+    )
+
+
+def looped(step, num_sets: int, steps: int):
+    """Jitted ``fn(q, sets) -> sink``: ``steps`` calls of ``step(q, set)`` in one ``fori_loop``,
+    cycling through the ``num_sets`` input sets; returns ``(fn, steps actually run)``."""
+    iterations = -(-steps // num_sets)
+
+    @jax.jit
+    def run(q, sets):
+        def body(_, carry):
+            q, sink = carry
+            for inputs in sets:
+                outputs = step(q, *inputs)
+                sink = sink + sum(o.astype(jnp.float32) for o in outputs)
+            # The next query depends on this one: the loop body cannot be hoisted.
+            return -q, sink
+
+        shape = jax.eval_shape(lambda q, inputs: step(q, *inputs)[0], q, sets[0])
+        return jax.lax.fori_loop(0, iterations, body, (q, jnp.zeros(shape.shape, jnp.float32)))[1]
+
+    return run, iterations * num_sets
+
+
+def time_loop(fn, args, steps: int, repeats: int) -> float:
+    """Median milliseconds per step over ``repeats`` calls, after one warm-up call."""
+    jax.block_until_ready(fn(*args))
     times = []
-    for i in range(repeats):
-        args = args_list[i % len(args_list)]
+    for _ in range(repeats):
         start = time.perf_counter()
         jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - start) * 1e3)
+        times.append((time.perf_counter() - start) * 1e3 / steps)
     return statistics.median(times)
 
 
-def nsa_bytes(batch: int, length: int, kv_heads: int, dk: int, dv: int, itemsize: int) -> int:
+def sets_for(step_bytes: float) -> int:
+    return int(min(MAX_SETS, max(1, -(-ROTATION_BYTES // step_bytes))))
+
+
+def nsa_bytes(batch: int, length: int, dk: int, dv: int) -> int:
     cmp = (length - PAPER["block_length"]) // PAPER["block_stride"] + 1
-    tokens = cmp + PAPER["num_selected"] * PAPER["selection_block_size"] + PAPER["window"]
-    return batch * kv_heads * tokens * (dk + dv) * itemsize
+    selected = min(length, PAPER["num_selected"] * PAPER["selection_block_size"])
+    tokens = cmp + selected + min(length, PAPER["window"])
+    return batch * KV_HEADS * tokens * (dk + dv) * 2
 
 
-def random_cache(key, batch, length, kv_heads, dk, dv, dtype) -> NSACache:
+def logits_bytes(batch: int, length: int) -> int:
+    """The ``new`` path's float32 compressed logits, written once and read once."""
+    return 2 * batch * HEADS * num_compressed_slots(length, PAPER["block_stride"]) * 4
+
+
+@functools.partial(jax.jit, static_argnames=("batch", "length", "dk", "dv"))
+def random_cache(key, *, batch: int, length: int, dk: int, dv: int) -> NSACache:
     keys = jax.random.split(key, 4)
     slots = num_compressed_slots(length, PAPER["block_stride"])
+    dtype = jnp.bfloat16
     return NSACache(
-        keys=jax.random.normal(keys[0], (3, batch, length, kv_heads, dk), dtype),
-        values=jax.random.normal(keys[1], (3, batch, length, kv_heads, dv), dtype),
-        k_cmp=jax.random.normal(keys[2], (batch, slots, kv_heads, dk), dtype),
-        v_cmp=jax.random.normal(keys[3], (batch, slots, kv_heads, dv), dtype),
+        keys=jax.random.normal(keys[0], (3, batch, length, KV_HEADS, dk), dtype),
+        values=jax.random.normal(keys[1], (3, batch, length, KV_HEADS, dv), dtype),
+        k_cmp=jax.random.normal(keys[2], (batch, slots, KV_HEADS, dk), dtype),
+        v_cmp=jax.random.normal(keys[3], (batch, slots, KV_HEADS, dv), dtype),
         lengths=jnp.full((batch,), length, jnp.int32),
     )
 
 
-def bench(batches, lengths, heads, kv_heads, dims, repeats, rotations) -> list[dict]:
-    dtype = jnp.bfloat16
-    gpu = jax.default_backend() == "gpu"
+def relative_error(x: jax.Array, ref: jax.Array) -> float:
+    x, ref = x.astype(jnp.float32), ref.astype(jnp.float32)
+    return float(jnp.linalg.norm(x - ref) / jnp.linalg.norm(ref))
+
+
+@jax.jit
+def reference_importance(q: jax.Array, cache: NSACache) -> jax.Array:
+    """float32 ``[B, H, Nb]`` Eq. 9-10 importance as the xla path computes it."""
+    batch, slots = cache.k_cmp.shape[:2]
+    positions = (cache.lengths - 1)[:, None]
+    starts = jnp.zeros((batch, 1), jnp.int32)
+    token_starts = jnp.broadcast_to(
+        jnp.arange(slots, dtype=jnp.int32) * PAPER["block_stride"], (batch, slots)
+    )
+    scale = q.shape[-1] ** -0.5
+    args = (q[:, None], positions, starts, token_starts, cache.k_cmp)
+    _, lse = attend_compressed(*args, cache.v_cmp, block_length=PAPER["block_length"], scale=scale)
+    probs = compression_probabilities(
+        q[:, None],
+        lse,
+        positions,
+        starts,
+        token_starts,
+        cache.k_cmp,
+        block_length=PAPER["block_length"],
+        scale=scale,
+    )
+    importance = block_importance(
+        probs,
+        starts,
+        num_kv_heads=KV_HEADS,
+        block_length=PAPER["block_length"],
+        block_stride=PAPER["block_stride"],
+        selection_block_size=PAPER["selection_block_size"],
+        num_blocks=-(-slots * PAPER["block_stride"] // PAPER["selection_block_size"]),
+    )
+    return importance[:, 0]
+
+
+def check_paths(q: jax.Array, cache: NSACache, paths, dk: int) -> dict:
+    """Relative errors of every path against ``xla`` and the ``new`` block indices against ``xla``'s."""
+
+    @jax.jit
+    def outputs(q, cache):
+        outs = {path: nsa_step(path)(q, cache) for path in {*paths, "xla"}}
+        args = (q, cache.k_cmp, cache.v_cmp, cache.lengths)
+        indices = {
+            impl: registry.resolve("decode_compressed_selection", impl, *args, **selection_kwargs(dk))(
+                *args, **selection_kwargs(dk)
+            )[1]
+            for impl in (None, "xla")
+        }
+        return outs, indices[None], indices["xla"]
+
+    outs, indices, ref_indices = outputs(q, cache)
+    result = {}
+    for path in (p for p in paths if p != "xla"):
+        errors = [relative_error(o, r) for o, r in zip(outs[path], outs["xla"], strict=True)]
+        result[f"{path}_rel_err"] = dict(zip(("compressed", "selected", "window"), errors, strict=True))
+    indices, ref_indices = np.asarray(indices), np.asarray(ref_indices)
+    differing = np.argwhere(np.any(indices != ref_indices, axis=-1))
+    result["index_rows"] = int(np.prod(indices.shape[:2]))
+    result["index_rows_differing"] = len(differing)
+    if len(differing):
+        importance = np.asarray(reference_importance(q, cache))
+        gaps = []
+        for b, h in differing:
+            swapped = sorted(set(indices[b, h].tolist()) ^ set(ref_indices[b, h].tolist()))
+            if len(swapped) < 2 or swapped[0] < 0:
+                gaps.append(float("inf"))  # a different number of blocks is never a tie
+                continue
+            values = importance[b, h, swapped]
+            gaps.append(float((values.max() - values.min()) / importance[b, h].max()))
+        result["index_max_importance_gap"] = max(gaps)
+    return result
+
+
+def failures_of(check: dict, where: str) -> list[str]:
+    """What breaks ``TOLERANCE`` or differs in block indices beyond a near-tie; empty when correct."""
+    failures = [
+        f"{where}: {key} {errors} exceeds {TOLERANCE}"
+        for key, errors in check.items()
+        if key.endswith("_rel_err") and max(errors.values()) > TOLERANCE
+    ]
+    if check["index_rows_differing"] and check["index_max_importance_gap"] > NEAR_TIE:
+        failures.append(f"{where}: block indices differ beyond a near-tie: {check}")
+    return failures
+
+
+def component_split(q, cache, dk: int, steps: int, repeats: int, num_sets: int, sets) -> dict:
+    """Per-kernel time of the ``new`` path (GPU): compressed pass, + selection, selected + window."""
+    from pallas_kernels.gpu import decode, decode_step
+
+    kwargs = selection_kwargs(dk)
+    indices = decode_step.compressed_and_selection(q, cache.k_cmp, cache.v_cmp, cache.lengths, **kwargs)[1]
+    pieces = {
+        "compressed_pass": lambda q, c: decode_step.compressed_pass(q, c.k_cmp, c.v_cmp, c.lengths, **kwargs)[
+            2:3
+        ],
+        "compressed_and_selection": lambda q, c: decode_step.compressed_and_selection(
+            q, c.k_cmp, c.v_cmp, c.lengths, **kwargs
+        )[:1],
+        "selected_window": lambda q, c: decode.selected_and_window(
+            q,
+            indices,
+            c.keys,
+            c.values,
+            c.lengths,
+            block_size=PAPER["selection_block_size"],
+            window=PAPER["window"],
+            scale=dk**-0.5,
+        ),
+    }
+    out = {}
+    for name, piece in pieces.items():
+        fn, ran = looped(piece, num_sets, steps)
+        out[f"{name}_ms"] = time_loop(fn, (q, sets), ran, repeats)
+    return out
+
+
+# Kernel 1 launches (tile, num_warps, num_stages, target programs) tried by --tune besides the
+# default (None): 3-4 stages hold one program per SM (110-213 KB of shared memory), so they aim
+# at 132 programs, one wave.
+LAUNCHES = ((64, 4, 3, 132), (64, 4, 4, 132), (128, 4, 3, 132), (64, 8, 4, 132))
+# Kernel 3 launches (num_warps, num_stages, target programs, items per step) tried by --tune:
+# the default first; (4, 2, 320, 1) gives the previous rule's 6 items per program at B=16; a
+# target of 132 gives one program per branch at B=16, H=4, which normalises in the kernel.
+SELECTED_LAUNCHES = (
+    (4, 2, 396, 1),
+    (4, 2, 320, 1),
+    (4, 2, 264, 2),
+    (4, 2, 132, 2),
+    (8, 2, 132, 2),
+    (4, 3, 132, 2),
+)
+
+
+def launched_step(dk: int, launch, selected_launch):
+    """``fn(q, cache) -> (compressed, selected, window)``: the ``new`` step under given launches."""
+    from pallas_kernels.gpu import decode, decode_step
+
+    kwargs = selection_kwargs(dk)
+
+    def step(q, c):
+        compressed, indices = decode_step.compressed_and_selection(
+            q, c.k_cmp, c.v_cmp, c.lengths, **kwargs, launch=launch
+        )
+        reads = decode.selected_and_window(
+            q,
+            indices,
+            c.keys,
+            c.values,
+            c.lengths,
+            block_size=PAPER["selection_block_size"],
+            window=PAPER["window"],
+            scale=kwargs["scale"],
+            launch=selected_launch,
+        )
+        return compressed, *reads
+
+    return step
+
+
+def tune(batch: int, length: int, dims, steps: int, repeats: int) -> list[dict]:
+    """Per head dims (GPU): kernel 1 (compressed attention + logits) alone under its default
+    launch and ``LAUNCHES``, kernel 3 (selected + window, with its XLA merge) alone under
+    ``SELECTED_LAUNCHES``, then the whole step with the fastest launch of each, checked
+    against the xla path first."""
+    return [result for dk, dv in dims for result in tune_dims(batch, length, dk, dv, steps, repeats)]
+
+
+def tune_dims(batch: int, length: int, dk: int, dv: int, steps: int, repeats: int) -> list[dict]:
+    from pallas_kernels.gpu import decode, decode_step
+
+    key = jax.random.key(length + batch + dk)
+    cache = random_cache(key, batch=batch, length=length, dk=dk, dv=dv)
+    q = jax.random.normal(jax.random.fold_in(key, 1), (batch, HEADS, dk), jnp.bfloat16)
+    kwargs = selection_kwargs(dk)
+    cmp_bytes = batch * KV_HEADS * num_compressed_slots(length, PAPER["block_stride"]) * (dk + dv) * 2
+    reads_bytes = nsa_bytes(batch, length, dk, dv) - cmp_bytes
+    indices = decode_step.compressed_and_selection(q, cache.k_cmp, cache.v_cmp, cache.lengths, **kwargs)[1]
+    results = []
+
+    def timed(piece, nbytes: int, **result) -> float:
+        fn, ran = looped(piece, 1, steps)
+        ms = time_loop(fn, (q, ((cache,),)), ran, repeats)
+        results.append({"B": batch, "S": length, "dk": dk, "dv": dv, **result, "ms": ms})
+        results[-1]["GB/s"] = nbytes / ms / 1e6
+        print(json.dumps(results[-1]), flush=True)
+        return ms
+
+    def kernel1(launch):
+        return lambda q, c: decode_step.compressed_pass(
+            q, c.k_cmp, c.v_cmp, c.lengths, **kwargs, launch=launch
+        )[2:3]
+
+    def kernel3(launch):
+        return lambda q, c: decode.selected_and_window(
+            q,
+            indices,
+            c.keys,
+            c.values,
+            c.lengths,
+            block_size=PAPER["selection_block_size"],
+            window=PAPER["window"],
+            scale=kwargs["scale"],
+            launch=launch,
+        )
+
+    first = {
+        launch: timed(kernel1(launch), cmp_bytes, kernel=1, launch=launch) for launch in (None, *LAUNCHES)
+    }
+    third = {
+        launch: timed(kernel3(launch), reads_bytes, kernel=3, launch=launch) for launch in SELECTED_LAUNCHES
+    }
+    best = (min(first, key=first.get), min(third, key=third.get))
+    step = launched_step(dk, *best)
+    reference = jax.jit(nsa_step("xla"))(q, cache)
+    errors = [relative_error(o, r) for o, r in zip(jax.jit(step)(q, cache), reference, strict=True)]
+    if max(errors) > TOLERANCE:
+        raise SystemExit(f"CORRECTNESS FAILURE Dk={dk} launches {best}: relative errors {errors}")
+    timed(step, nsa_bytes(batch, length, dk, dv), kernel="step", launch=best, rel_err=max(errors))
+    return results
+
+
+def tune_markdown(tuned: list[dict]) -> str:
+    names = {1: "kernel 1 alone", 3: "selected + window alone", "step": "whole step, fastest of each"}
+    lines = [
+        "\nLaunch variants (kernel 1: tile, warps, stages, target programs, None = default; "
+        "kernel 3: warps, stages, target programs, items per step; GB/s of the bytes each reads):\n\n"
+    ]
+    lines += [
+        f"- Dk={t['dk']} {names[t['kernel']]} {t['launch']}: {t['ms']:.4f} ms, {t['GB/s']:.0f} GB/s\n"
+        for t in tuned
+    ]
+    return "".join(lines)
+
+
+def bench(batches, lengths, dims, paths, dense_impls, steps, repeats, split_lengths) -> list[dict]:
     rows = []
-    implementations = nsa_jax.implementations("decode_selected_window")
     for batch in batches:
         for length in lengths:
-            sets = rotations if batch == 1 else 1
             key = jax.random.key(length + batch)
-            dense_sets = []
-            for i in range(sets):
-                kq, kk, kv = jax.random.split(jax.random.fold_in(key, i), 3)
-                dense_sets.append(
-                    (
-                        jax.random.normal(kq, (batch, 1, heads, 128), dtype),
-                        jax.random.normal(kk, (batch, length, kv_heads, 128), dtype),
-                        jax.random.normal(kv, (batch, length, kv_heads, 128), dtype),
-                    )
+            row = {"B": batch, "S": length, "dense_bytes": 2 * batch * length * KV_HEADS * DENSE_DIM * 2}
+            num_sets = sets_for(row["dense_bytes"])
+            row["dense_sets"] = num_sets
+            dense_sets = tuple(
+                tuple(
+                    jax.random.normal(k, (batch, length, KV_HEADS, DENSE_DIM), jnp.bfloat16)
+                    for k in jax.random.split(jax.random.fold_in(key, i), 2)
                 )
-            row = {"B": batch, "S": length, "dense_bytes": 2 * batch * length * kv_heads * 128 * 2}
-            for impl in ("cudnn", "xla") if gpu else ("xla",):
-                fn = jax.jit(
-                    lambda q, k, v, impl=impl: jax.nn.dot_product_attention(q, k, v, implementation=impl)
+                for i in range(num_sets)
+            )
+            q = jax.random.normal(jax.random.fold_in(key, 99), (batch, 1, HEADS, DENSE_DIM), jnp.bfloat16)
+            for impl in dense_impls:
+                step = lambda q, k, v, impl=impl: (
+                    jax.nn.dot_product_attention(q, k, v, implementation=impl),
                 )
-                row[f"dense_{impl}_ms"] = time_call(fn, dense_sets, repeats)
+                fn, ran = looped(step, num_sets, steps)
+                row[f"dense_{impl}_ms"] = time_loop(fn, (q, dense_sets), ran, repeats)
             del dense_sets
             for dk, dv in dims:
-                caches = [
-                    random_cache(jax.random.fold_in(key, 100 + i), batch, length, kv_heads, dk, dv, dtype)
-                    for i in range(sets)
-                ]
-                queries = [
-                    jax.random.normal(jax.random.fold_in(key, 200 + i), (batch, heads, dk), dtype)
-                    for i in range(sets)
-                ]
                 tag = f"nsa_dk{dk}_dv{dv}"
-                row[f"{tag}_bytes"] = nsa_bytes(batch, length, kv_heads, dk, dv, 2)
-                outputs = {}
-                for impl in implementations:
-                    fn = jax.jit(lambda q, c, impl=impl: decode_attention(q, c, **PAPER, implementation=impl))
-                    row[f"{tag}_{impl}_ms"] = time_call(fn, list(zip(queries, caches, strict=True)), repeats)
-                    outputs[impl] = fn(queries[0], caches[0])
-                reference = outputs["xla"]
-                for impl, out in outputs.items():
-                    errors = [
-                        float(
-                            jnp.linalg.norm((o - r).astype(jnp.float32))
-                            / jnp.linalg.norm(r.astype(jnp.float32))
-                        )
-                        for o, r in zip(out, reference, strict=True)
-                    ]
-                    row[f"{tag}_{impl}_max_rel_err_vs_xla"] = max(errors)
-                del caches
+                row[f"{tag}_bytes"] = nsa_bytes(batch, length, dk, dv)
+                row[f"{tag}_new_logits_bytes"] = logits_bytes(batch, length)
+                num_sets = sets_for(row[f"{tag}_bytes"])
+                row[f"{tag}_sets"] = num_sets
+                sets = tuple(
+                    (
+                        random_cache(
+                            jax.random.fold_in(key, 100 + i), batch=batch, length=length, dk=dk, dv=dv
+                        ),
+                    )
+                    for i in range(num_sets)
+                )
+                q = jax.random.normal(jax.random.fold_in(key, 200), (batch, HEADS, dk), jnp.bfloat16)
+                check = check_paths(q, sets[0][0], paths, dk)
+                row[f"{tag}_check"] = check
+                failures = failures_of(check, f"B={batch} S={length} Dk={dk} Dv={dv}")
+                row.setdefault("failures", []).extend(failures)
+                for failure in failures:
+                    print(f"CORRECTNESS FAILURE {failure}", flush=True)
+                for path in paths:
+                    fn, ran = looped(nsa_step(path), num_sets, steps)
+                    row[f"{tag}_{path}_ms"] = time_loop(fn, (q, sets), ran, repeats)
+                if length in split_lengths and jax.default_backend() == "gpu":
+                    split = component_split(q, sets[0][0], dk, steps, repeats, num_sets, sets)
+                    row[f"{tag}_new_split"] = split
+                del sets
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
 
 
-def markdown(rows: list[dict], dims, command: str) -> str:
+def markdown(rows: list[dict], dims, paths, dense_impls, command: str) -> str:
     device = jax.devices()[0].device_kind
     lines = [
         f"# NSA decode step vs dense decode ({device}, jax {jax.__version__}, bf16)",
         "",
-        f"Command: `{command}`. Median of timed calls after warm-up (ms). HQ=64, H=4; NSA paper "
-        "geometry (l=32, d=16, l'=64, n=16, w=512); dense D=128. Speed-up = best dense / NSA.",
+        f"Command: `{command}`. Milliseconds per step: a jitted `fori_loop` of steps without host "
+        "sync, median of calls after a warm-up. HQ=64, H=4; NSA paper geometry (l=32, d=16, l'=64, "
+        "n=16, w=512); dense D=128. Speed-up = best dense / NSA `new`. GB/s = cache bytes read by "
+        "`new` per step / its time.",
         "",
     ]
-    dense_cols = [c for c in ("cudnn", "xla") if f"dense_{c}_ms" in rows[0]]
-    impls = list(nsa_jax.implementations("decode_selected_window"))
-    header = ["B", "S"] + [f"dense {c}" for c in dense_cols]
+    header = ["B", "S"] + [f"dense {c}" for c in dense_impls]
     for dk, dv in dims:
-        header += [f"NSA {dk}/{dv} {i}" for i in impls] + [f"speed-up {dk}/{dv}"]
+        header += [f"NSA {dk}/{dv} {p}" for p in paths] + [f"speed-up {dk}/{dv}", f"GB/s {dk}/{dv}"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        best_dense = min(r[f"dense_{c}_ms"] for c in dense_cols)
-        cells = [str(r["B"]), f"{r['S'] // 1024}K"] + [f"{r[f'dense_{c}_ms']:.3f}" for c in dense_cols]
+        best_dense = min(r[f"dense_{c}_ms"] for c in dense_impls)
+        cells = [str(r["B"]), f"{r['S'] // 1024}K"] + [f"{r[f'dense_{c}_ms']:.3f}" for c in dense_impls]
         for dk, dv in dims:
-            times = [r[f"nsa_dk{dk}_dv{dv}_{i}_ms"] for i in impls]
-            cells += [f"{t:.3f}" for t in times] + [f"{best_dense / min(times):.1f}x"]
+            tag = f"nsa_dk{dk}_dv{dv}"
+            cells += [f"{r[f'{tag}_{p}_ms']:.3f}" for p in paths]
+            new = r[f"{tag}_{paths[0]}_ms"]
+            cells += [f"{best_dense / new:.1f}x", f"{r[f'{tag}_bytes'] / new / 1e6:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Bytes per step counted from shapes (MB):", ""]
+    failures = [failure for r in rows for failure in r.get("failures", [])]
+    if failures:
+        lines += ["", "**CORRECTNESS FAILURES**:", ""] + [f"- {failure}" for failure in failures]
     lines += [
-        "| B | S | dense | " + " | ".join(f"NSA {dk}/{dv}" for dk, dv in dims) + " |",
-        "|---|---|---|" + "---|" * len(dims),
+        "",
+        "Correctness against the xla path (max relative error over branches; differing index rows):",
+        "",
+    ]
+    for r in rows:
+        for dk, dv in dims:
+            check = r[f"nsa_dk{dk}_dv{dv}_check"]
+            errors = ", ".join(f"{p} {max(check[f'{p}_rel_err'].values()):.1e}" for p in paths if p != "xla")
+            gap = check.get("index_max_importance_gap")
+            ties = "" if gap is None else f" (max importance gap {gap:.1e})"
+            lines.append(
+                f"- B={r['B']} S={r['S'] // 1024}K {dk}/{dv}: {errors}; indices differ in "
+                f"{check['index_rows_differing']}/{check['index_rows']} rows{ties}"
+            )
+    splits = [(r, dk, dv) for r in rows for dk, dv in dims if f"nsa_dk{dk}_dv{dv}_new_split" in r]
+    if splits:
+        lines += [
+            "",
+            "Split of the `new` step (ms per step, same loop method): kernel 1 alone; kernels 1 + 2; "
+            "selected + window (kernel 3 and its XLA merge) alone; the rest of the step is XLA glue.",
+            "",
+            "| B | S | Dk/Dv | kernel 1 | kernels 1+2 | selected+window | whole step |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r, dk, dv in splits:
+            tag = f"nsa_dk{dk}_dv{dv}"
+            s = r[f"{tag}_new_split"]
+            lines.append(
+                f"| {r['B']} | {r['S'] // 1024}K | {dk}/{dv} | {s['compressed_pass_ms']:.3f} | "
+                f"{s['compressed_and_selection_ms']:.3f} | {s['selected_window_ms']:.3f} | "
+                f"{r[f'{tag}_{paths[0]}_ms']:.3f} |"
+            )
+    lines += ["", "Bytes per step counted from shapes (MB; `new` adds its logits round trip):", ""]
+    lines += [
+        "| B | S | dense | " + " | ".join(f"NSA {dk}/{dv}" for dk, dv in dims) + " | new logits |",
+        "|---|---|---|" + "---|" * len(dims) + "---|",
     ]
     for r in rows:
         nsa = " | ".join(f"{r[f'nsa_dk{dk}_dv{dv}_bytes'] / 1e6:.1f}" for dk, dv in dims)
-        lines.append(f"| {r['B']} | {r['S'] // 1024}K | {r['dense_bytes'] / 1e6:.1f} | {nsa} |")
+        extra = r[f"nsa_dk{dims[0][0]}_dv{dims[0][1]}_new_logits_bytes"] / 1e6
+        lines.append(f"| {r['B']} | {r['S'] // 1024}K | {r['dense_bytes'] / 1e6:.1f} | {nsa} | {extra:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
 
 
 def main() -> None:
@@ -157,30 +550,54 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test on any backend")
     parser.add_argument("--out", type=pathlib.Path, help="directory for decode_<backend>.json and .md")
-    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--batches", type=_ints, default=[1, 16])
+    parser.add_argument("--lengths", type=_ints, default=[8192, 16384, 32768, 65536])
+    parser.add_argument("--dims", default="192x128,128x128", help="Dk x Dv pairs, comma separated")
+    parser.add_argument(
+        "--paths", default="new,old", help=f"NSA paths to time, from {PATHS}; new always runs"
+    )
+    parser.add_argument("--dense", default="cudnn,xla", help="dense implementations (cudnn on GPU only)")
+    parser.add_argument(
+        "--split-lengths", type=_ints, default=[65536], help="lengths with a per-kernel split"
+    )
+    parser.add_argument("--steps", type=int, default=24, help="decode steps per timed call")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement")
+    parser.add_argument(
+        "--tune",
+        action="store_true",
+        help="also time kernels 1 and 3 under other launches and the step under the fastest (largest B, S)",
+    )
     args = parser.parse_args()
+    dims = [tuple(int(x) for x in pair.split("x")) for pair in args.dims.split(",")]
+    paths = ["new"] + [p for p in PATHS if p != "new" and p in args.paths.split(",")]
+    dense = [d for d in args.dense.split(",") if d != "cudnn" or jax.default_backend() == "gpu"]
+    batches, lengths, steps, repeats = args.batches, args.lengths, args.steps, args.repeats
     if args.quick:
-        batches, lengths, repeats, dims = [1, 2], [1024, 2048], 3, [(192, 128)]
-    else:
-        batches, lengths, repeats, dims = (
-            [1, 16],
-            [8192, 16384, 32768, 65536],
-            args.repeats,
-            [(192, 128), (128, 128)],
-        )
-    rows = bench(batches, lengths, 64, 4, dims, repeats, rotations=4)
+        batches, lengths, dims, steps, repeats = [1, 2], [1024, 2048], [(192, 128)], 4, 2
+    start = time.perf_counter()
+    rows = bench(batches, lengths, dims, paths, dense, steps, repeats, args.split_lengths)
     command = "python experiments/bench_decode.py" + (" --quick" if args.quick else "")
-    report = markdown(rows, dims, command)
+    report = markdown(rows, dims, paths, dense, command)
+    tuned = []
+    if args.tune and jax.default_backend() == "gpu":
+        tuned = tune(max(batches), max(lengths), dims, steps, repeats)
+        report += tune_markdown(tuned)
+    report += f"\nWall time of the run: {time.perf_counter() - start:.0f} s.\n"
     print(report)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         stem = f"decode_{jax.default_backend()}"
         (args.out / f"{stem}.json").write_text(
             json.dumps(
-                {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": rows}, indent=2
+                {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": rows, "tune": tuned},
+                indent=2,
             )
         )
         (args.out / f"{stem}.md").write_text(report)
+    failures = [failure for row in rows for failure in row.get("failures", [])]
+    if failures:
+        # Timing went on so that one run yields all numbers; the run still fails.
+        raise SystemExit("CORRECTNESS FAILURES:\n" + "\n".join(failures))
 
 
 if __name__ == "__main__":

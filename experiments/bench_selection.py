@@ -3,15 +3,29 @@
 Run from the repo root on the GPU (fla-core installed under PYTHONPATH for the
 torch peer; it is skipped when missing)::
 
-    PYTHONPATH=$PWD python3 experiments/bench_selection.py OUT_DIR [--sweep] [--lengths 8192 ...]
+    PYTHONPATH=$PWD python3 experiments/bench_selection.py --out OUT_DIR --sweep    # ~2.5 min
+    PYTHONPATH=$PWD python3 experiments/bench_selection.py --out OUT_DIR --table    # ~5 min
 
-Contenders, bf16, B=1, HQ=64, H=4 (G=16), D=128, n=16 blocks of 64, the same random
+``--sweep``: at T=64K, G=16 D=128 and G=16 Dk=192/Dv=128 (``--configs``), (a) every
+backward variant of :data:`VARIANTS` (or those named by ``--variants``)
+forward+backward, with the relative difference of its gradients from the first
+variant's, then (b) the backward's stages timed alone with the default launch
+parameters (forward, delta, inverse map, the tile kernel in launch order and heavy
+first, the dQ reduction by XLA and by the Pallas kernel; ``--no-components`` skips
+them). ``--first-block`` makes every query select block 0 as well (the spec's top-n
+always keeps the initial block), which puts T pairs on one key tile. Writes
+``selection_sweep.json`` and ``.md`` after every step, so that a run cut short by its
+time limit keeps what it measured.
+
+``--table``: contenders, bf16, B=1, HQ=64, H=4 (G=16), D=128, n=16 blocks of 64, the same random
 causal indices for all (``experiments.selection_inputs.random_causal_indices``):
 ``pallas_triton`` (ours), ``xla`` (the pure-JAX gather reference; forward+backward
 only up to 16K), ``jax.nn.dot_product_attention(implementation="cudnn",
 is_causal=True)`` dense, and fla-core ``ParallelNSAFunction`` (selection only).
-Ours also at G=4 (HQ=16) and Dk=192/Dv=128. JAX: median of ``--iters`` timed calls
-after warm-up with ``block_until_ready``; torch: ``triton.testing.do_bench`` median.
+Ours also at G=4 (HQ=16) and Dk=192/Dv=128, with the head-dim defaults of
+``pallas_kernels.gpu.block_sizes.tuning_for`` unless ``--variant`` names one of
+:data:`VARIANTS`. JAX: median of ``--iters`` timed calls after warm-up with
+``block_until_ready``; torch: ``triton.testing.do_bench`` median.
 Writes ``selection_h200.json`` and ``selection_h200.md`` to OUT_DIR.
 """
 
@@ -19,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -31,9 +46,9 @@ import jax
 import jax.numpy as jnp
 
 import nsa_jax
-from experiments.selection_inputs import random_causal_indices
+from experiments.selection_inputs import VARIANTS, random_causal_indices
 from pallas_kernels.gpu import selection
-from pallas_kernels.gpu.block_sizes import SelectionTuning
+from pallas_kernels.gpu.block_sizes import SelectionTuning, tuning_for
 from pallas_kernels.gpu.inverse_map import build_inverse_map
 
 BLOCK, SLOTS = 64, 16
@@ -62,13 +77,15 @@ def time_jax(fn, *args, iters: int) -> float:
     return statistics.median(times)
 
 
-def make_inputs(length: int, q_heads: int, kv_heads: int, dk: int, dv: int, seed: int = 0):
+def make_inputs(
+    length: int, q_heads: int, kv_heads: int, dk: int, dv: int, seed: int = 0, first_block: bool = False
+):
     keys = jax.random.split(jax.random.key(seed), 5)
     q = jax.random.normal(keys[0], (1, length, q_heads, dk), jnp.bfloat16)
     k = jax.random.normal(keys[1], (1, length, kv_heads, dk), jnp.bfloat16)
     v = jax.random.normal(keys[2], (1, length, kv_heads, dv), jnp.bfloat16)
     ct = jax.random.normal(keys[3], (1, length, q_heads, dv), jnp.bfloat16)
-    indices = random_causal_indices(keys[4], 1, length, kv_heads, SLOTS, BLOCK)
+    indices = random_causal_indices(keys[4], 1, length, kv_heads, SLOTS, BLOCK, first_block=first_block)
     return q, k, v, ct, indices
 
 
@@ -83,14 +100,14 @@ def jax_pair(fn, q, k, v, ct, indices, iters: int, backward: bool) -> dict:
 
 
 def ours(tuning: SelectionTuning | None = None):
-    scale = 128**-0.5
-
-    def fn(q, k, v, indices):
+    def fn(q, k, v, indices):  # the registry's path (tuning_for) when no tuning is given
         if tuning is None:
             return nsa_jax.selected_attention(
                 q, k, v, indices, block_size=BLOCK, implementation="pallas_triton"
             )
-        return selection.selected_attention(q, k, v, indices, block_size=BLOCK, scale=scale, tuning=tuning)
+        return selection.selected_attention(
+            q, k, v, indices, block_size=BLOCK, scale=q.shape[-1] ** -0.5, tuning=tuning
+        )
 
     return fn
 
@@ -129,7 +146,15 @@ def relative_error(x, ref) -> float:
     return float(jnp.linalg.norm(x - ref) / jnp.linalg.norm(ref))
 
 
-def bench_length(length: int, iters: int, with_fla: bool, tuning: SelectionTuning | None) -> dict:
+def variant_tuning(config: str, variant: str | None) -> SelectionTuning | None:
+    """The named variant for ``config`` (G=4 takes the G=16 D=128 one); ``None``: ``tuning_for``."""
+    if variant is None:
+        return None
+    return VARIANTS["G16_D192_128" if config == "G16_D192_128" else "G16_D128"].get(variant)
+
+
+def bench_length(length: int, iters: int, with_fla: bool, variant: str | None) -> dict:
+    tuning = variant_tuning("G16_D128", variant)
     q_heads, kv_heads, dk, dv = CONFIGS["G16_D128"]
     q, k, v, ct, indices = make_inputs(length, q_heads, kv_heads, dk, dv)
     row = {"T": length, "flops_fwd": forward_flops(length, q_heads, dk, dv)}
@@ -152,43 +177,145 @@ def bench_length(length: int, iters: int, with_fla: bool, tuning: SelectionTunin
     for name in ("G4_D128", "G16_D192_128"):
         q_heads, kv_heads, dk, dv = CONFIGS[name]
         q, k, v, ct, indices = make_inputs(length, q_heads, kv_heads, dk, dv, seed=1)
-        row[f"ours_{name}"] = jax_pair(ours(tuning), q, k, v, ct, indices, iters, backward=True)
+        mine = ours(variant_tuning(name, variant))
+        row[f"ours_{name}"] = jax_pair(mine, q, k, v, ct, indices, iters, backward=True)
         row[f"ours_{name}"]["flops_fwd"] = forward_flops(length, q_heads, dk, dv)
     return row
 
 
-def sweep(length: int, iters: int) -> tuple[list[dict], SelectionTuning]:
-    """Launch parameters at one length (G=16, D=128); returns the timings and the best set.
+def fwd_bwd_of(fn):
+    """Jitted ``(q, k, v, ct, indices) -> (dq, dk, dv)`` through ``fn``'s forward and backward."""
+    return jax.jit(lambda q, k, v, ct, i: jax.vjp(lambda q, k, v: fn(q, k, v, i), q, k, v)[1](ct))
 
-    Forward variants are timed forward only; backward variants (with the default
-    forward) forward+backward. The best of each half make the returned tuning.
+
+def components(config: str, length: int, iters: int, first_block: bool) -> dict:
+    """The backward's stages alone with the default tuning of the head dims, in ms.
+
+    Also the tile kernel launched heavy first and the dQ parts summed by the Pallas
+    kernel instead of XLA (``bwd_heavy_first``, ``dq_sum_kernel``).
     """
-    q_heads, kv_heads, dk, dv = CONFIGS["G16_D128"]
-    q, k, v, ct, indices = make_inputs(length, q_heads, kv_heads, dk, dv)
-    forward_only = ((4, 2), (2, 2))
-    backward = ((16, 4, 2), (16, 4, 3), (32, 4, 2), (32, 4, 3), (16, 8, 2), (32, 8, 2), (16, 2, 2))
-    variants = [SelectionTuning(fwd_warps=w, fwd_stages=s) for w, s in forward_only]
-    variants += [SelectionTuning(bwd_rows=r, bwd_warps=w, bwd_stages=s) for r, w, s in backward]
-    results = []
-    for tuning in variants:
-        with_backward = len(results) >= len(forward_only)
+    q_heads, kv_heads, dk, dv = CONFIGS[config]
+    q, k, v, ct, indices = make_inputs(length, q_heads, kv_heads, dk, dv, first_block=first_block)
+    base = tuning_for(dk, dv)
+    timings = {"tuning": dataclasses.asdict(base)}
+
+    def geometry(tuning: SelectionTuning):
+        return selection._Geometry(
+            length=length,
+            block_size=BLOCK,
+            slots=SLOTS,
+            group=q_heads // kv_heads,
+            dk=dk,
+            dv=dv,
+            scale=dk**-0.5,
+            aligned=True,
+            dtype="bfloat16",
+            interpret=False,
+            tuning=tuning,
+        )
+
+    # Private stages of the custom_vjp, jitted one by one (each pays its own HBM round trip).
+    geo = geometry(base)
+    starts = selection.selected_key_starts(indices, None, BLOCK)
+    forward = jax.jit(functools.partial(selection._forward, geo=geo))
+    out, lse = forward(q, k, v, starts)
+    timings["fwd_ms"] = time_jax(forward, q, k, v, starts, iters=iters)
+    delta_fn = jax.jit(functools.partial(selection._delta, geo=geo))
+    delta = delta_fn(out, ct)
+    timings["delta_ms"] = time_jax(delta_fn, out, ct, iters=iters)
+    inverse = jax.jit(functools.partial(selection._inverse_map, geo=geo))
+    entries, offsets = inverse(starts)
+    timings["inverse_map_ms"] = time_jax(inverse, starts, iters=iters)
+    del out
+    kernel_args = (q, k, v, ct, starts, lse, delta, entries, offsets)
+    for label, changes in (("", {}), ("heavy_first_", {"bwd_heavy_first": True})):
+        kernel = jax.jit(
+            functools.partial(selection._tile_backward, geo=geometry(dataclasses.replace(base, **changes)))
+        )
+        timings[f"{label}kernel_ms"] = time_jax(kernel, *kernel_args, iters=iters)
+    parts = kernel(*kernel_args)[2]
+    for label, summed in (("xla", False), ("kernel", True)):
+        finish = jax.jit(
+            functools.partial(
+                selection._finish_dq, geo=geometry(dataclasses.replace(base, dq_sum_kernel=summed))
+            )
+        )
+        timings[f"dq_sum_{label}_ms"] = time_jax(finish, parts, starts, iters=iters)
+    print("components", config, length, timings, flush=True)
+    return timings
+
+
+def sweep(
+    config: str,
+    length: int,
+    iters: int,
+    names: list[str] | None,
+    first_block: bool,
+    report: dict,
+    out_dir: str,
+) -> None:
+    """Forward+backward of the variants of ``VARIANTS[config]`` (all, or those in ``names``).
+
+    Gradients are compared with the first variant run's; each result is appended to
+    ``report["sweep"]`` and written at once.
+    """
+    q_heads, kv_heads, dk, dv = CONFIGS[config]
+    q, k, v, ct, indices = make_inputs(length, q_heads, kv_heads, dk, dv, first_block=first_block)
+    first = None
+    for name, tuning in VARIANTS[config].items():
+        if names is not None and name not in names:
+            continue
         try:
-            timing = jax_pair(ours(tuning), q, k, v, ct, indices, iters, backward=with_backward)
-        except Exception as err:
+            fwd_bwd = fwd_bwd_of(ours(tuning))
+            grads = fwd_bwd(q, k, v, ct, indices)
+            if first is None:
+                first = grads
+            pairs = zip("qkv", grads, first, strict=True)
+            timing = {f"rel_diff_d{n}": relative_error(g, r) for n, g, r in pairs}
+            del grads
+            timing["fwd_bwd_ms"] = time_jax(fwd_bwd, q, k, v, ct, indices, iters=iters)
+        except Exception as err:  # a variant that fails to compile must not end the sweep
             timing = {"error": repr(err)[:300]}
-        results.append({**dataclasses.asdict(tuning), **timing})
-        print("sweep", length, tuning, timing, flush=True)
-    inf = float("inf")
-    fwd = min(results[: len(forward_only)], key=lambda r: r.get("fwd_ms", inf))
-    bwd = min(results[len(forward_only) :], key=lambda r: r.get("fwd_bwd_ms", inf))
-    best = SelectionTuning(
-        fwd_warps=fwd["fwd_warps"],
-        fwd_stages=fwd["fwd_stages"],
-        bwd_warps=bwd["bwd_warps"],
-        bwd_stages=bwd["bwd_stages"],
-        bwd_rows=bwd["bwd_rows"],
-    )
-    return results, best
+        report["sweep"].append({"config": config, "variant": name, **dataclasses.asdict(tuning), **timing})
+        write(out_dir, "selection_sweep", report, sweep_markdown(report))
+        print("sweep", config, length, name, timing, flush=True)
+
+
+def sweep_markdown(report: dict) -> str:
+    lines = [
+        f"# Selected-attention backward at T={report['length']} (bf16, B=1, H=4, n=16 blocks of 64)",
+        "",
+        f"Device: {report['device']}; jax {report['jax']}; command: `{report['command']}`.",
+        "Selections: random causal blocks, own block included"
+        + ("; block 0 always selected (spec Eq. 11)." if report["first_block"] else "."),
+        "",
+        "Stages alone (ms; default tuning of the head dims; heavy first: the same kernel launched "
+        "heaviest tiles first; dQ sum by XLA or by the Pallas kernel):",
+        "",
+        "| config | fwd | delta | inverse map | kernel | kernel heavy first | dQ sum XLA | dQ sum kernel |",
+        "|" + "---|" * 8,
+    ]
+    for config, c in report["components"].items():
+        keys = ("fwd_ms", "delta_ms", "inverse_map_ms", "kernel_ms", "heavy_first_kernel_ms")
+        keys += ("dq_sum_xla_ms", "dq_sum_kernel_ms")
+        lines.append(f"| {config} | " + " | ".join(fmt(c.get(key)) for key in keys) + " |")
+    lines += [
+        "",
+        "Variants, forward+backward (ms); rel. diff: gradients against the config's first variant:",
+        "",
+        "| config | variant | warps | stages | rows | rows-major | split dims | dQ transposed | heavy first "
+        "| dQ sum kernel | fwd+bwd | rel diff dq/dk/dv | error |",
+        "|" + "---|" * 13,
+    ]
+    for r in report["sweep"]:
+        diffs = "/".join(f"{r[f'rel_diff_d{n}']:.1e}" for n in "qkv") if "rel_diff_dq" in r else "-"
+        lines.append(
+            f"| {r['config']} | {r['variant']} | {r['bwd_warps']} | {r['bwd_stages']} | {r['bwd_rows']} "
+            f"| {r['bwd_rows_major']} | {r['split_head_dims']} | {r['dq_transposed']} "
+            f"| {r['bwd_heavy_first']} | {r['dq_sum_kernel']} "
+            f"| {fmt(r.get('fwd_bwd_ms'))} | {diffs} | {r.get('error', '')[:80]} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def fmt(x) -> str:
@@ -200,7 +327,7 @@ def markdown(report: dict) -> str:
         "# NSA selected attention on the H200 (bf16, B=1, HQ=64, H=4, D=128, n=16 blocks of 64)",
         "",
         f"Device: {report['device']}; jax {report['jax']}; command: `{report['command']}`.",
-        f"Kernel launch parameters: {report.get('tuning', 'defaults')}.",
+        f"Kernel launch parameters: {report['tuning']}.",
         "Times in ms (JAX: median of timed calls after warm-up; fla-core: `triton.testing.do_bench` median).",
         "TFLOP/s against the selection floor HQ*T*n*l'*(Dk+Dv)*2 forward, 3.5x that for forward+backward.",
         "",
@@ -238,33 +365,57 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write(out_dir: str, stem: str, report: dict, md: str | None = None) -> None:
+    with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    if md is not None:
+        with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
+            f.write(md)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("out_dir")
+    parser.add_argument("--out", required=True, help="directory for the JSON and Markdown results")
+    parser.add_argument("--sweep", action="store_true", help="stage timings and variant sweep")
+    parser.add_argument("--table", action="store_true", help="the full table against the peers")
+    parser.add_argument("--sweep-length", type=int, default=65536)
+    parser.add_argument("--configs", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=None, help="sweep only these VARIANTS names")
+    parser.add_argument("--no-components", action="store_true", help="sweep without the stage timings")
+    parser.add_argument(
+        "--first-block", action="store_true", help="sweep with block 0 always selected (one tile read by all)"
+    )
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
     parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--sweep", type=int, default=0, help="length at which to sweep warps/stages")
+    parser.add_argument("--variant", default=None, help="a VARIANTS name for the table (default: tuning_for)")
     parser.add_argument("--no-fla", action="store_true")
     args = parser.parse_args()
-    report = {
+    if not (args.sweep or args.table):
+        parser.error("pass --sweep, --table or both")
+    base = {
         "device": jax.devices()[0].device_kind,
         "jax": jax.__version__,
         "command": "PYTHONPATH=$PWD python3 " + " ".join(sys.argv),
-        "rows": [],
     }
-    tuning = None
     if args.sweep:
-        report["sweep"], tuning = sweep(args.sweep, args.iters)
-        report["tuning"] = dataclasses.asdict(tuning)
-    for length in args.lengths:
-        row = bench_length(length, args.iters, not args.no_fla, tuning)
-        report["rows"].append(row)
-        print(json.dumps(row), flush=True)
-        with open(os.path.join(args.out_dir, "selection_h200.json"), "w") as f:
-            json.dump(report, f, indent=1)
-    with open(os.path.join(args.out_dir, "selection_h200.md"), "w") as f:
-        f.write(markdown(report))
-    print(markdown(report))
+        report = {**base, "length": args.sweep_length, "first_block": args.first_block}
+        report.update(components={}, sweep=[])
+        for config in args.configs:
+            iters = max(3, args.iters // 2)
+            sweep(config, args.sweep_length, iters, args.variants, args.first_block, report, args.out)
+        for config in [] if args.no_components else args.configs:
+            report["components"][config] = components(config, args.sweep_length, args.iters, args.first_block)
+            write(args.out, "selection_sweep", report, sweep_markdown(report))
+        print(sweep_markdown(report))
+    if args.table:
+        report = {**base, "rows": [], "tuning": args.variant or "tuning_for(Dk, Dv)"}
+        for length in args.lengths:
+            row = bench_length(length, args.iters, not args.no_fla, args.variant)
+            report["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            write(args.out, "selection_h200", report)
+        write(args.out, "selection_h200", report, markdown(report))
+        print(markdown(report))
     return 0
 
 

@@ -1,16 +1,25 @@
 """GPU correctness of the pallas_triton selected attention against the pure-JAX reference.
 
-Run on the GPU from the repo root: ``PYTHONPATH=$PWD python3 experiments/check_selection_gpu.py``.
+Run on the GPU from the repo root::
+
+    PYTHONPATH=$PWD python3 experiments/check_selection_gpu.py --out OUT_DIR [--cases 0 3] [--no-variants]
+
 Relative error ``||out - ref|| / ||ref||`` of the output and of dq, dk, dv; the
 reference runs in float32 (HIGHEST precision) on the same (upcast) inputs. Bounds:
 float32 1e-3 (the kernel asks for full-precision float32 dots, which Triton runs as
-IEEE fp32; the bound also admits TF32), bf16 1e-2. Prints one line per case and
-a JSON summary; exits non-zero on any failure or NaN.
+IEEE fp32; the bound also admits TF32), bf16 1e-2. Every case runs in bf16 and
+float32 through ``nsa_jax.selected_attention`` (the head-dim defaults of
+``tuning_for``); the backward variants of ``experiments.selection_inputs.VARIANTS``
+run in float32 on the packed-segment case (D=128 variants) and on the Dk=192 case.
+Prints one line per run and writes ``check_selection_gpu.json``; exits non-zero on any
+failure or NaN.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import sys
 import time
 
@@ -18,7 +27,8 @@ import jax
 import jax.numpy as jnp
 
 import nsa_jax
-from experiments.selection_inputs import packed_segments, random_causal_indices
+from experiments.selection_inputs import VARIANTS, packed_segments, random_causal_indices
+from pallas_kernels.gpu import selection
 
 TOLERANCE = {"float32": 1e-3, "bfloat16": 1e-2}
 
@@ -31,6 +41,8 @@ CASES = [
     (2, 901, 16, 4, 128, 128, 64, 8, True),  # packed segments, G = 4
     (1, 301, 8, 2, 24, 16, 8, 4, True),  # block size 8, Dk = 24
 ]
+# Case index -> the VARIANTS config whose backward variants also run there (float32).
+VARIANT_CASES = {4: "G16_D128", 3: "G16_D192_128"}
 
 
 def relative_error(x: jax.Array, ref: jax.Array) -> float:
@@ -38,7 +50,8 @@ def relative_error(x: jax.Array, ref: jax.Array) -> float:
     return float(jnp.linalg.norm(x - ref) / jnp.linalg.norm(ref))
 
 
-def run_case(case: tuple, dtype) -> dict:
+def run_case(case: tuple, dtype, tunings: dict) -> list[dict]:
+    """Errors of each ``tunings`` entry (name -> SelectionTuning, or None for the registry path)."""
     batch, length, q_heads, kv_heads, dk, dv, block_size, slots, packed = case
     keys = jax.random.split(jax.random.key(hash(case) % 2**31), 5)
     q = jax.random.normal(keys[0], (batch, length, q_heads, dk)).astype(dtype)
@@ -48,8 +61,19 @@ def run_case(case: tuple, dtype) -> dict:
     segment_ids = packed_segments(batch, length, (length // 3, length // 2 + 7)) if packed else None
     indices = random_causal_indices(keys[4], batch, length, kv_heads, slots, block_size, segment_ids)
 
-    def attend(implementation):
+    def attend(implementation, tuning=None):
         def fn(q, k, v):
+            if tuning is not None:
+                return selection.selected_attention(
+                    q,
+                    k,
+                    v,
+                    indices,
+                    block_size=block_size,
+                    scale=dk**-0.5,
+                    segment_ids=segment_ids,
+                    tuning=tuning,
+                )
             return nsa_jax.selected_attention(
                 q,
                 k,
@@ -62,42 +86,63 @@ def run_case(case: tuple, dtype) -> dict:
 
         return fn
 
-    out, vjp = jax.vjp(attend("pallas_triton"), q, k, v)
-    grads = vjp(cotangent)
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     ref, ref_vjp = jax.vjp(attend("xla"), *f32)
     ref_grads = ref_vjp(cotangent.astype(jnp.float32))
-    errors = {"out": relative_error(out, ref)}
-    errors.update({f"d{n}": relative_error(g, r) for n, g, r in zip("qkv", grads, ref_grads, strict=True)})
-    finite = all(bool(jnp.isfinite(x.astype(jnp.float32)).all()) for x in (out, *grads))
     name = jnp.dtype(dtype).name
-    ok = finite and all(e < TOLERANCE[name] for e in errors.values())
-    return {"case": list(case), "dtype": name, "errors": errors, "finite": finite, "ok": ok}
+    results = []
+    for label, tuning in tunings.items():
+        start = time.perf_counter()
+        out, vjp = jax.vjp(attend("pallas_triton", tuning), q, k, v)
+        grads = vjp(cotangent)
+        errors = {"out": relative_error(out, ref)}
+        pairs = zip("qkv", grads, ref_grads, strict=True)
+        errors.update({f"d{n}": relative_error(g, r) for n, g, r in pairs})
+        finite = all(bool(jnp.isfinite(x.astype(jnp.float32)).all()) for x in (out, *grads))
+        ok = finite and all(e < TOLERANCE[name] for e in errors.values())
+        seconds = time.perf_counter() - start
+        results.append(
+            {
+                "case": list(case),
+                "dtype": name,
+                "variant": label,
+                "errors": errors,
+                "finite": finite,
+                "ok": ok,
+            }
+        )
+        errs = " ".join(f"{key}={value:.2e}" for key, value in errors.items())
+        print(
+            f"{'PASS' if ok else 'FAIL'} {name:8s} {list(case)} {label} {errs} ({seconds:.0f} s)", flush=True
+        )
+    return results
 
 
 def main() -> int:
-    """Usage: ``check_selection_gpu.py [OUT_JSON] [CASE_INDEX ...]`` (default: all cases)."""
-    picked = [int(i) for i in sys.argv[2:]] or range(len(CASES))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None, help="directory for check_selection_gpu.json")
+    parser.add_argument("--cases", type=int, nargs="+", default=list(range(len(CASES))))
+    parser.add_argument("--no-variants", action="store_true", help="skip the backward variants")
+    args = parser.parse_args()
     results = []
-    for case in (CASES[i] for i in picked):
+    for index in args.cases:
         for dtype in (jnp.bfloat16, jnp.float32):
-            start = time.perf_counter()
-            r = run_case(case, dtype)
-            r["seconds"] = time.perf_counter() - start
-            results.append(r)
-            errs = " ".join(f"{k}={v:.2e}" for k, v in r["errors"].items())
-            verdict = "PASS" if r["ok"] else "FAIL"
-            print(f"{verdict} {r['dtype']:8s} {r['case']} {errs} ({r['seconds']:.0f} s)", flush=True)
+            tunings = {"default": None}
+            if dtype == jnp.float32 and index in VARIANT_CASES and not args.no_variants:
+                tunings.update(VARIANTS[VARIANT_CASES[index]])
+            results += run_case(CASES[index], dtype, tunings)
     summary = {
         "device": str(jax.devices()[0]),
         "jax": jax.__version__,
         "tolerance": TOLERANCE,
         "results": results,
     }
-    if len(sys.argv) > 1:
-        with open(sys.argv[1], "w") as f:
+    if args.out:
+        with open(os.path.join(args.out, "check_selection_gpu.json"), "w") as f:
             json.dump(summary, f, indent=1)
-    return 0 if all(r["ok"] for r in results) else 1
+    failed = [r for r in results if not r["ok"]]
+    print(f"{len(results) - len(failed)} of {len(results)} runs passed", flush=True)
+    return 0 if not failed else 1
 
 
 if __name__ == "__main__":

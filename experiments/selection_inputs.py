@@ -2,10 +2,46 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from nsa_jax.segments import segment_starts
+from pallas_kernels.gpu.block_sizes import SelectionTuning, tuning_for
+
+# Backward variants swept at 64K (name: tuning), most telling first so that a sweep cut short by
+# its time limit keeps them; the first of each config is the current default (tuning_for) and the
+# reference of the sweep's gradient check. Losers of the first H200 sweep
+# (experiments/results/selection_sweep_h200.md: 8-warp keys-major at D=128, atomic dQ, packed sort)
+# are dropped. ptxas registers/spills (sm_90a, G=16, l'=64) are in experiments/results/selection_h200.md.
+_D128 = tuning_for(128, 128)
+_D192 = tuning_for(192, 128)
+_HEAVY_SUM = {"bwd_heavy_first": True, "dq_sum_kernel": True}
+_8W_128R_ROWS = SelectionTuning(bwd_warps=8, bwd_stages=2, bwd_rows=128, bwd_rows_major=True)
+VARIANTS = {
+    "G16_D128": {
+        "4w_32r_keys": _D128,
+        "4w_32r_keys_heavy_sumk": dataclasses.replace(_D128, **_HEAVY_SUM),
+        "4w_32r_keys_dqT": dataclasses.replace(_D128, dq_transposed=True),
+        "8w_128r_rows_dqT": dataclasses.replace(_8W_128R_ROWS, dq_transposed=True),
+        "8w_128r_rows": _8W_128R_ROWS,
+        "8w_128r_rows_dqT_heavy_sumk": dataclasses.replace(_8W_128R_ROWS, dq_transposed=True, **_HEAVY_SUM),
+        "4w_32r_rows": dataclasses.replace(_D128, bwd_rows_major=True),
+        "4w_64r_rows_2st": dataclasses.replace(_D128, bwd_stages=2, bwd_rows=64, bwd_rows_major=True),
+        # For --first-block (block 0's tile listed by every query), timed here too for its cost.
+        "4w_32r_keys_heavy_sumk_split4": dataclasses.replace(_D128, bwd_splits=4, **_HEAVY_SUM),
+    },
+    "G16_D192_128": {
+        "8w_64r_rows": _D192,
+        "8w_64r_rows_dqT": dataclasses.replace(_D192, dq_transposed=True),
+        "8w_64r_keys_dqT": dataclasses.replace(_D192, bwd_rows_major=False, dq_transposed=True),
+        "8w_64r_rows_heavy_sumk": dataclasses.replace(_D192, **_HEAVY_SUM),
+        "8w_64r_rows_3st": dataclasses.replace(_D192, bwd_stages=3),
+        "8w_64r_rows_unsplit": dataclasses.replace(_D192, split_head_dims=False),
+        "4w_16r_keys": SelectionTuning(bwd_warps=4, bwd_stages=3, bwd_rows=16, bwd_rows_major=False),
+    },
+}
 
 
 def random_causal_indices(
@@ -16,12 +52,15 @@ def random_causal_indices(
     slots: int,
     block_size: int,
     segment_ids: jax.Array | None = None,
+    first_block: bool = False,
 ) -> jax.Array:
     """Random distinct visible blocks per (query, KV head), the query's own block included.
 
     Block ``j`` is visible to query ``t`` when ``s0 + j * block_size <= t``. Each row
     holds the own block plus ``slots - 1`` distinct random earlier blocks, sorted
-    ascending, ``-1`` last when fewer blocks are visible.
+    ascending, ``-1`` last when fewer blocks are visible. With ``first_block`` the
+    earlier blocks always include block 0, as the spec's top-n does (Eq. 11: the
+    initial block is always selected), so that one key tile is read by every query.
 
     Returns:
       int32 ``[B, T, H, n]``.
@@ -31,6 +70,8 @@ def random_causal_indices(
     own = (jnp.arange(length, dtype=jnp.int32)[None, :] - s0) // block_size  # [B, T]
     scores = jax.random.uniform(key, (batch, length, kv_heads, num_blocks))
     blocks = jnp.arange(num_blocks, dtype=jnp.int32)
+    if first_block:  # above every uniform score, so top_k keeps it wherever it is earlier
+        scores = jnp.where(blocks == 0, 2.0, scores)
     earlier = blocks[None, None, None, :] < own[:, :, None, None]
     scores = jnp.where(earlier, scores, -1.0)
     top, picked = jax.lax.top_k(scores, min(slots - 1, num_blocks))

@@ -139,6 +139,69 @@ registry.register(
 )
 
 
+def compressed_and_selection_at(
+    q: jax.Array,
+    k_cmp: jax.Array,
+    v_cmp: jax.Array,
+    lengths: jax.Array,
+    *,
+    block_length: int,
+    block_stride: int,
+    selection_block_size: int,
+    num_selected: int,
+    num_initial_blocks: int,
+    num_local_blocks: int,
+    scale: float,
+) -> tuple[jax.Array, jax.Array]:
+    """Reference of the decode step's compressed attention and block selection
+    (op ``decode_compressed_selection``; spec, "Compression branch", "Selection scores", Eq. 11).
+
+    Args:
+      q: ``[B, HQ, Dk]``; k_cmp: ``[B, Tc, H, Dk]``; v_cmp: ``[B, Tc, H, Dv]``; lengths:
+        int ``[B]`` in ``[1, Tc * d]``, the query of row ``b`` at ``lengths[b] - 1``.
+
+    Returns:
+      ``(compressed [B, HQ, Dv]`` in ``q.dtype``, ``block_indices`` int32 ``[B, H, n])``:
+      ascending, ``-1`` (unused) last.
+    """
+    batch, num_slots = k_cmp.shape[:2]
+    positions = (lengths.astype(jnp.int32) - 1)[:, None]
+    starts = jnp.zeros((batch, 1), jnp.int32)
+    token_starts = jnp.broadcast_to(jnp.arange(num_slots, dtype=jnp.int32) * block_stride, (batch, num_slots))
+    query = q[:, None]
+    compressed, lse = attend_compressed(
+        query, positions, starts, token_starts, k_cmp, v_cmp, block_length=block_length, scale=scale
+    )
+    block_indices = select_for_chunk(
+        query,
+        lse,
+        positions,
+        starts,
+        token_starts,
+        k_cmp,
+        # Every block that can hold a query (lengths <= Tc * d); later ones would be invisible.
+        num_blocks=-(-num_slots * block_stride // selection_block_size),
+        block_length=block_length,
+        block_stride=block_stride,
+        selection_block_size=selection_block_size,
+        num_selected=num_selected,
+        num_initial_blocks=num_initial_blocks,
+        num_local_blocks=num_local_blocks,
+        scale=scale,
+    )
+    return compressed[:, 0], block_indices[:, 0]
+
+
+registry.register(
+    registry.Implementation(
+        op="decode_compressed_selection",
+        name="xla",
+        fn=compressed_and_selection_at,
+        platforms=("cpu", "gpu", "tpu"),
+    )
+)
+
+
 def decode_attention(
     q: jax.Array,
     cache: NSACache,
@@ -160,37 +223,16 @@ def decode_attention(
 
     Args:
       q: ``[B, HQ, Dk]``.
-      implementation: of the op ``decode_selected_window`` (the selected and window
-        reads); ``None`` picks the best for the backend.
+      implementation: of both ops of the step, ``decode_compressed_selection``
+        (compressed attention and top-n) and ``decode_selected_window`` (the selected
+        and window reads); ``None`` picks the best for the backend.
 
     Returns:
       ``(compressed, selected, window)``, each ``[B, HQ, Dv]`` in ``q.dtype``.
     """
-    batch = q.shape[0]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    positions = (cache.lengths - 1)[:, None]
-    starts = jnp.zeros((batch, 1), jnp.int32)
-    num_slots = cache.k_cmp.shape[1]
-    token_starts = jnp.broadcast_to(jnp.arange(num_slots, dtype=jnp.int32) * block_stride, (batch, num_slots))
-    query = q[:, None]
-    compressed, lse = attend_compressed(
-        query,
-        positions,
-        starts,
-        token_starts,
-        cache.k_cmp,
-        cache.v_cmp,
-        block_length=block_length,
-        scale=scale,
-    )
-    block_indices = select_for_chunk(
-        query,
-        lse,
-        positions,
-        starts,
-        token_starts,
-        cache.k_cmp,
-        num_blocks=-(-cache.capacity // selection_block_size),
+    args = (q, cache.k_cmp, cache.v_cmp, cache.lengths)
+    kwargs = dict(
         block_length=block_length,
         block_stride=block_stride,
         selection_block_size=selection_block_size,
@@ -199,12 +241,15 @@ def decode_attention(
         num_local_blocks=num_local_blocks,
         scale=scale,
     )
-    args = (q, block_indices[:, 0], cache.keys, cache.values, cache.lengths)
+    compressed, block_indices = registry.resolve(
+        "decode_compressed_selection", implementation, *args, **kwargs
+    )(*args, **kwargs)
+    args = (q, block_indices, cache.keys, cache.values, cache.lengths)
     kwargs = dict(block_size=selection_block_size, window=window, scale=scale)
     selected, windowed = registry.resolve("decode_selected_window", implementation, *args, **kwargs)(
         *args, **kwargs
     )
-    return compressed[:, 0], selected, windowed
+    return compressed, selected, windowed
 
 
 def _compiled_steps(model: Any) -> tuple[Callable[..., Any], Callable[..., Any]]:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from nsa_jax import checks, registry
+from nsa_jax import checks, cudnn, registry
 from nsa_jax.reference import compressed as compressed_ref
 from nsa_jax.reference import selected as selected_ref
 from nsa_jax.reference import selection as selection_ref
@@ -437,4 +437,20 @@ def _register_references() -> None:
         )
 
 
+def _register_cudnn() -> None:
+    registry.register(
+        registry.Implementation(
+            op="sliding_window_attention",
+            name="cudnn",
+            fn=cudnn.sliding_window_attention,
+            platforms=("gpu",),
+            # Default on GPU where it serves (bf16/f16, unpacked). Set below 0 (the xla
+            # reference) if experiments/bench_layer.py times the xla window faster.
+            priority=5,
+            check=cudnn.check,
+        )
+    )
+
+
 _register_references()
+_register_cudnn()

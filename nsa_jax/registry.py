@@ -24,6 +24,7 @@ OPS = (
     "select_blocks",
     "sliding_window_attention",
     "decode_selected_window",
+    "decode_compressed_selection",
 )
 
 # Modules that register implementations on import. Imported lazily, on the first
@@ -88,6 +89,36 @@ def implementations(op: str) -> tuple[str, ...]:
     return tuple(impl.name for impl in ranked)
 
 
+def get(op: str, name: str) -> Implementation:
+    """The implementation registered as ``name`` for ``op``."""
+    _load_plugins()
+    if op not in _REGISTRY:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    if name not in _REGISTRY[op]:
+        raise ValueError(f"implementation must be one of {implementations(op)} for {op}, got {name!r}")
+    return _REGISTRY[op][name]
+
+
+def default(op: str, *args: Any, **kwargs: Any) -> str:
+    """Name of the implementation that ``implementation=None`` picks for these arguments
+    (the op's validated arguments, as :func:`resolve` receives them) on this backend."""
+    _load_plugins()
+    return _default(op, jax.default_backend(), *args, **kwargs).name
+
+
+def _default(op: str, backend: str, *args: Any, **kwargs: Any) -> Implementation:
+    for impl in sorted(_REGISTRY[op].values(), key=lambda impl: -impl.priority):
+        if backend not in impl.platforms:
+            continue
+        if impl.check is not None:
+            try:
+                impl.check(*args, **kwargs)
+            except ValueError:
+                continue
+        return impl
+    raise ValueError(f"no implementation of {op} serves these arguments on {backend}")
+
+
 def resolve(op: str, implementation: str | None, *args: Any, **kwargs: Any) -> Callable[..., Any]:
     """Returns the callable that serves ``op`` for these arguments.
 
@@ -99,16 +130,7 @@ def resolve(op: str, implementation: str | None, *args: Any, **kwargs: Any) -> C
     _load_plugins()
     backend = jax.default_backend()
     if implementation is None:
-        for impl in sorted(_REGISTRY[op].values(), key=lambda impl: -impl.priority):
-            if backend not in impl.platforms:
-                continue
-            if impl.check is not None:
-                try:
-                    impl.check(*args, **kwargs)
-                except ValueError:
-                    continue
-            return _bind(impl, backend)
-        raise ValueError(f"no implementation of {op} serves these arguments on {backend}")
+        return _bind(_default(op, backend, *args, **kwargs), backend)
     if implementation not in _REGISTRY[op]:
         raise ValueError(
             f"implementation must be one of {implementations(op)} for {op}, got {implementation!r}"

@@ -2,7 +2,7 @@
 
 import pallas_kernels.tpu.register  # noqa: F401  (registers the pallas_tpu implementations)
 from nsa_jax import registry
-from pallas_kernels.gpu import decode, select_blocks, selection
+from pallas_kernels.gpu import compressed, decode, decode_step, select_blocks, selection
 
 registry.register(
     registry.Implementation(
@@ -34,5 +34,27 @@ registry.register(
         priority=-1,  # opt-in by name until it has been compiled and timed on a GPU
         interpretable=True,
         check=select_blocks.check,
+    )
+)
+registry.register(
+    registry.Implementation(
+        op="decode_compressed_selection",
+        name="pallas_triton",
+        fn=decode_step.compressed_and_selection,
+        platforms=("gpu",),
+        priority=10,
+        interpretable=True,
+        check=decode_step.check,
+    )
+)
+registry.register(
+    registry.Implementation(
+        op="compressed_attention",
+        name="pallas_triton",
+        fn=compressed.compressed_attention,
+        platforms=("gpu",),
+        priority=10,
+        interpretable=True,
+        check=compressed.check,
     )
 )

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import nsa_jax
+from nsa_jax import registry
 from nsa_jax.segments import num_compressed_slots
 from tests import oracle
 from tests.conftest import TOLERANCE, Inputs, packed_segment_ids
@@ -23,6 +24,25 @@ SHAPES = [
 # while every shape and every geometry is covered.
 GEOMETRIES = [(8, 4), (16, 8), (4, 4), (8, 4)]
 WINDOWS = [1, 7, 32, 16]
+
+
+def _skip_unless_runs_here(op, implementation):
+    """Skips code for another backend that cannot be interpreted (cuDNN on CPU)."""
+    impl = registry.get(op, implementation)
+    if jax.default_backend() not in impl.platforms and not impl.interpretable:
+        pytest.skip(f"{implementation} runs only on {impl.platforms}, not in interpret mode")
+
+
+def _skip_unless_served(op, implementation, *args, **kwargs):
+    """Also skips arguments the implementation's ``check`` refuses (the cuDNN window and
+    float32, or packed segments); ``args``/``kwargs`` as the ``check`` receives them."""
+    _skip_unless_runs_here(op, implementation)
+    impl = registry.get(op, implementation)
+    if impl.check is not None:
+        try:
+            impl.check(*args, **kwargs)
+        except ValueError as err:
+            pytest.skip(f"{implementation} does not serve these arguments: {err}")
 
 
 def _check_vjp(ours, theirs, args, cotangent, dtype):
@@ -50,6 +70,7 @@ def test_compressed_matches_oracle(implementation, shape, geometry, packed, dtyp
     k_cmp = jax.random.normal(keys[0], (batch, slots, kv_heads, dk)).astype(dtype)
     v_cmp = jax.random.normal(keys[1], (batch, slots, kv_heads, dv)).astype(dtype)
     segment_ids = packed_segment_ids(batch, length, seed) if packed else None
+    _skip_unless_runs_here("compressed_attention", implementation)
     mask = oracle.compressed_mask(length, slots, kv_heads, block_length, block_stride, batch, segment_ids)
     seg = None if segment_ids is None else jnp.asarray(segment_ids)
 
@@ -124,6 +145,16 @@ def test_window_matches_oracle(implementation, shape, window, packed, dtype):
     segment_ids = packed_segment_ids(batch, length, seed) if packed else None
     mask = oracle.window_mask(batch, length, kv_heads, window, segment_ids)
     seg = None if segment_ids is None else jnp.asarray(segment_ids)
+    _skip_unless_served(
+        "sliding_window_attention",
+        implementation,
+        inputs.q,
+        inputs.k,
+        inputs.v,
+        window=window,
+        scale=dk**-0.5,
+        segment_ids=seg,
+    )
 
     def ours(q, k, v):
         return nsa_jax.sliding_window_attention(
@@ -140,13 +171,67 @@ def test_window_matches_oracle(implementation, shape, window, packed, dtype):
 
 
 @pytest.mark.parametrize("implementation", nsa_jax.implementations("sliding_window_attention"))
-def test_window_covering_sequence_is_full_causal_attention(implementation):
-    inputs = Inputs(9, 2, 77, 8, 2, 16, 16, jnp.float32)
+def test_window_covering_sequence_is_full_causal_attention(implementation, dtype):
+    inputs = Inputs(9, 2, 77, 8, 2, 16, 16, dtype)
+    _skip_unless_served(
+        "sliding_window_attention", implementation, inputs.q, inputs.k, inputs.v, window=200, scale=16**-0.5
+    )
     out = nsa_jax.sliding_window_attention(
         inputs.q, inputs.k, inputs.v, window=200, implementation=implementation
     )
-    ref = jax.nn.dot_product_attention(inputs.q, inputs.k, inputs.v, is_causal=True)
-    assert oracle.relative_error(out, ref) < TOLERANCE[jnp.float32]
+    as_float = lambda x: x.astype(jnp.float32)
+    ref = jax.nn.dot_product_attention(
+        as_float(inputs.q), as_float(inputs.k), as_float(inputs.v), is_causal=True
+    )
+    assert oracle.relative_error(out, ref) < TOLERANCE[dtype]
+
+
+def test_cudnn_window_refuses_what_it_cannot_serve():
+    inputs = Inputs(3, 1, 40, 4, 2, 16, 8, jnp.bfloat16)
+    kwargs = dict(window=8, scale=0.25)
+    check = registry.get("sliding_window_attention", "cudnn").check
+    check(inputs.q, inputs.k, inputs.v, **kwargs)
+    with pytest.raises(ValueError, match="segment_ids must be None"):
+        check(inputs.q, inputs.k, inputs.v, segment_ids=jnp.zeros((1, 40), jnp.int32), **kwargs)
+    as_f32 = [x.astype(jnp.float32) for x in (inputs.q, inputs.k, inputs.v)]
+    with pytest.raises(ValueError, match="q must be float16 or bfloat16"):
+        check(*as_f32, **kwargs)
+    wide = jnp.zeros((1, 40, 4, 264), jnp.bfloat16)
+    with pytest.raises(ValueError, match="head dims Dk=264, Dv=8 must be at most"):
+        check(wide, wide[:, :, :2], inputs.v, **kwargs)
+
+
+def test_gpu_defaults(monkeypatch):
+    # What implementation=None picks on a GPU backend, decided from the registry alone
+    # (no GPU needed): the Pallas compression and selection kernels, and the cuDNN window
+    # where it serves.
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    inputs = Inputs(4, 1, 40, 4, 2, 16, 8, jnp.bfloat16)
+    window = dict(window=8, scale=0.25)
+    assert registry.default("sliding_window_attention", inputs.q, inputs.k, inputs.v, **window) == "cudnn"
+    as_f32 = [x.astype(jnp.float32) for x in (inputs.q, inputs.k, inputs.v)]
+    assert registry.default("sliding_window_attention", *as_f32, **window) == "xla"
+    packed = jnp.zeros((1, 40), jnp.int32)
+    assert (
+        registry.default(
+            "sliding_window_attention", inputs.q, inputs.k, inputs.v, segment_ids=packed, **window
+        )
+        == "xla"
+    )
+    k_cmp = inputs.k[:, :10]
+    assert (
+        registry.default(
+            "compressed_attention", inputs.q, k_cmp, k_cmp, block_length=8, block_stride=4, scale=0.25
+        )
+        == "pallas_triton"
+    )
+    indices = jnp.zeros((1, 40, 2, 2), jnp.int32)
+    assert (
+        registry.default(
+            "selected_attention", inputs.q, inputs.k, inputs.v, indices, block_size=8, scale=0.25
+        )
+        == "pallas_triton"
+    )
 
 
 def test_bad_inputs_raise_naming_the_argument():

@@ -12,7 +12,7 @@ from flax import nnx
 
 import nsa_jax
 from experiments.model import ModelConfig, TransformerLM
-from nsa_jax.decoding import CACHE_LOGICAL_AXES, generate
+from nsa_jax.decoding import CACHE_LOGICAL_AXES, generate, selected_and_window_at
 from tests.test_layer import SMALL
 
 
@@ -147,3 +147,137 @@ def test_decode_reads_match_the_oracle(implementation, group, dk, dv, dtype):
     assert selected.dtype == dtype
     assert oracle.relative_error(selected, ref_selected) < TOLERANCE[dtype]
     assert oracle.relative_error(windowed, ref_window) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("launch", [(4, 2, 18, 2), (4, 2, 1, 1)], ids=["partials", "normalised"])
+def test_decode_reads_under_other_launches_equal_xla(launch, dtype):
+    # Over 3 x 2 rows: target 18 programs, 2 items per step gives 4 items per program in 2
+    # steps, the second selected program holding 1 block and 3 empty items; target 1 gives one
+    # program per branch, which writes the normalised output itself.
+    from pallas_kernels.gpu import decode
+    from tests import oracle
+    from tests.conftest import TOLERANCE
+
+    batch, kv_heads, group, capacity, block_size, window = 3, 2, 4, 150, 16, 40
+    keys = jax.random.split(jax.random.key(31), 4)
+    q = jax.random.normal(keys[0], (batch, kv_heads * group, 24)).astype(dtype)
+    k = jax.random.normal(keys[1], (3, batch, capacity, kv_heads, 24)).astype(dtype)
+    v = jax.random.normal(keys[2], (3, batch, capacity, kv_heads, 16)).astype(dtype)
+    lengths = jnp.asarray([150, 37, 5], jnp.int32)
+    # Blocks past the query (e.g. 9 at length 37) and unused slots (-1) must count for nothing.
+    indices = jax.random.randint(keys[3], (batch, kv_heads, 5), -1, 10, jnp.int32)
+    kwargs = dict(block_size=block_size, window=window, scale=24**-0.5)
+    out = decode.selected_and_window(q, indices, k, v, lengths, **kwargs, launch=launch, interpret=True)
+    ref = selected_and_window_at(q, indices, k, v, lengths, **kwargs)
+    for o, r in zip(out, ref, strict=True):
+        assert o.dtype == dtype and o.shape == r.shape
+        assert oracle.relative_error(o, r) < TOLERANCE[dtype]
+
+
+# Small decode geometry: l=8, d=4, l'=16, n=5; capacity 300 (75 compressed slots: not a
+# multiple of d, l' or the kernel's tile, and more than one chunk of it). Lengths: a full
+# row, one right after a compressed block completes ((t + 1 - l) % d == 0 at t = 163),
+# one before any compressed token exists.
+_STEP = dict(block_length=8, block_stride=4, selection_block_size=16, num_selected=5)
+_CAPACITY = 300
+_LENGTHS = (300, 164, 5)
+
+
+def _step_inputs(seed, group, dk, dv, dtype, kv_heads=2):
+    """``q [B, HQ, Dk]``, ``k_cmp``/``v_cmp [B, Tc, H, D]`` and lengths ``[B]`` of ``_LENGTHS``."""
+    keys = jax.random.split(jax.random.key(seed), 3)
+    batch, slots = len(_LENGTHS), -(-_CAPACITY // _STEP["block_stride"])
+    q = jax.random.normal(keys[0], (batch, kv_heads * group, dk)).astype(dtype)
+    k_cmp = jax.random.normal(keys[1], (batch, slots, kv_heads, dk)).astype(dtype)
+    v_cmp = jax.random.normal(keys[2], (batch, slots, kv_heads, dv)).astype(dtype)
+    return q, k_cmp, v_cmp, jnp.asarray(_LENGTHS, jnp.int32)
+
+
+def _compressed_selection(implementation, q, k_cmp, v_cmp, lengths, **overrides):
+    from nsa_jax import registry
+
+    args = (q, k_cmp, v_cmp, lengths)
+    kwargs = dict(_STEP, num_initial_blocks=1, num_local_blocks=2, scale=q.shape[-1] ** -0.5)
+    kwargs.update(overrides)
+    out, indices = registry.resolve("decode_compressed_selection", implementation, *args, **kwargs)(
+        *args, **kwargs
+    )
+    return out, np.asarray(indices)
+
+
+@pytest.mark.parametrize("implementation", nsa_jax.implementations("decode_compressed_selection"))
+@pytest.mark.parametrize(("group", "dk", "dv"), [(4, 24, 16), (16, 40, 8)], ids=str)
+def test_compressed_and_selection_equal_the_xla_step(implementation, group, dk, dv, dtype):
+    from tests import oracle
+    from tests.conftest import TOLERANCE
+
+    q, k_cmp, v_cmp, lengths = _step_inputs(group + dk, group, dk, dv, dtype)
+    out, indices = _compressed_selection(implementation, q, k_cmp, v_cmp, lengths)
+    ref_out, ref_indices = _compressed_selection("xla", q, k_cmp, v_cmp, lengths)
+    assert out.dtype == dtype and out.shape == ref_out.shape
+    assert oracle.relative_error(out, ref_out) < TOLERANCE[dtype]
+    np.testing.assert_array_equal(indices, ref_indices)
+    # The row before any compressed token: zero output, only the forced initial block.
+    assert not np.any(np.asarray(out[2], np.float32))
+    np.testing.assert_array_equal(indices[2], [[0, -1, -1, -1, -1]] * 2)
+
+
+@pytest.mark.parametrize("implementation", nsa_jax.implementations("decode_compressed_selection"))
+@pytest.mark.parametrize("tie", ["zero_query", "repeated_keys"])
+def test_selection_ties_go_to_the_lower_block(implementation, tie):
+    q, k_cmp, v_cmp, lengths = _step_inputs(9, 4, 16, 16, jnp.float32, kv_heads=1)
+    if tie == "zero_query":
+        # Every visible compressed token equally likely: interior blocks tie exactly.
+        q = jnp.zeros_like(q)
+    else:
+        # Keys repeating every 4 selection blocks (16 slots): blocks j and j + 4 tie, also
+        # across the kernel's chunks of compressed tokens.
+        k_cmp = jnp.tile(k_cmp[:, :16], (1, -(-k_cmp.shape[1] // 16), 1, 1))[:, : k_cmp.shape[1]]
+    indices = _compressed_selection(implementation, q, k_cmp, v_cmp, lengths, num_local_blocks=1)[1]
+    reference = _compressed_selection("xla", q, k_cmp, v_cmp, lengths, num_local_blocks=1)[1]
+    np.testing.assert_array_equal(indices, reference)
+    if tie == "zero_query":
+        # t = 299: block 18 holds t (local), 0 initial; blocks 1..17 have all their Eq. 9
+        # terms and tie, so 1, 2 and 3 win.
+        np.testing.assert_array_equal(indices[0, 0], [0, 1, 2, 3, 18])
+
+
+@pytest.mark.parametrize("implementation", nsa_jax.implementations("decode_compressed_selection"))
+def test_decode_attention_equals_the_xla_step(implementation):
+    from nsa_jax.decoding import NSACache, decode_attention
+    from tests import oracle
+
+    q, k_cmp, v_cmp, lengths = _step_inputs(4, 4, 24, 16, jnp.float32)
+    keys = jax.random.split(jax.random.key(11), 2)
+    cache = NSACache(
+        keys=jax.random.normal(keys[0], (3, len(_LENGTHS), _CAPACITY, 2, 24)),
+        values=jax.random.normal(keys[1], (3, len(_LENGTHS), _CAPACITY, 2, 16)),
+        k_cmp=k_cmp,
+        v_cmp=v_cmp,
+        lengths=lengths,
+    )
+    step = lambda impl: decode_attention(q, cache, **_STEP, window=40, implementation=impl)
+    for out, ref in zip(step(implementation), step("xla"), strict=True):
+        assert oracle.relative_error(out, ref) < 1e-5
+
+
+def test_compressed_kernels_with_many_chunks_and_block_steps_equal_xla():
+    # l = d = l' = 4 over 300 compressed tokens: 300 selection blocks, scored in two steps
+    # of 256 (40 picks reach into both); a 16-token tile splits the tokens over 32 chunks,
+    # merged 8 at a time.
+    from pallas_kernels.gpu import decode_step
+    from tests import oracle
+
+    keys = jax.random.split(jax.random.key(21), 3)
+    q = jax.random.normal(keys[0], (1, 4, 16))
+    k_cmp = jax.random.normal(keys[1], (1, 300, 1, 16))
+    v_cmp = jax.random.normal(keys[2], (1, 300, 1, 8))
+    lengths = jnp.asarray([1197], jnp.int32)
+    geometry = dict(block_length=4, block_stride=4, selection_block_size=4, num_selected=40)
+    kwargs = dict(geometry, num_initial_blocks=1, num_local_blocks=2, scale=0.25)
+    out, indices = decode_step.compressed_and_selection(
+        q, k_cmp, v_cmp, lengths, **kwargs, launch=(16, 4, 2, 264), interpret=True
+    )
+    ref_out, ref_indices = _compressed_selection("xla", q, k_cmp, v_cmp, lengths, **geometry)
+    assert oracle.relative_error(out, ref_out) < 1e-5
+    np.testing.assert_array_equal(np.asarray(indices), ref_indices)

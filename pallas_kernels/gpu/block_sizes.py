@@ -1,13 +1,15 @@
-"""Launch parameters of the selected-attention kernels (Triton lowering)."""
+"""Launch parameters and backward variants of the selected-attention kernels (Triton lowering)."""
 
 from __future__ import annotations
 
 import dataclasses
 
+from jax.experimental import pallas as pl
+
 
 @dataclasses.dataclass(frozen=True)
 class SelectionTuning:
-    """Warps, software-pipelining depth and row batching of the selected-attention kernels.
+    """Warps, software-pipelining depth, row batching and backward variant of the kernels.
 
     The forward holds the ``G`` query heads of one query position (rows padded to
     ``max(16, next_pow2(G))``) against one selected key block (padded to
@@ -20,22 +22,82 @@ class SelectionTuning:
       bwd_rows: query rows gathered per backward step, a power of two:
         ``bwd_rows / next_pow2(G)`` (query, slot) pairs of the tile's inverse-map
         list at once (at least one pair, at least 16 rows).
+      bwd_rows_major: compute the backward's score tile as ``[rows, keys]`` rather
+        than ``[keys, rows]``. With 8 warps the MMA splits its first dimension over
+        two warp groups, so rows-major with 128 rows keeps every warp group busy,
+        where 64 keys would be computed twice.
+      dq_atomic: accumulate dQ with float32 atomic adds into one ``[B, T, HQ, Dk]``
+        buffer instead of writing one bf16/f32 part per (query, slot) and summing
+        them. Not deterministic (float addition order varies between runs), and
+        about 2x slower on the H200 (module docstring of
+        :mod:`pallas_kernels.gpu.selection`), so no default uses it.
+      packed_sort: build the inverse map with one single-key sort of
+        ``tile * T*n*E + id`` (uint32) instead of a two-operand stable sort; used
+        only where the packed key fits in 32 bits.
+      split_head_dims: in the backward, hold a head dim as power-of-two column
+        tiles (Dk=192 as 128 + 64) instead of one tile padded to a power of two
+        (256): fewer registers and no MMA work on padding.
+      bwd_heavy_first: launch the backward's programs heaviest first: key tiles in
+        descending order of their (query, slot) count and the KV heads interleaved,
+        so that the long lists of early tiles (selected by many queries) start at
+        once instead of one head after another and do not make the kernel's tail.
+      bwd_splits: backward programs per key tile, each taking an equal share of the
+        tile's (query, slot) list and writing float32 partial dK/dV, summed
+        afterwards. With the spec's selection every query selects block 0, so its
+        tile's list is ``T`` pairs long, ``n`` times the mean: one program would
+        run it alone long after the others end.
+      dq_transposed: compute a step's dQ as ``[Dk, rows] = K^T dS^T`` rather than
+        ``[rows, Dk] = dS K``, so that the MMA's first dimension is the head dim (128)
+        and not the rows (32 with 4 warps, under the 64 of a Hopper warp-group MMA);
+        stored through transposed index grids.
+      dq_sum_kernel: sum the dQ parts with a Pallas kernel (one program per query
+        and KV head) that skips unlisted parts by a masked load and writes dQ in the
+        input dtype, instead of the XLA masked sum to float32 and a cast. Not with
+        ``dq_atomic``, which has no parts.
     """
 
     fwd_warps: int = 2
     fwd_stages: int = 2
-    bwd_warps: int = 4
-    bwd_stages: int = 3
-    bwd_rows: int = 32
+    bwd_warps: int = 8
+    bwd_stages: int = 2
+    bwd_rows: int = 64
+    bwd_rows_major: bool = False
+    dq_atomic: bool = False
+    packed_sort: bool = False
+    split_head_dims: bool = True
+    bwd_heavy_first: bool = False
+    bwd_splits: int = 1
+    dq_transposed: bool = False
+    dq_sum_kernel: bool = False
 
     def __post_init__(self) -> None:
-        for name, value in dataclasses.asdict(self).items():
+        for name in ("fwd_warps", "fwd_stages", "bwd_warps", "bwd_stages", "bwd_rows", "bwd_splits"):
+            value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"{name} must be positive, got {value}")
         if self.bwd_rows & (self.bwd_rows - 1):
             raise ValueError(f"bwd_rows must be a power of two, got {self.bwd_rows}")
+        if self.dq_atomic and self.dq_sum_kernel:
+            raise ValueError("dq_sum_kernel sums dQ parts, which dq_atomic does not write: set at most one")
 
 
-# Best of the sweep in experiments/bench_selection.py on one H200 (jax 0.11.2, bf16,
-# T=64K, G=16, D=128): see experiments/results/selection_h200.md.
-DEFAULT_TUNING = SelectionTuning()
+# Keyed by the padded head dims (max(16, next_pow2(Dk)), max(16, next_pow2(Dv))).
+# The fastest forward+backward of the H200 sweep at T=64K, G=16, l'=64, n=16
+# (experiments/results/selection_sweep_h200.md): D=128 4 warps, 3 stages, 32 rows,
+# keys-major, 45.9 ms (spills 152 B per thread, yet beats the non-spilling 8-warp
+# 8w_128r_rows at 48.6 ms and 8w_64r_keys at 65.5 ms); Dk=192/Dv=128 8 warps,
+# 64 rows, rows-major, split, 78.5 ms (8w_32r_keys 93.9, the 4-warp 145.2).
+_TUNING_BY_HEAD_DIMS: dict[tuple[int, int], SelectionTuning] = {
+    (128, 128): SelectionTuning(
+        bwd_warps=4, bwd_stages=3, bwd_rows=32, bwd_rows_major=False, split_head_dims=False
+    ),
+    (256, 128): SelectionTuning(bwd_warps=8, bwd_stages=2, bwd_rows=64, bwd_rows_major=True),
+}
+# Other head dims take the D=128 entry (smaller ones need fewer registers; larger ones are untuned).
+DEFAULT_TUNING = _TUNING_BY_HEAD_DIMS[(128, 128)]
+
+
+def tuning_for(dk: int, dv: int) -> SelectionTuning:
+    """Launch parameters for head dims ``dk``/``dv``: the table entry, else :data:`DEFAULT_TUNING`."""
+    key = (max(16, pl.next_power_of_2(dk)), max(16, pl.next_power_of_2(dv)))
+    return _TUNING_BY_HEAD_DIMS.get(key, DEFAULT_TUNING)

@@ -15,14 +15,64 @@ Two kernels:
   the (query, slot) pairs that selected it, listed by
   :func:`pallas_kernels.gpu.inverse_map.build_inverse_map`, several pairs per step
   (their query rows gathered into one tile). It recomputes ``P`` from the
-  log-sum-exp, accumulates dK and dV of the tile, and writes each pair's dQ
-  contribution to its own slot of a ``[B, T, H, n*E, G, Dk]`` buffer that is summed
-  over slots afterwards. No atomics and no scan over all queries: ``O(T * n)`` work,
-  every output element has one writer (deterministic).
+  log-sum-exp, accumulates dK and dV of the tile, and emits each pair's dQ
+  contribution. ``O(T * n)`` work, no scan over all queries.
+
+The backward runs as four stages: ``delta = rowsum(out * dout)`` (XLA), the inverse
+map (XLA sort), the tile kernel, and the dQ reduction. Variants, chosen by
+:class:`pallas_kernels.gpu.block_sizes.SelectionTuning` (defaults per head dims in
+``tuning_for``):
+
+- dQ as parts (default, deterministic): each pair writes its dQ to its own
+  (slot, part) row of ``[B, T, H, n*E, G, Dk]`` (bf16 for bf16 inputs), summed
+  afterwards by XLA or (``dq_sum_kernel``) by a Pallas kernel that writes the input
+  dtype directly; every output element has one writer.
+- dQ by float32 atomics (``dq_atomic``, not deterministic): adds into one padded
+  ``[B, T+1, H, G', Dk']`` float32 buffer; no parts buffer and no reduction pass.
+  Measured far slower on the H200 (T=64K, G=16, D=128, fwd+bwd 113.3 ms and 97.0 ms
+  against 65.5 and 48.6 ms with parts for the same launch parameters; Dk=192: 213.1
+  against 124.7 ms; experiments/results/selection_sweep_h200.md): the float32
+  reductions in L2 cost more than the parts' HBM round trip, so no default uses it.
+- rows-major scores (``bwd_rows_major``): the score tile as ``[rows, keys]`` so that
+  with 8 warps and 128 rows each of the two MMA warp groups gets 64 distinct rows.
+- transposed dQ (``dq_transposed``): a step's dQ as ``[Dk, rows] = K^T dS^T``, whose
+  MMA has the head dim (not 32 rows) as first dimension.
+- split head dims (``split_head_dims``): Dk = 192 held as 128 + 64 column tiles
+  instead of one 256-wide tile, which cuts the dK accumulator and the gathered
+  tiles by a quarter.
+- heavy first (``bwd_heavy_first``): programs launched in descending order of their
+  list length with the KV heads interleaved. Early key tiles are selected by many
+  more queries (about 5x the mean at 64K with random causal selections, and every
+  query when the first block is always selected), so in tile order the last head's
+  long lists start late and make the kernel's tail.
+
+Why these, at the benchmark shape (T = 64K, B = 1, H = 4, G = 16, n = 16, l' = 64,
+D = 128, bf16; P = T*H*n = 4.2M (query, slot) pairs of G rows):
+
+- The tile kernel gathers q and dout rows per pair: P*G*(Dk+Dv)*2 B = 34 GB, and
+  does 5 matmuls of 2*HQ*T*n*l'*D = 1.1 TFLOP each (5.5 TFLOP).
+- dQ parts: 17 GB written by the kernel, 17 GB read by the sum (~8 ms of HBM time;
+  the XLA sum measured 4.8 ms alone).
+- Rejected: a query-centric dQ pass recomputing P (reads every selected K and V
+  block again through L2, 137 GB, as the 16 ms forward does), and writing the
+  score gradient ``dS [P, G, l']`` instead of dQ parts (8.6 GB + 8.6 GB, but the
+  dS @ K pass again reads 69 GB of K blocks through L2: ~8 ms, more than it saves).
+- The inverse map sorts T*n ids per (batch, head); ``packed_sort`` sorts one uint32
+  key instead of a (tile, id) pair (measured 1.46 against 1.50 ms at 64K).
+
+Registers per thread / stack bytes (spills) / shared memory of the backward for
+sm_90a at T = 64K, G = 16, l' = 64 (``experiments/kernel_resources.py``; every
+variant of ``experiments/selection_inputs.VARIANTS`` is listed in
+experiments/results/selection_h200.md): the D=128 default (4 warps, 3 stages, 32
+rows, keys-major) 255 / 232 B / 87 KB, yet the fastest measured; the Dk=192/Dv=128
+default (8 warps, 2 stages, 64 rows, rows-major, split) 255 / 232 B / 140 KB. Four
+warps cannot hold the float32 dK and dV accumulators of a 64-key tile (128 registers
+at D = 128) next to the step's tiles without spilling.
 
 Tiles are padded to what ``tl.dot`` accepts (rows ``G`` and the block size to
-``max(16, next_pow2)``, head dims to powers of two) with masked loads and stores, so
-any ``G``, ``Dk != Dv``, any ``T`` and any block size are served.
+``max(16, next_pow2)``, head dims to powers of two or, in the backward, to
+power-of-two column tiles) with masked loads and stores, so any ``G``,
+``Dk != Dv``, any ``T`` and any block size are served.
 """
 
 from __future__ import annotations
@@ -36,7 +86,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from nsa_jax.segments import segment_starts
-from pallas_kernels.gpu.block_sizes import DEFAULT_TUNING, SelectionTuning
+from pallas_kernels.gpu.block_sizes import SelectionTuning, tuning_for
 from pallas_kernels.gpu.inverse_map import build_inverse_map, key_tile_count, listed_parts, parts_per_slot
 from pallas_kernels.gpu.tiles import (
     LOG2E,
@@ -108,8 +158,29 @@ class _Geometry:
         """Whether a selected tile can reach past ``T`` or past its block."""
         return not (self.aligned and self.length % self.block_size == 0 and self.tile == self.block_size)
 
+    def column_chunks(self, size: int) -> tuple[tuple[int, int], ...]:
+        """``(first lane, width)`` tiles covering a head dim of ``size`` in the backward.
+
+        With ``tuning.split_head_dims`` the dim rounded up to 16 is cut into powers of
+        two, largest first (192 -> 128 + 64), so no lanes are padded beyond 16;
+        otherwise one tile of ``padded(size)`` lanes (192 -> 256).
+        """
+        if not self.tuning.split_head_dims:
+            return ((0, padded(size)),)
+        total, chunks = -(-size // 16) * 16, []
+        for bit in reversed(range(total.bit_length())):
+            if total & (1 << bit):
+                chunks.append((total & -(1 << (bit + 1)), 1 << bit))
+        return tuple(chunks)
+
     def params(self, warps: int, stages: int) -> plt.CompilerParams:
         return plt.CompilerParams(num_warps=warps, num_stages=stages)
+
+
+def _dot_tn(a: jax.Array, b: jax.Array, precision: jax.lax.Precision | None) -> jax.Array:
+    """``a.T @ b`` accumulated in float32."""
+    dims = (((0,), (0,)), ((), ()))
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32, precision=precision)
 
 
 def _selected_keys(geo: _Geometry, start: jax.Array, query: jax.Array):
@@ -165,6 +236,7 @@ def _forward_kernel(starts_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, geo: _Ge
 def _backward_kernel(
     entries_ref,
     offsets_ref,
+    order_ref,
     starts_ref,
     q_ref,
     k_ref,
@@ -172,38 +244,56 @@ def _backward_kernel(
     do_ref,
     lse_ref,
     delta_ref,
-    dk_ref,
-    dv_ref,
-    dq_parts_ref,
-    *,
+    *outputs,
     geo: _Geometry,
 ):
-    """dK, dV of key tile ``a`` (keys ``[a*l', (a+1)*l')``) of one KV head, and dQ parts.
+    """dK, dV of key tile ``a`` (keys ``[a*l', (a+1)*l')``) of one KV head, and dQ.
 
     Refs hold the whole row of this (batch, KV head): ``q_ref [T, Gq, Dk']``,
     ``k_ref [T, Dk']``, ``do_ref [T, Gq, Dv']``, ``starts_ref [T, n]``,
-    ``lse_ref``/``delta_ref [T, Gq]``, ``dq_parts_ref [T, n*E, Gq, Dk']``;
-    ``entries_ref``/``offsets_ref`` are this head's inverse map. Each step gathers
-    ``bwd_rows`` rows: ``bwd_rows / Gq`` (query, slot) pairs times their ``Gq`` heads.
-    The dQ contribution of each pair goes to its own (slot, part) row of
-    ``dq_parts``, summed afterwards: every output element has one writer.
+    ``lse_ref``/``delta_ref [T, Gq]``; ``entries_ref``/``offsets_ref`` are this
+    head's inverse map, ``order_ref [num_tiles]`` the tile of each program rank.
+    ``outputs`` end with ``dk_ref [T, Dk']``, ``dv_ref [T, Dv']`` and ``dq_ref``:
+    ``[T, n*E, Gq, Dk']`` parts (one writer per element, summed afterwards) or, with
+    ``dq_atomic``, the float32 ``[T + 1, Gq, Dk']`` sum (preceded by its aliased zeroed
+    input). Each step gathers ``bwd_rows`` rows: ``bwd_rows / Gq`` (query, slot) pairs
+    times their ``Gq`` heads.
     """
-    tile_index = pl.program_id(0)
-    dk_cols, dv_cols = lanes(geo.dk, geo.dk_padded), lanes(geo.dv, geo.dv_padded)
+    # With atomic dQ the zeroed float32 dQ comes in aliased to the third output.
+    dk_ref, dv_ref, dq_ref = outputs[-3:]
+    splits = geo.tuning.bwd_splits
+    rank = pl.program_id(_rank_axis(geo))
+    tile_index = order_ref[jax.lax.div(rank, splits)]
+    dk_chunks, dv_chunks = geo.column_chunks(geo.dk), geo.column_chunks(geo.dv)
     offsets = jnp.arange(geo.tile)
     positions = tile_index * geo.block_size + offsets
     in_tile = None
     if geo.key_rows_may_overrun:
         in_tile = (positions < geo.length) & (offsets < geo.block_size)
     rows = pl.ds(tile_index * geo.block_size, geo.tile)
-    k = load(k_ref.at[rows, :], tile_mask(in_tile, dk_cols))
-    v = load(v_ref.at[rows, :], tile_mask(in_tile, dv_cols))
+    k = [
+        load(k_ref.at[rows, pl.ds(c, w)], tile_mask(in_tile, lanes(min(geo.dk - c, w), w)))
+        for c, w in dk_chunks
+    ]
+    v = [
+        load(v_ref.at[rows, pl.ds(c, w)], tile_mask(in_tile, lanes(min(geo.dv - c, w), w)))
+        for c, w in dv_chunks
+    ]
     log2_scale = geo.scale * LOG2E
     row = jnp.arange(geo.bwd_rows)
     pair, head = row // geo.heads_pow2, row % geo.heads_pow2
-    dk_lanes, dv_lanes = jnp.arange(geo.dk_padded), jnp.arange(geo.dv_padded)
     first, last = offsets_ref[tile_index], offsets_ref[tile_index + 1]
     pairs = geo.bwd_rows // geo.heads_pow2
+    if splits > 1:  # this program's share of the tile's list, whole steps of ``pairs``
+        split = jax.lax.rem(rank, splits)
+        share = jax.lax.div(last - first + splits * pairs - 1, splits * pairs) * pairs
+        first = jnp.minimum(first + split * share, last)
+        last = jnp.minimum(first + share, last)
+
+    def gather(ref, query, live, chunk, size):
+        cols = chunk[0] + jnp.arange(chunk[1])
+        mask = live[:, None] & (cols < size)[None, :]
+        return plt.load(ref.at[query[:, None], head[:, None], cols[None, :]], mask=mask, other=0)
 
     def body(step, carry):
         dk, dv = carry
@@ -215,62 +305,112 @@ def _backward_kernel(
         slot = jax.lax.div(part_slot, geo.parts)
         start = starts_ref[query, slot]
         live = live & (head < geo.group)
-        q = plt.load(
-            q_ref.at[query[:, None], head[:, None], dk_lanes[None, :]],
-            mask=live[:, None] & (dk_lanes < geo.dk)[None, :],
-            other=0,
-        )
-        do = plt.load(
-            do_ref.at[query[:, None], head[:, None], dv_lanes[None, :]],
-            mask=live[:, None] & (dv_lanes < geo.dv)[None, :],
-            other=0,
-        )
+        q = [gather(q_ref, query, live, chunk, geo.dk) for chunk in dk_chunks]
+        do = [gather(do_ref, query, live, chunk, geo.dv) for chunk in dv_chunks]
         lse = plt.load(lse_ref.at[query, head], mask=live, other=0)
         delta = plt.load(delta_ref.at[query, head], mask=live, other=0)
-        valid = live[None, :] & (positions[:, None] <= query[None, :])
+        # valid[r, c]: row r of the gathered tile attends to key c of this tile.
+        valid = live[:, None] & (positions[None, :] <= query[:, None])
         if not geo.aligned:
             valid = (
                 valid
-                & (positions[:, None] >= start[None, :])
-                & (positions[:, None] < start[None, :] + geo.block_size)
+                & (positions[None, :] >= start[:, None])
+                & (positions[None, :] < start[:, None] + geo.block_size)
             )
         if in_tile is not None:
-            valid = valid & in_tile[:, None]
-        s = dot_nt(k, q, geo.precision) * log2_scale
-        p = jnp.where(valid, jnp.exp2(s - lse[None, :]), 0.0)
-        dv = dv + dot(p.astype(do.dtype), do, geo.precision)
-        ds = p * (dot_nt(v, do, geo.precision) - delta[None, :])
-        dk = dk + dot(ds.astype(q.dtype), q, geo.precision)
-        dq = jax.lax.dot_general(
-            ds.astype(k.dtype),
-            k,
-            (((0,), (0,)), ((), ())),
-            preferred_element_type=jnp.float32,
-            precision=geo.precision,
+            valid = valid & in_tile[None, :]
+        precision = geo.precision
+        if geo.tuning.bwd_rows_major:  # scores [rows, keys]
+            s = sum(dot_nt(qc, kc, precision) for qc, kc in zip(q, k, strict=True)) * log2_scale
+            p = jnp.where(valid, jnp.exp2(s - lse[:, None]), 0.0)
+            dv = [acc + _dot_tn(p.astype(dc.dtype), dc, precision) for acc, dc in zip(dv, do, strict=True)]
+            dp = sum(dot_nt(dc, vc, precision) for dc, vc in zip(do, v, strict=True))
+            ds = p * (dp - delta[:, None])
+            dk = [acc + _dot_tn(ds.astype(qc.dtype), qc, precision) for acc, qc in zip(dk, q, strict=True)]
+        else:  # scores [keys, rows]
+            s = sum(dot_nt(kc, qc, precision) for qc, kc in zip(q, k, strict=True)) * log2_scale
+            p = jnp.where(valid.T, jnp.exp2(s - lse[None, :]), 0.0)
+            dv = [acc + dot(p.astype(dc.dtype), dc, precision) for acc, dc in zip(dv, do, strict=True)]
+            dp = sum(dot_nt(vc, dc, precision) for dc, vc in zip(do, v, strict=True))
+            ds = p * (dp - delta[None, :])
+            dk = [acc + dot(ds.astype(qc.dtype), qc, precision) for acc, qc in zip(dk, q, strict=True)]
+        # dQ [rows, w] = dS K, or [w, rows] = K^T dS^T: contract the keys axis of both.
+        keys_axis = 1 if geo.tuning.bwd_rows_major else 0
+        dims = (
+            (((0,), (keys_axis,)), ((), ())) if geo.tuning.dq_transposed else (((keys_axis,), (0,)), ((), ()))
         )
-        # Dead rows point past the end (dropped in interpret mode, masked on GPU).
-        target = jnp.where(live, query, geo.length)
-        plt.store(
-            dq_parts_ref.at[target[:, None], part_slot[:, None], head[:, None], dk_lanes[None, :]],
-            (dq * geo.scale).astype(dq_parts_ref.dtype),
-            mask=live[:, None] & (dk_lanes < geo.dk)[None, :],
+        operands = lambda kc: (
+            (kc, ds.astype(kc.dtype)) if geo.tuning.dq_transposed else (ds.astype(kc.dtype), kc)
         )
+        dq = [
+            jax.lax.dot_general(*operands(kc), dims, preferred_element_type=jnp.float32, precision=precision)
+            for kc in k
+        ]
+        # Index grids shaped like a dQ chunk: per row along axis 0, or along axis 1 if transposed.
+        by_row, by_col = (1, 0) if geo.tuning.dq_transposed else (0, 1)
+        along = lambda x, axis: jnp.expand_dims(x, 1 - axis)
+        # Dead rows point past the end: masked on GPU, dropped in interpret mode, or
+        # (atomic dQ) the spare row T of the [T + 1, Gq, Dk'] buffer, into which they
+        # add zeros: interpret mode has no masked atomics, and every lane is in bounds.
+        target = along(jnp.where(live, query, geo.length), by_row)
+        for (c, w), dq_chunk in zip(dk_chunks, dq, strict=True):
+            cols = along(c + jnp.arange(w), by_col)
+            dq_mask = along(live, by_row) & (cols < geo.dk)
+            if geo.tuning.dq_atomic:
+                index = (target, along(head, by_row), cols)
+                plt.atomic_add(dq_ref, index, jnp.where(dq_mask, dq_chunk * geo.scale, 0.0))
+            else:
+                plt.store(
+                    dq_ref.at[target, along(part_slot, by_row), along(head, by_row), cols],
+                    (dq_chunk * geo.scale).astype(dq_ref.dtype),
+                    mask=dq_mask,
+                )
         return dk, dv
 
     init = (
-        jnp.zeros((geo.tile, geo.dk_padded), jnp.float32),
-        jnp.zeros((geo.tile, geo.dv_padded), jnp.float32),
+        [jnp.zeros((geo.tile, w), jnp.float32) for _, w in dk_chunks],
+        [jnp.zeros((geo.tile, w), jnp.float32) for _, w in dv_chunks],
     )
     steps = jax.lax.div(last - first + pairs - 1, pairs)
     dk, dv = jax.lax.fori_loop(0, steps, body, init)
-    store(dk_ref.at[rows, :], dk * geo.scale, tile_mask(in_tile, dk_cols))
-    store(dv_ref.at[rows, :], dv, tile_mask(in_tile, dv_cols))
+    # With splits, each program writes its float32 partial sums to its own split row.
+    at = (
+        (lambda ref, c, w: ref.at[rows, split, pl.ds(c, w)])
+        if splits > 1
+        else (lambda ref, c, w: ref.at[rows, pl.ds(c, w)])
+    )
+    for (c, w), acc in zip(dk_chunks, dk, strict=True):
+        store(at(dk_ref, c, w), acc * geo.scale, tile_mask(in_tile, lanes(min(geo.dk - c, w), w)))
+    for (c, w), acc in zip(dv_chunks, dv, strict=True):
+        store(at(dv_ref, c, w), acc, tile_mask(in_tile, lanes(min(geo.dv - c, w), w)))
 
 
-def _per_head(geo: _Geometry, *trailing: int) -> pl.BlockSpec:
-    """Block of a whole row ``[T, ...]`` of one KV head, for grids ``(x, H, B)``."""
+def _per_head(geo: _Geometry, *trailing: int, head_axis: int = 1) -> pl.BlockSpec:
+    """Block of a whole row ``[T, ...]`` of one KV head; the head is grid axis ``head_axis``, batch axis 2."""
     zeros = (0,) * len(trailing)
-    return pl.BlockSpec((None, geo.length, None, *trailing), lambda x, h, b: (b, 0, h, *zeros))
+    return pl.BlockSpec(
+        (None, geo.length, None, *trailing), lambda x, y, b: (b, 0, (x, y)[head_axis], *zeros)
+    )
+
+
+def _rank_axis(geo: _Geometry) -> int:
+    """Grid axis of the backward's tile rank: ``(rank, H, B)``, or ``(H, rank, B)`` heavy first.
+
+    Blocks launch in order of the first axis fastest, so heavy first interleaves the heads.
+    """
+    return 1 if geo.tuning.bwd_heavy_first else 0
+
+
+def _tile_order(offsets: jax.Array, geo: _Geometry) -> jax.Array:
+    """int32 ``[B, H, num_tiles]``: the key tile of each backward program rank.
+
+    Heavy first: descending (query, slot) count (the longest lists start first, as in
+    longest-processing-time scheduling); otherwise ascending tiles.
+    """
+    if not geo.tuning.bwd_heavy_first:
+        return jnp.broadcast_to(jnp.arange(offsets.shape[-1] - 1, dtype=jnp.int32), offsets[..., 1:].shape)
+    counts = offsets[..., 1:] - offsets[..., :-1]
+    return jnp.argsort(-counts, axis=-1, stable=True).astype(jnp.int32)
 
 
 def _forward(q, k, v, key_starts, geo: _Geometry):
@@ -298,46 +438,137 @@ def _forward(q, k, v, key_starts, geo: _Geometry):
 
 
 def _backward(q, k, v, key_starts, out, lse, dout, geo: _Geometry):
+    """dq, dk, dv: the four stages below, each timed alone by experiments/bench_selection.py."""
+    delta = _delta(out, dout, geo)
+    entries, offsets = _inverse_map(key_starts, geo)
+    dk, dv, dq = _tile_backward(q, k, v, dout, key_starts, lse, delta, entries, offsets, geo)
+    return _finish_dq(dq, key_starts, geo).reshape(q.shape).astype(q.dtype), dk, dv
+
+
+def _delta(out, dout, geo: _Geometry) -> jax.Array:
+    """``rowsum(out * dout)`` in float32, ``[B, T, H, G]``."""
+    delta = jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1)
+    return delta.reshape(*out.shape[:2], -1, geo.group)
+
+
+def _inverse_map(key_starts, geo: _Geometry) -> tuple[jax.Array, jax.Array]:
+    return build_inverse_map(
+        key_starts, block_size=geo.block_size, aligned=geo.aligned, packed=geo.tuning.packed_sort
+    )
+
+
+def _tile_backward(q, k, v, dout, key_starts, lse, delta, entries, offsets, geo: _Geometry):
+    """The backward kernel: dk, dv and dQ as parts ``[B, T, H, n*E, G, Dk]`` or atomic sums."""
     batch, length, heads, _ = k.shape
     q5 = q.reshape(batch, length, heads, geo.group, geo.dk)
     do5 = dout.reshape(batch, length, heads, geo.group, geo.dv)
-    delta = jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1)
-    delta = delta.reshape(batch, length, heads, geo.group)
-    entries, offsets = build_inverse_map(key_starts, block_size=geo.block_size, aligned=geo.aligned)
     num_tiles = key_tile_count(length, geo.block_size)
-    whole = lambda size: pl.BlockSpec((None, None, size), lambda a, h, b: (b, h, 0))
-    parts_shape = (batch, length, heads, geo.slots * geo.parts, geo.group, geo.dk)
-    dk, dv, dq_parts = pl.pallas_call(
+    head_axis = 1 - _rank_axis(geo)
+    row = functools.partial(_per_head, geo, head_axis=head_axis)
+    whole = lambda size: pl.BlockSpec((None, None, size), lambda x, y, b: (b, (x, y)[head_axis], 0))
+    inputs = [entries, offsets, _tile_order(offsets, geo), key_starts, q5, k, v, do5, lse, delta]
+    in_specs = [
+        whole(entries.shape[-1]),
+        whole(num_tiles + 1),
+        whole(num_tiles),
+        row(geo.slots),
+        row(geo.heads_pow2, geo.dk_padded),
+        row(geo.dk_padded),
+        row(geo.dv_padded),
+        row(geo.heads_pow2, geo.dv_padded),
+        row(geo.heads_pow2),
+        row(geo.heads_pow2),
+    ]
+    aliases = {}
+    if geo.tuning.dq_atomic:
+        dq_shape = jax.ShapeDtypeStruct(
+            (batch, length + 1, heads, geo.heads_pow2, geo.dk_padded), jnp.float32
+        )
+        dq_spec = pl.BlockSpec(
+            (None, length + 1, None, geo.heads_pow2, geo.dk_padded),
+            lambda x, y, b: (b, 0, (x, y)[head_axis], 0, 0),
+        )
+        aliases = {len(inputs): 2}
+        inputs.append(jnp.zeros(dq_shape.shape, dq_shape.dtype))
+        in_specs.append(dq_spec)
+    else:
+        parts = (batch, length, heads, geo.slots * geo.parts, geo.group, geo.dk)
+        dq_shape = jax.ShapeDtypeStruct(parts, jnp.bfloat16 if q.dtype == jnp.bfloat16 else jnp.float32)
+        dq_spec = row(geo.slots * geo.parts, geo.heads_pow2, geo.dk_padded)
+    splits = geo.tuning.bwd_splits
+    if splits > 1:  # float32 partial dK/dV per split, summed below
+        kv_specs = [row(splits, geo.dk_padded), row(splits, geo.dv_padded)]
+        kv_shapes = [
+            jax.ShapeDtypeStruct((batch, length, heads, splits, d), jnp.float32) for d in (geo.dk, geo.dv)
+        ]
+    else:
+        kv_specs = [row(geo.dk_padded), row(geo.dv_padded)]
+        kv_shapes = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+    ranks = num_tiles * splits
+    grid = (heads, ranks, batch) if geo.tuning.bwd_heavy_first else (ranks, heads, batch)
+    dk, dv, dq = pl.pallas_call(
         functools.partial(_backward_kernel, geo=geo),
-        grid=(num_tiles, heads, batch),
-        in_specs=[
-            whole(entries.shape[-1]),
-            whole(num_tiles + 1),
-            _per_head(geo, geo.slots),
-            _per_head(geo, geo.heads_pow2, geo.dk_padded),
-            _per_head(geo, geo.dk_padded),
-            _per_head(geo, geo.dv_padded),
-            _per_head(geo, geo.heads_pow2, geo.dv_padded),
-            _per_head(geo, geo.heads_pow2),
-            _per_head(geo, geo.heads_pow2),
-        ],
-        out_specs=[
-            _per_head(geo, geo.dk_padded),
-            _per_head(geo, geo.dv_padded),
-            _per_head(geo, geo.slots * geo.parts, geo.heads_pow2, geo.dk_padded),
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct(k.shape, k.dtype),
-            jax.ShapeDtypeStruct(v.shape, v.dtype),
-            jax.ShapeDtypeStruct(parts_shape, jnp.bfloat16 if q.dtype == jnp.bfloat16 else jnp.float32),
-        ],
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=[*kv_specs, dq_spec],
+        out_shape=[*kv_shapes, dq_shape],
+        input_output_aliases=aliases,
         compiler_params=geo.params(geo.tuning.bwd_warps, geo.tuning.bwd_stages),
         interpret=geo.interpret,
         name="nsa_selected_bwd",
-    )(entries, offsets, key_starts, q5, k, v, do5, lse, delta)
+    )(*inputs)
+    if splits > 1:
+        dk, dv = jnp.sum(dk, axis=3).astype(k.dtype), jnp.sum(dv, axis=3).astype(v.dtype)
+    return dk, dv, dq
+
+
+def _finish_dq(dq, key_starts, geo: _Geometry) -> jax.Array:
+    """dQ ``[B, T, H, G, Dk]`` from the kernel's parts (summed) or atomic buffer (cropped).
+
+    Float32, or already in the input dtype from the ``dq_sum_kernel`` reduction.
+    """
+    if geo.tuning.dq_atomic:
+        return dq[:, : geo.length, :, : geo.group, : geo.dk]
     listed = listed_parts(key_starts, block_size=geo.block_size, aligned=geo.aligned)
-    dq = jnp.sum(jnp.where(listed[..., None, None], dq_parts.astype(jnp.float32), 0.0), axis=3)
-    return dq.reshape(q.shape).astype(q.dtype), dk, dv
+    if geo.tuning.dq_sum_kernel:
+        return _sum_dq_parts(dq, listed, geo)
+    return jnp.sum(jnp.where(listed[..., None, None], dq.astype(jnp.float32), 0.0), axis=3)
+
+
+def _dq_sum_kernel(listed_ref, parts_ref, dq_ref, *, geo: _Geometry):
+    """dQ of one query and KV head: ``parts_ref [n*E, Gp, Dk']`` summed over its listed parts.
+
+    ``listed_ref [n*E]`` (int32) marks the parts the backward wrote; the others hold
+    whatever the buffer held and are never read (a fully masked load moves no bytes).
+    The loop is unrolled so that the parts' loads are issued together.
+    """
+    cells = tile_mask(lanes(geo.group, geo.heads_pow2), lanes(geo.dk, geo.dk_padded))
+    shape = (geo.heads_pow2, geo.dk_padded)
+    acc = jnp.zeros(shape, jnp.float32)
+    for part in range(geo.slots * geo.parts):
+        keep = jnp.broadcast_to(listed_ref[part] != 0, shape)
+        mask = keep if cells is None else keep & cells
+        # A traced index: interpret mode cannot discharge a masked load at a Python int.
+        acc += plt.load(parts_ref.at[jnp.int32(part)], mask=mask, other=0).astype(jnp.float32)
+    store(dq_ref, acc, cells)
+
+
+def _sum_dq_parts(parts: jax.Array, listed: jax.Array, geo: _Geometry) -> jax.Array:
+    """``parts [B, T, H, n*E, G, Dk]`` summed over listed parts, ``[B, T, H, G, Dk]`` in the input dtype."""
+    batch, length, heads = parts.shape[:3]
+    return pl.pallas_call(
+        functools.partial(_dq_sum_kernel, geo=geo),
+        grid=(length, heads, batch),
+        in_specs=[
+            per_query_block(geo.slots * geo.parts),
+            per_query_block(geo.slots * geo.parts, geo.heads_pow2, geo.dk_padded),
+        ],
+        out_specs=per_query_block(geo.heads_pow2, geo.dk_padded),
+        out_shape=jax.ShapeDtypeStruct((batch, length, heads, geo.group, geo.dk), jnp.dtype(geo.dtype)),
+        compiler_params=geo.params(4, 1),
+        interpret=geo.interpret,
+        name="nsa_selected_dq_sum",
+    )(listed.astype(jnp.int32), parts)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -392,7 +623,7 @@ def selected_attention(
     scale: float,
     segment_ids: jax.Array | None = None,
     interpret: bool = False,
-    tuning: SelectionTuning = DEFAULT_TUNING,
+    tuning: SelectionTuning | None = None,
 ) -> jax.Array:
     """Selected attention with a Pallas forward and backward; see :func:`nsa_jax.selected_attention`.
 
@@ -401,7 +632,8 @@ def selected_attention(
       block_indices: int ``[B, T, H, n]``, ``-1`` for unused slots, any order.
       block_size: ``l'``; scale: logit scale; segment_ids: int ``[B, T]`` or ``None``.
       interpret: run the kernels in Pallas interpret mode (CPU).
-      tuning: warps and pipeline stages per kernel.
+      tuning: launch parameters and backward variant; ``None`` takes
+        :func:`pallas_kernels.gpu.block_sizes.tuning_for` of the head dims.
 
     Returns:
       ``[B, T, HQ, Dv]`` in ``q.dtype``; differentiable in ``q``, ``k``, ``v``.
@@ -417,7 +649,7 @@ def selected_attention(
         aligned=segment_ids is None,
         dtype=jnp.dtype(q.dtype).name,
         interpret=interpret,
-        tuning=tuning,
+        tuning=tuning_for(q.shape[3], v.shape[3]) if tuning is None else tuning,
     )
     key_starts = selected_key_starts(block_indices, segment_ids, block_size)
     return _attention(q, k, v, key_starts, geo)
