@@ -304,15 +304,15 @@ def sweep_markdown(report: dict) -> str:
         "Variants, forward+backward (ms); rel. diff: gradients against the config's first variant:",
         "",
         "| config | variant | warps | stages | rows | rows-major | split dims | dQ transposed | heavy first "
-        "| dQ sum kernel | fwd+bwd | rel diff dq/dk/dv | error |",
-        "|" + "---|" * 13,
+        "| splits | dQ sum kernel | fwd+bwd | rel diff dq/dk/dv | error |",
+        "|" + "---|" * 14,
     ]
     for r in report["sweep"]:
         diffs = "/".join(f"{r[f'rel_diff_d{n}']:.1e}" for n in "qkv") if "rel_diff_dq" in r else "-"
         lines.append(
             f"| {r['config']} | {r['variant']} | {r['bwd_warps']} | {r['bwd_stages']} | {r['bwd_rows']} "
             f"| {r['bwd_rows_major']} | {r['split_head_dims']} | {r['dq_transposed']} "
-            f"| {r['bwd_heavy_first']} | {r['dq_sum_kernel']} "
+            f"| {r['bwd_heavy_first']} | {r['bwd_splits']} | {r['dq_sum_kernel']} "
             f"| {fmt(r.get('fwd_bwd_ms'))} | {diffs} | {r.get('error', '')[:80]} |"
         )
     return "\n".join(lines) + "\n"

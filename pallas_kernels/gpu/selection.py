@@ -45,6 +45,11 @@ map (XLA sort), the tile kernel, and the dQ reduction. Variants, chosen by
   more queries (about 5x the mean at 64K with random causal selections, and every
   query when the first block is always selected), so in tile order the last head's
   long lists start late and make the kernel's tail.
+- splits (``bwd_splits``): several programs per key tile, each on an equal share of
+  its list, with float32 partial dK/dV summed afterwards. The spec's selection
+  always keeps block 0 (Eq. 11), whose tile is then listed by all T queries: one
+  program would take about 4x the balanced kernel time (a list-scheduling model at
+  64K with 264 resident programs), whatever the launch order.
 
 Why these, at the benchmark shape (T = 64K, B = 1, H = 4, G = 16, n = 16, l' = 64,
 D = 128, bf16; P = T*H*n = 4.2M (query, slot) pairs of G rows):
