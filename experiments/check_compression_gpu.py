@@ -4,7 +4,7 @@ Run on the H200 from the repo root::
 
     PYTHONPATH=$PWD python3 experiments/check_compression_gpu.py --out $OUT [--check-only]
         [--time-only] [--lengths 8192 65536] [--configs D192_128 D128] [--no-xla] [--iters 10]
-        [--tuning fwd_rows=64 fwd_keys=64 ...]
+        [--tuning fwd_rows=64 fwd_keys=64 ...] [--sweep]
 
 1. Correctness (spec, "Compression branch (Eqs. 7-8)" and "Selection scores"), fresh random
    inputs at odd sizes, G in {1, 4, 16}, packed segments, bf16 and float32: ``pallas_triton``
@@ -22,6 +22,10 @@ Run on the H200 from the repo root::
    larger than L2 except ``k_cmp``/``v_cmp``, which a real layer also reads from L2, so inputs
    are not rotated. Memory: XLA's compiled memory analysis of each timed function (temporary
    buffers plus outputs; arguments excluded).
+
+``--sweep`` instead times only forward+backward of the candidate tunings in ``SWEEP`` (at
+``--lengths``, ``--configs``; no checks), for picking the per-head-dim defaults of
+``pallas_kernels/gpu/compressed.py``.
 
 Prints a Markdown table last and writes ``compression_gpu.json`` (and ``.md``) into ``--out``.
 Exits non-zero when a check fails.
@@ -259,8 +263,9 @@ def compressed_pairs(length: int) -> int:
     return int(np.sum(np.where(ended >= 0, ended // D + 1, 0)))
 
 
-def tuned(tuning: compressed_kernels.CompressedTuning, geometry: dict):
-    """Our compressed attention with explicit tile sizes (bf16 timing of ``--tuning``)."""
+def tuned(tuning: compressed_kernels.CompressedTuning | None, geometry: dict):
+    """Our compressed attention with explicit tile sizes (bf16 timing of ``--tuning``, ``--sweep``);
+    ``None``: the kernel's default for the dtype and head dims."""
 
     def fn(q, k, v):
         return compressed_kernels.compressed_attention(
@@ -326,6 +331,66 @@ def time_config(
     return row
 
 
+# Candidate tunings of --sweep per config: CompressedTuning overrides (empty: the kernel's table
+# default for the head dims). All compile for sm_90a at T = 64K without register spills unless
+# noted (experiments/kernel_resources.py); "old" is the dK/dV tile before the wgmma change.
+SWEEP = {
+    "D192_128": {
+        "default": {},
+        "old_dkv_k32_r128": dict(dkv_keys=32, dkv_rows=128),
+        "dkv_k64_r16": dict(dkv_keys=64, dkv_rows=16),
+        "dkv_k64_r64_spill64B": dict(dkv_keys=64, dkv_rows=64),
+        "dkv_k64_r32_s3_dq_r128_k16": dict(dkv_keys=64, dkv_rows=32, dkv_stages=3, dq_rows=128, dq_keys=16),
+    },
+    "D128": {
+        "default": {},
+        "old_dkv_k32_r128": dict(dkv_keys=32, dkv_rows=128),
+        "dkv_k64_r32": dict(dkv_keys=64, dkv_rows=32),
+        "dkv_k64_r64_dq_r128_k32": dict(dkv_keys=64, dkv_rows=64, dq_rows=128, dq_keys=32),
+        "dkv_k64_r64_dq_r128_k64": dict(dkv_keys=64, dkv_rows=64, dq_rows=128, dq_keys=64),
+    },
+}
+
+
+def sweep_config(length: int, config: str, iters: int) -> list[dict]:
+    """Forward (table default) and forward+backward of each :data:`SWEEP` candidate of ``config``."""
+    dk, dv = CONFIGS[config]
+    keys = jax.random.split(jax.random.key(length + dk), 4)
+    slots = length // D
+    q = jax.random.normal(keys[0], (1, length, 64, dk), jnp.bfloat16)
+    k = jax.random.normal(keys[1], (1, slots, 4, dk), jnp.bfloat16)
+    v = jax.random.normal(keys[2], (1, slots, 4, dv), jnp.bfloat16)
+    ct = jax.random.normal(keys[3], (1, length, 64, dv), jnp.bfloat16)
+    geometry = dict(block_length=L, block_stride=D)
+    flops = 2.0 * 64 * compressed_pairs(length) * (dk + dv)
+    fwd_ms = time_ms(jax.jit(tuned(None, geometry)), q, k, v, iters=iters)
+    rows = []
+    for label, overrides in SWEEP[config].items():
+        attend = tuned(compressed_kernels.CompressedTuning(**overrides) if overrides else None, geometry)
+        fwd_bwd = jax.jit(
+            lambda q, k, v, ct, attend=attend: jax.vjp(lambda *a: attend(*a)[0], q, k, v)[1](ct)
+        )
+        start = time.perf_counter()
+        compiled = fwd_bwd.lower(q, k, v, ct).compile()
+        compile_s = time.perf_counter() - start
+        ms = time_ms(compiled, q, k, v, ct, iters=iters)
+        rows.append(
+            {
+                "T": length,
+                "config": config,
+                "candidate": label,
+                "overrides": overrides,
+                "fwd_ms": fwd_ms,
+                "fwd_bwd_ms": ms,
+                "bwd_ms": ms - fwd_ms,
+                "fwd_bwd_tflops": 3.5 * flops / ms / 1e9,
+                "compile_s": compile_s,
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def fmt(x, digits: int = 2) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
@@ -359,6 +424,21 @@ def markdown(report: dict) -> str:
                 f" | {gib(r.get('xla_fwd_bytes'))} / {gib(r.get('xla_fwd_bwd_bytes'))}"
                 f" / {gib(r.get('xla_select_bytes'))} |"
             )
+    if report.get("sweep"):
+        lines += [
+            "",
+            "Sweep of compressed-attention tunings (bf16; bwd = f+b - fwd, fwd with the default tiles):",
+            "",
+            "| T | Dk/Dv | candidate | fwd | f+b | bwd | f+b TFLOP/s | compile s | overrides |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in report["sweep"]:
+            overrides = " ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "table default"
+            lines.append(
+                f"| {r['T']} | {r['config']} | {r['candidate']} | {fmt(r['fwd_ms'])} | {fmt(r['fwd_bwd_ms'])}"
+                f" | {fmt(r['bwd_ms'])} | {fmt(r['fwd_bwd_tflops'], 0)} | {fmt(r['compile_s'], 0)}"
+                f" | {overrides} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -379,6 +459,11 @@ def main() -> int:
         help="CompressedTuning overrides for the timed (bf16) compressed attention",
     )
     parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="time forward+backward of the SWEEP candidate tunings per --configs and --lengths, nothing else",
+    )
+    parser.add_argument(
         "--xla-max-length", type=int, default=65536, help="longest T at which the xla reference is timed"
     )
     args = parser.parse_args()
@@ -389,10 +474,11 @@ def main() -> int:
         "tolerance": TOLERANCE,
         "checks": [],
         "timings": [],
+        "sweep": [],
     }
     overrides = {k: int(v) for k, v in (item.split("=") for item in args.tuning)}
     tuning = compressed_kernels.CompressedTuning(**overrides) if overrides else None
-    report["tuning"] = dataclasses.asdict(tuning or compressed_kernels.DEFAULT_TUNING)
+    report["tuning"] = dataclasses.asdict(tuning) if tuning else "table default per head dims"
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "compression_gpu")
 
@@ -403,6 +489,15 @@ def main() -> int:
             with open(path + ".md", "w") as f:
                 f.write(md)
 
+    if args.sweep:
+        for length in args.lengths:
+            for config in args.configs:
+                report["sweep"] += sweep_config(length, config, args.iters)
+                write()
+        md = markdown(report)
+        write(md)
+        print(md)
+        return 0
     if not args.time_only:
         report["checks"] = run_checks()
         write()

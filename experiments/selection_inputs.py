@@ -10,36 +10,32 @@ import jax.numpy as jnp
 from nsa_jax.segments import segment_starts
 from pallas_kernels.gpu.block_sizes import SelectionTuning, tuning_for
 
-# Backward variants swept at 64K (name: tuning), most telling first so that a sweep cut short by
-# its time limit keeps them; the first of each config is the current default (tuning_for) and the
-# reference of the sweep's gradient check. Losers of the first H200 sweep
-# (experiments/results/selection_sweep_h200.md: 8-warp keys-major at D=128, atomic dQ, packed sort)
-# are dropped. ptxas registers/spills (sm_90a, G=16, l'=64) are in experiments/results/selection_h200.md.
-_D128 = tuning_for(128, 128)
-_D192 = tuning_for(192, 128)
+# Backward variants swept at 64K (name: tuning); the first of each config is the default
+# (tuning_for) and the reference of the sweep's gradient check. Results of the H200 sweeps:
+# experiments/results/selection_sweep*_h200.md (losers of earlier sweeps are dropped: 8-warp
+# keys-major at D=128, atomic dQ, packed sort, 4-warp rows-major). ptxas registers/spills
+# (sm_90a, G=16, l'=64) are in experiments/results/selection_h200.md.
+_D128 = SelectionTuning(bwd_warps=4, bwd_stages=3, bwd_rows=32, bwd_rows_major=False, split_head_dims=False)
+_D192 = SelectionTuning(bwd_warps=8, bwd_stages=2, bwd_rows=64, bwd_rows_major=True)
 _HEAVY_SUM = {"bwd_heavy_first": True, "dq_sum_kernel": True}
 _8W_128R_ROWS = SelectionTuning(bwd_warps=8, bwd_stages=2, bwd_rows=128, bwd_rows_major=True)
 VARIANTS = {
     "G16_D128": {
+        "default": tuning_for(128, 128),
+        "4w_32r_keys_dqT": dataclasses.replace(_D128, dq_transposed=True),
+        "4w_32r_keys_heavy_sumk_split4": dataclasses.replace(_D128, bwd_splits=4, **_HEAVY_SUM),
         "4w_32r_keys": _D128,
         "4w_32r_keys_heavy_sumk": dataclasses.replace(_D128, **_HEAVY_SUM),
-        "4w_32r_keys_dqT": dataclasses.replace(_D128, dq_transposed=True),
-        "8w_128r_rows_dqT": dataclasses.replace(_8W_128R_ROWS, dq_transposed=True),
-        "8w_128r_rows": _8W_128R_ROWS,
         "8w_128r_rows_dqT_heavy_sumk": dataclasses.replace(_8W_128R_ROWS, dq_transposed=True, **_HEAVY_SUM),
-        "4w_32r_rows": dataclasses.replace(_D128, bwd_rows_major=True),
-        "4w_64r_rows_2st": dataclasses.replace(_D128, bwd_stages=2, bwd_rows=64, bwd_rows_major=True),
-        # For --first-block (block 0's tile listed by every query), timed here too for its cost.
-        "4w_32r_keys_heavy_sumk_split4": dataclasses.replace(_D128, bwd_splits=4, **_HEAVY_SUM),
+        "8w_128r_rows": _8W_128R_ROWS,
     },
     "G16_D192_128": {
-        "8w_64r_rows": _D192,
+        "default": tuning_for(192, 128),
         "8w_64r_rows_dqT": dataclasses.replace(_D192, dq_transposed=True),
-        "8w_64r_keys_dqT": dataclasses.replace(_D192, bwd_rows_major=False, dq_transposed=True),
+        "8w_64r_rows_heavy_sumk_split4": dataclasses.replace(_D192, bwd_splits=4, **_HEAVY_SUM),
+        "8w_64r_rows": _D192,
         "8w_64r_rows_heavy_sumk": dataclasses.replace(_D192, **_HEAVY_SUM),
-        "8w_64r_rows_3st": dataclasses.replace(_D192, bwd_stages=3),
-        "8w_64r_rows_unsplit": dataclasses.replace(_D192, split_head_dims=False),
-        "4w_16r_keys": SelectionTuning(bwd_warps=4, bwd_stages=3, bwd_rows=16, bwd_rows_major=False),
+        "8w_64r_keys_dqT": dataclasses.replace(_D192, bwd_rows_major=False, dq_transposed=True),
     },
 }
 

@@ -2,7 +2,8 @@
 
 The shared oracle test lives in ``tests/test_selection.py``; these compare the kernel
 with the ``xla`` reference on fresh random inputs over the (l, d, l') geometries, GQA
-group sizes, packing, several steps of selection blocks and exact ties.
+group sizes, packing (query tiles spanning segments), several key tiles (Eq. 9 terms carried
+from one key tile to the next), ``l'/d`` not a power of two, and exact ties.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ def _packed(batch: int, length: int, seed: int) -> np.ndarray:
         ((8, 8, 8), 77, 6, (1, 2), 1, False),
         ((64, 64, 64), 250, 3, (1, 1), 4, True),
         ((16, 4, 32), 150, 4, (1, 2), 16, False),
+        # l'/d = 3 tokens per block (padded to 4 in a key tile), two key tiles, Eq. 9 carry.
+        ((8, 4, 12), 300, 5, (1, 2), 2, True),
     ],
     ids=str,
 )

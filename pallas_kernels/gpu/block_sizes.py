@@ -82,16 +82,37 @@ class SelectionTuning:
 
 
 # Keyed by the padded head dims (max(16, next_pow2(Dk)), max(16, next_pow2(Dv))).
-# The fastest forward+backward of the H200 sweep at T=64K, G=16, l'=64, n=16
-# (experiments/results/selection_sweep_h200.md): D=128 4 warps, 3 stages, 32 rows,
-# keys-major, 45.9 ms (spills 152 B per thread, yet beats the non-spilling 8-warp
-# 8w_128r_rows at 48.6 ms and 8w_64r_keys at 65.5 ms); Dk=192/Dv=128 8 warps,
-# 64 rows, rows-major, split, 78.5 ms (8w_32r_keys 93.9, the 4-warp 145.2).
+# From the H200 sweeps at T=64K, G=16, l'=64, n=16 (experiments/results/selection_sweep*_h200.md):
+# - D=128: 4 warps, 3 stages, 32 rows, keys-major (45.9-46.5 ms forward+backward; it spills
+#   ~150-230 B per thread yet beats the non-spilling 8-warp layouts, 48.6-65.5 ms); transposed
+#   dQ 42.0 ms; key tiles split 4 ways, heaviest first, with the dQ-sum kernel: 44.6 ms on
+#   random blocks and 45.0 ms when block 0 is in every selection (spec Eq. 11's forced initial
+#   block) where the unsplit kernel takes 111.0 ms (one program walks all T queries of tile 0).
+# - Dk=192/Dv=128: 8 warps, 64 rows, rows-major, split head dims: 78.5-79.3 ms; transposed dQ
+#   71.5 ms; split 4 ways, heaviest first: 78.5 ms random, 78.2 ms with block 0 (unsplit 163.3).
+# The defaults combine transposed dQ with the 4-way split, heaviest first and the dQ-sum kernel.
 _TUNING_BY_HEAD_DIMS: dict[tuple[int, int], SelectionTuning] = {
     (128, 128): SelectionTuning(
-        bwd_warps=4, bwd_stages=3, bwd_rows=32, bwd_rows_major=False, split_head_dims=False
+        bwd_warps=4,
+        bwd_stages=3,
+        bwd_rows=32,
+        bwd_rows_major=False,
+        split_head_dims=False,
+        dq_transposed=True,
+        bwd_splits=4,
+        bwd_heavy_first=True,
+        dq_sum_kernel=True,
     ),
-    (256, 128): SelectionTuning(bwd_warps=8, bwd_stages=2, bwd_rows=64, bwd_rows_major=True),
+    (256, 128): SelectionTuning(
+        bwd_warps=8,
+        bwd_stages=2,
+        bwd_rows=64,
+        bwd_rows_major=True,
+        dq_transposed=True,
+        bwd_splits=4,
+        bwd_heavy_first=True,
+        dq_sum_kernel=True,
+    ),
 }
 # Other head dims take the D=128 entry (smaller ones need fewer registers; larger ones are untuned).
 DEFAULT_TUNING = _TUNING_BY_HEAD_DIMS[(128, 128)]

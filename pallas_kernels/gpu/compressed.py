@@ -23,10 +23,14 @@ Three kernels, all with an online or recomputed softmax in float32 (base 2):
 - dQ, grid ``(query tiles, H, B)``: the same walk, recomputing ``P`` from the
   log-sum-exp; also writes ``delta = rowsum(dO * O) - dlse`` for the dK/dV kernel
   (the ``dlse`` term makes the log-sum-exp output differentiable as in the reference).
-- dK/dV, grid ``(key tiles, H, B)``: one compressed key tile per program, walking
+- dK/dV, grid ``(H, key tiles, B)``: one compressed key tile per program, walking
   backwards over the query tiles that can see one of its tokens (from the first query
   after the tile's first block ends to the end of its last token's segment); no
-  atomics, one writer per output element, memory linear in ``T``.
+  atomics, one writer per output element, memory linear in ``T``. The key tile is the
+  ``M`` side of all four of its dots, so it needs at least 64 tokens for Hopper's wgmma
+  (32 compiles to mma.sync); the KV head is the fastest grid axis so that the heavy
+  (early) key tiles of every head start first: key-major order leaves a third of the
+  SMs idle at the end once a head has only 64 key tiles.
 
 Heavy query tiles (late positions) are launched first. Rows and ``Dv`` are padded to
 powers of two (``tl.dot`` needs at least 16) with masked loads and stores; ``Dk`` is
@@ -91,9 +95,18 @@ class CompressedTuning:
                 raise ValueError(f"{name} must be a power of two >= 16, got {value}")
 
 
-# 16-bit inputs: no register spills for sm_90a at Dk = 192 and 128, Dv = 128, G = 16
-# (experiments/kernel_resources.py); not yet tuned on a GPU.
-DEFAULT_TUNING = CompressedTuning()
+# 16-bit inputs, keyed by the padded head dims (max(16, next_pow2(Dk)), max(16, next_pow2(Dv))).
+# Registers for sm_90a at T = 64K, G = 16 (experiments/kernel_resources.py), dK/dV kernel:
+# 64-token key tiles compile to wgmma (32 to mma.sync); at Dk = 192 they fit without
+# spills with 32 query rows (254 registers; 64 rows spill 64 B), at Dk = 128 with 64 rows
+# (236). Forward and dQ tiles fit both (251 / 248 registers at Dk = 192). Not yet timed
+# on a GPU: experiments/check_compression_gpu.py --sweep times these against alternatives.
+_TUNING_BY_HEAD_DIMS: dict[tuple[int, int], CompressedTuning] = {
+    (128, 128): CompressedTuning(dkv_keys=64, dkv_rows=64),
+    (256, 128): CompressedTuning(dkv_keys=64, dkv_rows=32),
+}
+# Other head dims take the Dk = 192 entry (fewest registers of the two; larger ones are untuned).
+DEFAULT_TUNING = _TUNING_BY_HEAD_DIMS[(256, 128)]
 # float32 tiles take twice the registers and shared memory: half the rows and keys keep
 # shared memory under the H200's 227 KB at Dk = 192.
 FLOAT32_TUNING = CompressedTuning(
@@ -101,8 +114,12 @@ FLOAT32_TUNING = CompressedTuning(
 )
 
 
-def default_tuning(dtype: jnp.dtype) -> CompressedTuning:
-    return FLOAT32_TUNING if jnp.dtype(dtype) == jnp.float32 else DEFAULT_TUNING
+def default_tuning(dtype: jnp.dtype, dk: int, dv: int) -> CompressedTuning:
+    """Tiles for inputs of ``dtype`` and head dims ``dk``/``dv``: the table entry, else
+    :data:`DEFAULT_TUNING`; float32 always :data:`FLOAT32_TUNING`."""
+    if jnp.dtype(dtype) == jnp.float32:
+        return FLOAT32_TUNING
+    return _TUNING_BY_HEAD_DIMS.get((padded(dk), padded(dv)), DEFAULT_TUNING)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -411,7 +428,7 @@ def _dkv_kernel(
     tuning = geo.tuning
     keys, wanted_rows = tuning.dkv_keys, tuning.dkv_rows
     tile_rows = geo.rows(wanted_rows)
-    key_tile = pl.program_id(0)
+    key_tile = pl.program_id(1)
     slot = key_tile * keys + jnp.arange(keys)
     k = _key_pieces(geo, k_ref, key_tile, keys, True)
     v = _key_tile(geo, v_ref, key_tile, keys, geo.dv, True)
@@ -464,6 +481,12 @@ def _per_head(geo: _Geometry, length: int, *trailing: int) -> pl.BlockSpec:
     """Block of a whole row ``[length, ...]`` of one KV head, for grids ``(x, H, B)``."""
     zeros = (0,) * len(trailing)
     return pl.BlockSpec((None, length, None, *trailing), lambda x, h, b: (b, 0, h, *zeros))
+
+
+def _per_head_first(geo: _Geometry, length: int, *trailing: int) -> pl.BlockSpec:
+    """:func:`_per_head` for grids ``(H, x, B)``."""
+    zeros = (0,) * len(trailing)
+    return pl.BlockSpec((None, length, None, *trailing), lambda h, x, b: (b, 0, h, *zeros))
 
 
 def _per_batch(*shape: int) -> pl.BlockSpec:
@@ -561,19 +584,19 @@ def _backward(q, k, v, starts, out, lse, dout, dlse, geo: _Geometry):
     slots = geo.slots_padded(geo.tuning.dkv_keys)
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, geo=geo),
-        grid=(tiles, heads, batch),
+        grid=(heads, tiles, batch),
         in_specs=[
             _per_batch(tiles),
             _per_batch(tiles),
             _per_batch(length),
-            _per_head(geo, length, gq, geo.dk_padded),
-            _per_head(geo, slots, geo.dk_padded),
-            _per_head(geo, slots, geo.dv_padded),
-            _per_head(geo, length, gq, geo.dv_padded),
-            _per_head(geo, length, gq),
-            _per_head(geo, length, gq),
+            _per_head_first(geo, length, gq, geo.dk_padded),
+            _per_head_first(geo, slots, geo.dk_padded),
+            _per_head_first(geo, slots, geo.dv_padded),
+            _per_head_first(geo, length, gq, geo.dv_padded),
+            _per_head_first(geo, length, gq),
+            _per_head_first(geo, length, gq),
         ],
-        out_specs=[_per_head(geo, slots, geo.dk_padded), _per_head(geo, slots, geo.dv_padded)],
+        out_specs=[_per_head_first(geo, slots, geo.dk_padded), _per_head_first(geo, slots, geo.dv_padded)],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=geo.params(geo.tuning.dkv_warps, geo.tuning.dkv_stages),
         interpret=geo.interpret,
@@ -624,7 +647,7 @@ def compressed_attention(
       segment_ids: int ``[B, T]`` or ``None``.
       interpret: run the kernels in Pallas interpret mode (CPU).
       tuning: tile sizes, warps and pipeline stages per kernel; ``None``:
-        :func:`default_tuning` of the dtype.
+        :func:`default_tuning` of the dtype and head dims.
 
     Returns:
       ``(out [B, T, HQ, Dv]`` in ``q.dtype``, ``lse`` float32 ``[B, T, HQ])``; 0 and
@@ -646,7 +669,7 @@ def compressed_attention(
         segmented=segment_ids is not None,
         dtype=jnp.dtype(q.dtype).name,
         interpret=interpret,
-        tuning=default_tuning(q.dtype) if tuning is None else tuning,
+        tuning=default_tuning(q.dtype, dk, v_cmp.shape[3]) if tuning is None else tuning,
     )
     starts = segment_starts(segment_ids, batch, length)
     return _attention(q, k_cmp, v_cmp, starts, geo)

@@ -3,31 +3,41 @@
 Layouts follow :func:`nsa_jax.select_blocks`: ``q [B, T, HQ, Dk]``, compressed keys
 ``k_cmp [B, Tc, H, Dk]`` in the slot layout of :mod:`nsa_jax.segments`, ``lse``
 float32 ``[B, T, HQ]`` from the compressed attention. Internally ``q`` is viewed as
-``[B, T, H, G, Dk]`` so that one program loads the ``G`` query heads of a KV head as
-one tile (group-centric, as :mod:`pallas_kernels.gpu.selection`).
+``[B, T, H, G, Dk]``.
 
-One program per (query position, KV head, batch), grid ``(T, H, B)`` (consecutive
-programs share a KV head, so its compressed keys stay in L2). The program walks the
-selection blocks up to the one holding the query, ``blocks_per_step`` at a time. For
-each Eq. 9 offset ``k`` it gathers the compressed key that offset ``k`` of every block
-of the step points at, recomputes ``p_cmp = exp(q . k_cmp * scale - lse)`` for the
-``G`` heads, sums over the heads (Eq. 10) and adds ``weights[k] * p`` to the blocks'
-importance. Each block's importance is thus the same sequence of operations as in the
-reference (a sum over ``k`` of weighted group sums), so exact ties stay exact. A slot
-is read ``len(weights) / (l'/d) < 2`` times.
+Tiled like the compressed-attention kernels (:mod:`pallas_kernels.gpu.compressed`): one
+program per (query tile, KV head, batch); a query tile holds ``P`` positions times ``G'``
+heads (``G' = next_pow2(G)``) as ``rows = P * G'`` rows, heavy (late) tiles first. The
+program walks key tiles of ``Bk`` selection blocks, i.e. ``Bk * r'`` compressed tokens
+(``r = l'/d`` tokens start in one block, ``r' = next_pow2(r)``, tokens ``r..r'-1`` of a
+block are padding), counted from the segment start of the rows. Per key tile:
 
-The importance of all ``Nb = ceil(T / l')`` blocks stays in registers (``Nb'``
-floats, ``Nb'`` the padded count); nothing of size ``[T, Tc]`` or ``[T, Nb]`` is
-written. Top-n (Eq. 11): forced blocks score ``+inf``, blocks after the query's
-block score below any importance, and ``n`` rounds of argmax (lowest index on ties,
-as ``lax.top_k``) pick the blocks; a round whose best is not visible yields ``-1``.
-The ``n`` picks per (query, KV head) are the only output (``[B, T, H, n']`` int32,
-linear in ``T``); they are sorted ascending in XLA afterwards.
+1. ``p = exp(q . k * scale - lse)`` ``[rows, Bk * r']`` (one tensor-core dot; zero where a
+   token is not visible, Eqs. 7-8), summed over the ``G`` heads (Eq. 10) as a reshape to
+   ``[P, G', Bk * r']`` and a reduction: ``g [P, Bk * r']``.
+2. Eq. 9: ``g`` viewed as ``[P, Bk, r']`` gives ``g_m [P, Bk]``, token ``m`` of each block;
+   the weight of offset ``first + k`` is applied to ``g_m`` of the block ``-floor((first + k)
+   / r)`` blocks back. Those come from the previous key tile for the first blocks of the tile
+   (carried over, zero before the segment start). Every block's importance is the same
+   sequence of float32 operations, ``0 + w_0 x_0 + w_1 x_1 + ...`` (the reference's order
+   over ``k``), and the selections in step 2 add exact zeros, so blocks with equal inputs
+   (exact ties) get equal importance.
+3. The ``Bk`` importances are written into a ``[P, Nb' / Bk, Bk]`` register tile holding
+   every selection block of the ``P`` positions (``Nb' = next_pow2(ceil(T / l'))``).
 
-Memory: per program, registers for the ``[Nb']`` importance, the ``[G', Dk']`` query
-tile, one ``[J, Dk']`` gathered key tile and the ``[G', J]`` logits (``G'``, ``Dk'``,
-``J`` padded to powers of two, ``J = min(32, Nb')``); in HBM only the inputs, the
-segment starts ``[B, T]`` and the picks ``[B, T, H, n']``: linear in ``T``.
+Top-n (Eq. 11) then runs once per tile: forced blocks score ``+inf``, blocks after a
+position's block score below any importance, and ``n`` rounds of argmax (lowest index on
+ties, as ``lax.top_k``) pick the blocks; a round whose best is not visible yields ``-1``.
+
+Packed rows (``segment_ids``): blocks and tokens count from each position's segment start,
+so a tile whose positions belong to several segments runs one pass per segment, each over
+that segment's tokens with the other rows masked (one pass in the unpacked case).
+
+Cost: the query-key dot of the compressed attention (``2 * HQ * Dk`` flops and one ``exp``
+per visible (query head, token) pair) plus ``O(P * Nb')`` register work per key tile. Memory:
+registers for the ``[rows, Dk]`` queries, one key tile and the ``[P, Nb']`` importances; in
+HBM only the inputs and the picks ``[B, T, H, n']`` (int32): linear in ``T``. ``P`` shrinks as
+``Nb'`` grows so that the importances stay at ``P * Nb' <= 8192`` floats.
 """
 
 from __future__ import annotations
@@ -42,20 +52,43 @@ from jax.experimental.pallas import triton as plt
 
 from nsa_jax.reference.selection import ascending_unused_last, overlap_weights
 from nsa_jax.segments import segment_starts
-from pallas_kernels.gpu.tiles import (
-    dot_nt,
-    lanes,
-    load,
-    padded,
-    per_query_block,
-    require_supported_dtype,
-    tile_mask,
-)
+from pallas_kernels.gpu.tiles import LOG2E, dot_nt, padded, require_supported_dtype
 
-# Selection blocks scored per step: rows of the gathered key tile (>= 16 for tl.dot).
-_BLOCKS_PER_STEP = 32
+# Upper bound on the register tile of importances, ``P * Nb'`` floats (32 registers a
+# thread at 8 warps).
+_STATE = 8192
 # Score of a block that cannot be picked: below every importance (those are >= 0).
 _UNAVAILABLE = -1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectTuning:
+    """Tile sizes of the kernel: ``rows`` query rows (positions times ``G'``) per tile when the
+    importances allow it, ``keys`` compressed-token slots (``Bk * r'``) per key tile; powers of
+    two >= 16; ``warps`` and pipeline ``stages`` of the Triton program."""
+
+    rows: int = 128
+    keys: int = 64
+    warps: int = 8
+    stages: int = 2
+
+    def __post_init__(self) -> None:
+        for name, value in dataclasses.asdict(self).items():
+            if value < 1:
+                raise ValueError(f"{name} must be positive, got {value}")
+            if name in ("rows", "keys") and (value < 16 or value & (value - 1)):
+                raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+
+
+# bf16 at Dk = 192 and 128, G = 16, T = 64K: no register spills for sm_90a
+# (experiments/kernel_resources.py); not yet timed on a GPU.
+DEFAULT_TUNING = SelectTuning()
+# float32 (its dots run on FMA units, for checks): the 16-bit tiles spill; these do not.
+FLOAT32_TUNING = SelectTuning(rows=64, keys=32)
+
+
+def default_tuning(dtype: jnp.dtype) -> SelectTuning:
+    return FLOAT32_TUNING if jnp.dtype(dtype) == jnp.float32 else DEFAULT_TUNING
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,15 +104,32 @@ class _Geometry:
     num_initial_blocks: int
     num_local_blocks: int
     scale: float
+    segmented: bool
     dtype: str
+    tuning: SelectTuning
 
     @property
-    def rows(self) -> int:
-        return padded(self.group)
+    def heads_pow2(self) -> int:
+        return pl.next_power_of_2(self.group)
 
     @property
-    def dk_padded(self) -> int:
-        return padded(self.dk)
+    def ratio(self) -> int:
+        """``r = l' / d``: compressed tokens starting in one selection block."""
+        return self.selection_block_size // self.block_stride
+
+    @property
+    def ratio_pow2(self) -> int:
+        return pl.next_power_of_2(self.ratio)
+
+    @property
+    def tile_blocks(self) -> int:
+        """``Bk``: selection blocks per key tile; at least 2, so that Eq. 9 (which reaches at most
+        one block back, ``l <= l'``) only needs the previous key tile."""
+        return max(2, self.tuning.keys // self.ratio_pow2)
+
+    @property
+    def keys(self) -> int:
+        return self.tile_blocks * self.ratio_pow2
 
     @property
     def num_blocks(self) -> int:
@@ -87,20 +137,55 @@ class _Geometry:
 
     @property
     def blocks_padded(self) -> int:
-        return padded(self.num_blocks)
-
-    @property
-    def blocks_per_step(self) -> int:
-        return min(_BLOCKS_PER_STEP, self.blocks_padded)
+        return max(pl.next_power_of_2(self.num_blocks), self.tile_blocks)
 
     @property
     def steps(self) -> int:
-        """Rows of the ``[steps, blocks_per_step]`` importance tile."""
-        return self.blocks_padded // self.blocks_per_step
+        return self.blocks_padded // self.tile_blocks
+
+    @property
+    def positions(self) -> int:
+        """``P``: query positions per tile, a power of two with ``P * G' >= 16`` (``tl.dot``)."""
+        fits = max(1, _STATE // self.blocks_padded)
+        wanted = min(max(1, self.tuning.rows // self.heads_pow2), 1 << (fits.bit_length() - 1))
+        return max(wanted, 16 // min(self.heads_pow2, 16))
+
+    @property
+    def rows(self) -> int:
+        return self.positions * self.heads_pow2
+
+    @property
+    def query_tiles(self) -> int:
+        return -(-self.length // self.positions)
 
     @property
     def picks_padded(self) -> int:
         return padded(self.num_selected)
+
+    @property
+    def dk_pieces(self) -> tuple[tuple[int, int], ...]:
+        """``(offset, width)`` column pieces of ``Dk``, powers of two >= 16 (192 = 128 + 64)."""
+        pieces, offset = [], 0
+        while offset < self.dk:
+            width = max(16, 1 << ((self.dk - offset).bit_length() - 1))
+            pieces.append((offset, width))
+            offset += width
+        return tuple(pieces)
+
+    @property
+    def terms(self) -> tuple[tuple[int, int, int], ...]:
+        """Eq. 9 as ``(weight, m, back)``: token ``m`` of the block ``back`` blocks earlier."""
+        first, weights = overlap_weights(self.block_length, self.block_stride, self.selection_block_size)
+        out = []
+        for k, weight in enumerate(weights):
+            back, m = divmod(first + k, self.ratio)
+            out.append((weight, m, -back))
+        return tuple(out)
+
+    @property
+    def carried(self) -> tuple[int, ...]:
+        """Token offsets ``m`` whose per-block sums the next key tile needs."""
+        return tuple(sorted({m for _, m, back in self.terms if back > 0}))
 
     @property
     def precision(self) -> jax.lax.Precision | None:
@@ -108,78 +193,164 @@ class _Geometry:
         return jax.lax.Precision.HIGHEST if self.dtype == "float32" else None
 
 
-def _step_importance(geo: _Geometry, k_ref, step, q, lse, head_rows, start, query) -> jax.Array:
-    """Importance (Eqs. 9-10) of blocks ``step * J .. step * J + J - 1``: float32 ``[J]``.
-
-    ``k_ref [Tc, Dk']`` holds the compressed keys of this (batch, KV head); ``q [rows, Dk']``
-    and ``lse [rows]`` the group's queries; ``start`` the query's segment start ``s0``.
-    """
-    first, weights = overlap_weights(geo.block_length, geo.block_stride, geo.selection_block_size)
-    ratio = geo.selection_block_size // geo.block_stride
-    base = jax.lax.div(start + geo.block_stride - 1, geo.block_stride)
-    blocks = step * geo.blocks_per_step + jnp.arange(geo.blocks_per_step)
-    dk_lanes = jnp.arange(geo.dk_padded)
-    dk_cols = dk_lanes < geo.dk
-    importance = jnp.zeros((geo.blocks_per_step,), jnp.float32)
-    for k, weight in enumerate(weights):
-        # Token ``relative`` of the query's segment lives in slot ``base + relative``; it
-        # is visible once its l raw keys have ended (spec, Eqs. 7-8).
-        relative = blocks * ratio + (first + k)
-        slot = base + relative
-        visible = (
-            (relative >= 0)
-            & (start + relative * geo.block_stride + geo.block_length - 1 <= query)
-            & (slot < geo.slots)
-        )
-        keys = plt.load(
-            k_ref.at[jnp.where(visible, slot, 0)[:, None], dk_lanes[None, :]],
-            mask=visible[:, None] & dk_cols[None, :],
-            other=0,
-        )
-        logits = dot_nt(q, keys, geo.precision) * geo.scale
-        probs = jnp.where(head_rows[:, None] & visible[None, :], jnp.exp(logits - lse[:, None]), 0.0)
-        importance = importance + float(weight) * jnp.sum(probs, axis=0)
-    return importance
-
-
-def _kernel(start_ref, q_ref, lse_ref, k_ref, out_ref, *, geo: _Geometry):
-    """One query ``t`` and one KV head: ``q_ref [rows, Dk']``, ``lse_ref [rows]``,
-    ``k_ref [Tc, Dk']``, ``start_ref [1]`` (segment start), ``out_ref [n']`` (picks)."""
-    query = pl.program_id(0)
-    start = start_ref[0]
-    head_rows = jnp.arange(geo.rows) < geo.group
-    q = load(q_ref, tile_mask(lanes(geo.group, geo.rows), lanes(geo.dk, geo.dk_padded)))
-    lse = load(lse_ref, lanes(geo.group, geo.rows))
-    # As the reference: a non-finite lse (-inf: nothing visible, every p masked) reads as 0.
-    lse = jnp.where(jnp.abs(lse) < jnp.inf, lse, 0.0)
-    current = jax.lax.div(query - start, geo.selection_block_size)
-    step_rows = jnp.arange(geo.steps)[:, None]
-
-    def score_step(step, importance):
-        scores = _step_importance(geo, k_ref, step, q, lse, head_rows, start, query)
-        return jnp.where(step_rows == step, scores[None, :], importance)
-
-    importance = jax.lax.fori_loop(
-        0,
-        jax.lax.div(current, geo.blocks_per_step) + 1,
-        score_step,
-        jnp.zeros((geo.steps, geo.blocks_per_step), jnp.float32),
+def _shifted(current: jax.Array, previous: jax.Array, back: int) -> jax.Array:
+    """``[P, Bk]``: the value of the block ``back`` blocks earlier, from ``previous`` (the last key
+    tile) for the first ``back`` blocks. Sums one value and zeros: exact."""
+    if back == 0:
+        return current
+    blocks = current.shape[1]
+    target = jnp.arange(blocks)[:, None] - back
+    source = jnp.arange(blocks)[None, :]
+    picked = jnp.where(
+        (source == target)[None],
+        current[:, None, :],
+        jnp.where((source == target + blocks)[None], previous[:, None, :], 0.0),
     )
-    block = step_rows * geo.blocks_per_step + jnp.arange(geo.blocks_per_step)[None, :]
-    forced = (block < geo.num_initial_blocks) | (block > current - geo.num_local_blocks)
-    score = jnp.where(block <= current, jnp.where(forced, jnp.inf, importance), _UNAVAILABLE)
-    pick_lanes = jnp.arange(geo.picks_padded)
+    return jnp.sum(picked, axis=2)
+
+
+def _kernel(starts_ref, q_ref, lse_ref, k_ref, out_ref, *, geo: _Geometry):
+    """One query tile of one KV head: ``q_ref [T, G', Dk]``, ``lse_ref [T, G']``,
+    ``k_ref [Tc, Dk]``, ``starts_ref [T]`` (segment starts), ``out_ref [T, n']`` (picks)."""
+    P, gq, keys, blocks = geo.positions, geo.heads_pow2, geo.keys, geo.tile_blocks
+    first_position = (geo.query_tiles - 1 - pl.program_id(0)) * P
+
+    row = jnp.arange(geo.rows)
+    row_position = first_position + row // gq
+    head = row % gq
+    live = (row_position < geo.length) & (head < geo.group)
+    row_position = jnp.where(live, row_position, 0)
+    head = jnp.where(live, head, 0)
+    q = []
+    for offset, width in geo.dk_pieces:
+        lane = offset + jnp.arange(width)
+        q.append(
+            plt.load(
+                q_ref.at[row_position[:, None], head[:, None], lane[None, :]],
+                mask=live[:, None] & (lane < geo.dk)[None, :],
+                other=0,
+            )
+        )
+    lse = plt.load(lse_ref.at[row_position, head], mask=live, other=0)
+    # As the reference: a non-finite lse (-inf: nothing visible, every p masked) reads as 0.
+    lse2 = jnp.where(jnp.abs(lse) < jnp.inf, lse * LOG2E, 0.0)
+    row_start = plt.load(starts_ref.at[row_position], mask=live, other=0)
+    ended = row_position - row_start - (geo.block_length - 1)
+    row_count = jnp.where(live & (ended >= 0), jax.lax.div(jnp.maximum(ended, 0), geo.block_stride) + 1, 0)
+
+    position = first_position + jnp.arange(P)
+    position_live = position < geo.length
+    position = jnp.where(position_live, position, 0)
+    position_start = plt.load(starts_ref.at[position], mask=position_live, other=0)
+    current = jax.lax.div(position - position_start, geo.selection_block_size)
+
+    step = jnp.arange(geo.steps)[None, :, None]
+    key_row = jnp.arange(keys)
+    key_block, key_token = key_row // geo.ratio_pow2, key_row % geo.ratio_pow2
+    token_in_tile = key_block * geo.ratio + key_token
+    token_lane = jnp.arange(geo.ratio_pow2)[None, None, :]
+    log2_scale = geo.scale * LOG2E
+
+    def run_pass(start, opens, state):
+        """Importances of the positions whose segment starts at ``start`` into ``state``
+        (nothing unless ``opens``)."""
+        in_rows = live & (row_start == start) & opens
+        in_positions = position_live & (position_start == start) & opens
+        base = jax.lax.div(start + geo.block_stride - 1, geo.block_stride)
+        count = jnp.clip(jnp.where(in_rows, row_count, 0), 0, jnp.maximum(geo.slots - base, 0))
+        tile_tokens = blocks * geo.ratio
+        key_tiles = jax.lax.div(jnp.max(count) + tile_tokens - 1, tile_tokens)
+        block_tiles = jax.lax.div(jnp.max(jnp.where(in_positions, current + blocks, 0)), blocks)
+
+        def tile_step(with_keys: bool):
+            def body(tile, carry):
+                state, previous = carry
+                if with_keys:
+                    token = tile * (blocks * geo.ratio) + token_in_tile
+                    valid = (key_token < geo.ratio) & (token < geo.slots - base)
+                    slot = jnp.where(valid, base + token, 0)
+                    logits = None
+                    for piece, (offset, width) in zip(q, geo.dk_pieces, strict=True):
+                        lane = offset + jnp.arange(width)
+                        k = plt.load(
+                            k_ref.at[slot[:, None], lane[None, :]],
+                            mask=valid[:, None] & (lane < geo.dk)[None, :],
+                            other=0,
+                        )
+                        s = dot_nt(piece, k, geo.precision)
+                        logits = s if logits is None else logits + s
+                    visible = (token[None, :] < count[:, None]) & valid[None, :]
+                    p = jnp.where(visible, jnp.exp2(logits * log2_scale - lse2[:, None]), 0.0)
+                    grouped = jnp.sum(p.reshape(P, gq, keys), axis=1)
+                    by_token = grouped.reshape(P, blocks, geo.ratio_pow2)
+                    tokens = [
+                        jnp.sum(jnp.where(token_lane == m, by_token, 0.0), axis=2) for m in range(geo.ratio)
+                    ]
+                else:
+                    tokens = [jnp.zeros((P, blocks), jnp.float32)] * geo.ratio
+                importance = jnp.zeros((P, blocks), jnp.float32)
+                for weight, m, back in geo.terms:
+                    carried = previous[geo.carried.index(m)] if back else None
+                    importance = importance + float(weight) * _shifted(tokens[m], carried, back)
+                write = in_positions[:, None, None] & (step == tile)
+                state = jnp.where(write, importance[:, None, :], state)
+                return state, tuple(tokens[m] for m in geo.carried)
+
+            return body
+
+        previous = tuple(jnp.zeros((P, blocks), jnp.float32) for _ in geo.carried)
+        state, previous = jax.lax.fori_loop(0, key_tiles, tile_step(True), (state, previous))
+        # A block just past the last visible token can still take a carried term.
+        state, _ = jax.lax.fori_loop(
+            key_tiles, jnp.minimum(key_tiles + 1, block_tiles), tile_step(False), (state, previous)
+        )
+        return state
+
+    state = jnp.zeros((P, geo.steps, blocks), jnp.float32)
+    if geo.segmented:
+
+        def segment_pass(i, state):
+            # Position i opens a pass when it is the first of its segment in this tile.
+            here = jnp.minimum(first_position + i, geo.length - 1)
+            start = starts_ref[here]
+            before = starts_ref[jnp.maximum(here - 1, 0)]
+            opens = (first_position + i < geo.length) & ((i == 0) | (start != before))
+            return run_pass(start, opens, state)
+
+        state = jax.lax.fori_loop(0, P, segment_pass, state)
+    else:
+        state = run_pass(jnp.int32(0), jnp.bool_(True), state)
+
+    block = step * blocks + jnp.arange(blocks)[None, None, :]
+    here = current[:, None, None]
+    forced = (block < geo.num_initial_blocks) | (block > here - geo.num_local_blocks)
+    score = jnp.where(block <= here, jnp.where(forced, jnp.inf, state), _UNAVAILABLE)
+    pick_lane = jnp.arange(geo.picks_padded)[None, :]
 
     def pick(i, carry):
         score, picks = carry
-        best = jnp.max(jnp.max(score, axis=1), axis=0)
-        index = jnp.min(jnp.min(jnp.where(score == best, block, geo.blocks_padded), axis=1), axis=0)
-        picks = jnp.where((pick_lanes == i) & (best >= 0), index, picks)
-        return jnp.where(block == index, _UNAVAILABLE, score), picks
+        best = jnp.max(jnp.max(score, axis=2), axis=1)
+        is_best = score == best[:, None, None]
+        index = jnp.min(jnp.min(jnp.where(is_best, block, geo.blocks_padded), axis=2), axis=1)
+        picks = jnp.where((pick_lane == i) & (best >= 0)[:, None], index[:, None], picks)
+        return jnp.where(block == index[:, None, None], _UNAVAILABLE, score), picks
 
-    init = (score, jnp.full((geo.picks_padded,), -1, jnp.int32))
+    init = (score, jnp.full((P, geo.picks_padded), -1, jnp.int32))
     _, picks = jax.lax.fori_loop(0, geo.num_selected, pick, init)
-    out_ref[...] = picks
+    # Dead positions store out of range (masked): in interpret mode a masked store to a
+    # clamped duplicate position would overwrite a live one.
+    target = jnp.where(position_live, position, geo.length)
+    plt.store(
+        out_ref.at[target[:, None], pick_lane],
+        picks,
+        mask=jnp.broadcast_to(position_live[:, None], picks.shape),
+    )
+
+
+def _per_head(length: int, *trailing: int) -> pl.BlockSpec:
+    """Block of a whole row ``[length, ...]`` of one KV head, for grid ``(tiles, H, B)``."""
+    zeros = (0,) * len(trailing)
+    return pl.BlockSpec((None, length, None, *trailing), lambda x, h, b: (b, 0, h, *zeros))
 
 
 @functools.partial(
@@ -193,6 +364,7 @@ def _kernel(start_ref, q_ref, lse_ref, k_ref, out_ref, *, geo: _Geometry):
         "num_local_blocks",
         "scale",
         "interpret",
+        "tuning",
     ),
 )
 def select_blocks(
@@ -209,6 +381,7 @@ def select_blocks(
     scale: float,
     segment_ids: jax.Array | None = None,
     interpret: bool = False,
+    tuning: SelectTuning | None = None,
 ) -> jax.Array:
     """Top-n selection blocks with a Pallas kernel; see :func:`nsa_jax.select_blocks`.
 
@@ -219,6 +392,7 @@ def select_blocks(
       num_selected, num_initial_blocks, num_local_blocks: ``n`` and the forced blocks.
       scale: logit scale; segment_ids: int ``[B, T]`` or ``None``.
       interpret: run the kernel in Pallas interpret mode (CPU).
+      tuning: tile sizes, warps and stages; ``None``: :func:`default_tuning` of the dtype.
 
     Returns:
       int32 ``[B, T, H, n]``: blocks counted from the segment start, ascending, ``-1``
@@ -238,24 +412,26 @@ def select_blocks(
         num_initial_blocks=num_initial_blocks,
         num_local_blocks=num_local_blocks,
         scale=float(scale),
+        segmented=segment_ids is not None,
         dtype=jnp.dtype(q.dtype).name,
+        tuning=default_tuning(q.dtype) if tuning is None else tuning,
     )
     q5 = jax.lax.stop_gradient(q).reshape(batch, length, kv_heads, geo.group, dk)
     lse4 = jax.lax.stop_gradient(lse).astype(jnp.float32).reshape(batch, length, kv_heads, geo.group)
     k_cmp = jax.lax.stop_gradient(k_cmp)
-    starts = segment_starts(segment_ids, batch, length)[:, :, None]
+    starts = segment_starts(segment_ids, batch, length)
     picks = pl.pallas_call(
         functools.partial(_kernel, geo=geo),
-        grid=(length, kv_heads, batch),
+        grid=(geo.query_tiles, kv_heads, batch),
         in_specs=[
-            pl.BlockSpec((None, None, 1), lambda t, h, b: (b, t, 0)),
-            per_query_block(geo.rows, geo.dk_padded),
-            per_query_block(geo.rows),
-            pl.BlockSpec((None, geo.slots, None, geo.dk_padded), lambda t, h, b: (b, 0, h, 0)),
+            pl.BlockSpec((None, length), lambda x, h, b: (b, 0)),
+            _per_head(length, geo.heads_pow2, padded(dk)),
+            _per_head(length, geo.heads_pow2),
+            _per_head(geo.slots, padded(dk)),
         ],
-        out_specs=per_query_block(geo.picks_padded),
+        out_specs=_per_head(length, geo.picks_padded),
         out_shape=jax.ShapeDtypeStruct((batch, length, kv_heads, geo.picks_padded), jnp.int32),
-        compiler_params=plt.CompilerParams(num_warps=4, num_stages=2),
+        compiler_params=plt.CompilerParams(num_warps=geo.tuning.warps, num_stages=geo.tuning.stages),
         interpret=interpret,
         name="nsa_select_blocks",
     )(starts, q5, lse4, k_cmp)
