@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.measure import relative_error
 from nsa_jax import registry
 from nsa_jax.decoding import NSACache, decode_attention
 from nsa_jax.reference.compressed import attend_compressed, compression_probabilities
@@ -172,11 +173,6 @@ def random_cache(key, *, batch: int, length: int, dk: int, dv: int) -> NSACache:
         v_cmp=jax.random.normal(keys[3], (batch, slots, KV_HEADS, dv), dtype),
         lengths=jnp.full((batch,), length, jnp.int32),
     )
-
-
-def relative_error(x: jax.Array, ref: jax.Array) -> float:
-    x, ref = x.astype(jnp.float32), ref.astype(jnp.float32)
-    return float(jnp.linalg.norm(x - ref) / jnp.linalg.norm(ref))
 
 
 @jax.jit

@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -60,6 +59,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import nsa_jax
+from experiments.measure import relative_error, time_jax
 from nsa_jax import registry
 from nsa_jax.ops import combine_branches
 from nsa_jax.segments import num_compressed_slots
@@ -82,23 +82,6 @@ FLA_DIM = 128 if ON_GPU else 32
 # The pure-JAX selected attention gathers n*l' keys per query: ~0.4 s forward+backward
 # at 16K (experiments/results/selection_h200.md), so it is timed only up to here.
 XLA_SELECTED_MAX_LENGTH = 16384
-
-
-def relative_error(x: jax.Array, ref: jax.Array) -> float:
-    x, ref = jnp.asarray(x, jnp.float32), jnp.asarray(ref, jnp.float32)
-    return float(jnp.linalg.norm(x - ref) / jnp.linalg.norm(ref))
-
-
-def time_jax(fn: Callable, *args, iters: int) -> float:
-    """Median milliseconds of ``iters`` calls after two warm-up calls."""
-    for _ in range(2):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def iterations(length: int, iters: int) -> int:

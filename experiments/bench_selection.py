@@ -36,9 +36,7 @@ import dataclasses
 import functools
 import json
 import os
-import statistics
 import sys
-import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -46,6 +44,7 @@ import jax
 import jax.numpy as jnp
 
 import nsa_jax
+from experiments.measure import relative_error, time_jax
 from experiments.selection_inputs import VARIANTS, random_causal_indices
 from pallas_kernels.gpu import selection
 from pallas_kernels.gpu.block_sizes import SelectionTuning, tuning_for
@@ -63,18 +62,6 @@ CONFIGS = {  # name: (HQ, H, Dk, Dv)
 def forward_flops(length: int, q_heads: int, dk: int, dv: int) -> float:
     """Selection floor: ``HQ * T * n * l' * (Dk + Dv) * 2`` (backward counted as 2.5x)."""
     return q_heads * length * SLOTS * BLOCK * (dk + dv) * 2.0
-
-
-def time_jax(fn, *args, iters: int) -> float:
-    """Median milliseconds of ``iters`` calls after two warm-up calls."""
-    for _ in range(2):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def make_inputs(
@@ -139,11 +126,6 @@ def fla_contender(q, k, v, ct, indices, iters: int) -> dict:
         fwd_bwd, warmup=100, rep=max(300, iters * 80), grad_to_none=[tq, tk, tv], return_mode="median"
     )
     return {"fwd_ms": fwd_ms, "fwd_bwd_ms": fb_ms, "out": jnp.asarray(out.detach().float().cpu().numpy())}
-
-
-def relative_error(x, ref) -> float:
-    x, ref = jnp.asarray(x, jnp.float32), jnp.asarray(ref, jnp.float32)
-    return float(jnp.linalg.norm(x - ref) / jnp.linalg.norm(ref))
 
 
 def variant_tuning(config: str, variant: str | None) -> SelectionTuning | None:

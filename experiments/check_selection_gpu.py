@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 import nsa_jax
+from experiments.measure import relative_error
 from experiments.selection_inputs import VARIANTS, packed_segments, random_causal_indices
 from pallas_kernels.gpu import selection
 
@@ -43,11 +44,6 @@ CASES = [
 ]
 # Case index -> the VARIANTS config whose backward variants also run there (float32).
 VARIANT_CASES = {4: "G16_D128", 3: "G16_D192_128"}
-
-
-def relative_error(x: jax.Array, ref: jax.Array) -> float:
-    x, ref = x.astype(jnp.float32), ref.astype(jnp.float32)
-    return float(jnp.linalg.norm(x - ref) / jnp.linalg.norm(ref))
 
 
 def run_case(case: tuple, dtype, tunings: dict) -> list[dict]:
