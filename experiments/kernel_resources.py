@@ -78,18 +78,32 @@ def kernel_resources(fn: Callable, *args) -> list[KernelResources]:
     """Compiles every Pallas Triton kernel of ``fn(*args)`` for sm_90a and reads ``ptxas -v``."""
     import triton
     import triton.backends.nvidia as nvidia_backend
+    from triton._C.libtriton import ir
     from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
 
     ptxas = os.path.join(os.path.dirname(nvidia_backend.__file__), "bin", "ptxas")
     reports = []
     with tempfile.TemporaryDirectory() as scratch:
         for index, (name, warps, stages, ttir) in enumerate(_capture_triton_modules(fn, *args)):
+            options = dict(num_warps=warps, num_stages=stages)
+            raw = os.path.join(scratch, f"kernel{index}.raw.ttir")
+            with open(raw, "w") as f:
+                f.write(ttir)
+            # triton.compile skips the TTIR passes for an IR file; XLA runs them, so run them here.
+            context = ir.context()
+            ir.load_dialects(context)
+            backend.load_dialects(context)
+            module = ir.parse_mlir_module(raw, context)
+            module.context = context
+            module = backend.make_ttir(module, {}, backend.parse_options(options), 90)
             source = os.path.join(scratch, f"kernel{index}.ttir")
             with open(source, "w") as f:
-                f.write(ttir)
-            compiled = triton.compile(
-                source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages)
-            )
+                f.write(str(module))
+            compiled = triton.compile(source, target=target, options=options)
             ptx = os.path.join(scratch, f"kernel{index}.ptx")
             with open(ptx, "w") as f:
                 f.write(compiled.asm["ptx"])
