@@ -4,7 +4,7 @@ Run on the H200 from the repo root::
 
     PYTHONPATH=$PWD python3 experiments/check_compression_gpu.py --out $OUT [--check-only]
         [--time-only] [--lengths 8192 65536] [--configs D192_128 D128] [--no-xla] [--iters 10]
-        [--tuning fwd_rows=64 fwd_keys=64 ...] [--sweep]
+        [--tuning fwd_rows=64 fwd_keys=64 ...] [--sweep] [--select-only]
 
 1. Correctness (spec, "Compression branch (Eqs. 7-8)" and "Selection scores"), fresh random
    inputs at odd sizes, G in {1, 4, 16}, packed segments, bf16 and float32: ``pallas_triton``
@@ -26,6 +26,11 @@ Run on the H200 from the repo root::
 ``--sweep`` instead times only forward+backward of the candidate tunings in ``SWEEP`` (at
 ``--lengths``, ``--configs``; no checks), for picking the per-head-dim defaults of
 ``pallas_kernels/gpu/compressed.py``.
+
+``--select-only`` checks and times select_blocks alone: its checks above on the xla lse (no
+compressed-attention checks or gradients), then the ``SELECT_SWEEP`` tunings of
+``pallas_kernels/gpu/select_blocks.py`` at ``--lengths``, ``--configs`` (e.g. ``--select-only
+--lengths 65536``).
 
 Prints a Markdown table last and writes ``compression_gpu.json`` (and ``.md``) into ``--out``.
 Exits non-zero when a check fails.
@@ -50,6 +55,7 @@ from nsa_jax.reference.compressed import compression_probabilities
 from nsa_jax.reference.selection import block_importance
 from nsa_jax.segments import compressed_token_starts, num_compressed_slots, segment_starts
 from pallas_kernels.gpu import compressed as compressed_kernels
+from pallas_kernels.gpu import select_blocks as select_kernels
 
 TOLERANCE = {"float32": 1e-3, "bfloat16": 1e-2}
 NEAR_TIE = 1e-5
@@ -191,7 +197,7 @@ def check_selection(q, k, lse, geometry: dict, segment_ids, exact: bool) -> dict
     }
 
 
-def run_case(case: tuple, dtype, ties: bool = False) -> dict:
+def run_case(case: tuple, dtype, ties: bool = False, with_compressed: bool = True) -> dict:
     batch, length, q_heads, kv_heads, dk, dv, l, d, lsel, n, packed = case
     keys = jax.random.split(jax.random.key(hash((case, ties)) % 2**31), 5)
     slots = num_compressed_slots(length, d)
@@ -208,7 +214,7 @@ def run_case(case: tuple, dtype, ties: bool = False) -> dict:
     geometry = dict(block_length=l, block_stride=d)
     name = jnp.dtype(dtype).name
     result = {"case": list(case), "dtype": name, "ties": ties}
-    if ties:
+    if ties or not with_compressed:
         _, lse = jax.jit(compressed("xla", geometry, segment_ids))(q, k, v)
     else:
         result["compressed"], lse = check_compressed(q, k, v, ct, dlse, geometry, segment_ids, name)
@@ -218,13 +224,13 @@ def run_case(case: tuple, dtype, ties: bool = False) -> dict:
     return result
 
 
-def run_checks() -> list[dict]:
+def run_checks(with_compressed: bool = True) -> list[dict]:
     results = []
     todo = [(case, dtype, False) for case in CASES for dtype in (jnp.bfloat16, jnp.float32)]
     todo += [(CASES[0], jnp.bfloat16, True), (CASES[1], jnp.float32, True)]
     for case, dtype, ties in todo:
         start = time.perf_counter()
-        r = run_case(case, dtype, ties)
+        r = run_case(case, dtype, ties, with_compressed)
         r["seconds"] = time.perf_counter() - start
         results.append(r)
         errs = " ".join(f"{k}={v:.2e}" for k, v in r.get("compressed", {}).get("errors", {}).items())
@@ -281,12 +287,19 @@ def tuned(tuning: compressed_kernels.CompressedTuning | None, geometry: dict):
     return fn
 
 
+def candidate_tuning(config: str, overrides: dict) -> compressed_kernels.CompressedTuning | None:
+    """The bf16 default tuning of ``config``'s head dims with ``overrides``; ``None`` when empty."""
+    if not overrides:
+        return None
+    return dataclasses.replace(compressed_kernels.default_tuning(jnp.bfloat16, *CONFIGS[config]), **overrides)
+
+
 def time_config(
     length: int,
     config: str,
     iters: int,
     with_xla: bool,
-    tuning: compressed_kernels.CompressedTuning | None = None,
+    overrides: dict | None = None,
 ) -> dict:
     dk, dv = CONFIGS[config]
     keys = jax.random.split(jax.random.key(length + dk), 4)
@@ -302,8 +315,8 @@ def time_config(
     _, lse = jax.jit(compressed("pallas_triton", geometry, None))(q, k, v)
     for impl in ("pallas_triton", "xla") if with_xla else ("pallas_triton",):
         attend = compressed(impl, geometry, None)
-        if impl == "pallas_triton" and tuning is not None:
-            attend = tuned(tuning, geometry)
+        if impl == "pallas_triton" and overrides:
+            attend = tuned(candidate_tuning(config, overrides), geometry)
         fwd = jax.jit(attend)
         fwd_bwd = jax.jit(
             lambda q, k, v, ct, attend=attend: jax.vjp(lambda *a: attend(*a)[0], q, k, v)[1](ct)
@@ -331,29 +344,33 @@ def time_config(
     return row
 
 
-# Candidate tunings of --sweep per config: CompressedTuning overrides (empty: the kernel's table
-# default for the head dims). All compile for sm_90a at T = 64K without register spills unless
-# noted (experiments/kernel_resources.py); "old" is the dK/dV tile before the wgmma change.
+# Candidate tunings of --sweep per config: overrides of the kernel's bf16 default for the head
+# dims (empty: the default). Registers for sm_90a at T = 64K after Triton's TTIR passes (as
+# XLA compiles them): no spills unless named; "old" is the tiling before the wgmma change.
 SWEEP = {
     "D192_128": {
         "default": {},
-        "old_dkv_k32_r128": dict(dkv_keys=32, dkv_rows=128),
-        "dkv_k64_r16": dict(dkv_keys=64, dkv_rows=16),
-        "dkv_k64_r64_spill64B": dict(dkv_keys=64, dkv_rows=64),
-        "dkv_k64_r32_s3_dq_r128_k16": dict(dkv_keys=64, dkv_rows=32, dkv_stages=3, dq_rows=128, dq_keys=16),
+        "old": dict(dq_rows=64, dq_keys=64, dkv_keys=32, dkv_rows=128, dkv_splits=1),
+        "dkv_k64_r32_nosplit": dict(dkv_keys=64, dkv_rows=32, dkv_splits=1),
+        "fwd_k128_dq_k64": dict(fwd_keys=128, dq_keys=64),
     },
     "D128": {
         "default": {},
-        "old_dkv_k32_r128": dict(dkv_keys=32, dkv_rows=128),
-        "dkv_k64_r32": dict(dkv_keys=64, dkv_rows=32),
-        "dkv_k64_r64_dq_r128_k32": dict(dkv_keys=64, dkv_rows=64, dq_rows=128, dq_keys=32),
-        "dkv_k64_r64_dq_r128_k64": dict(dkv_keys=64, dkv_rows=64, dq_rows=128, dq_keys=64),
+        "old": dict(dq_rows=64, dq_keys=64, dkv_keys=32, dkv_rows=128, dkv_splits=1),
+        "dkv_k128_r64": dict(dkv_rows=64),
+        "stages3": dict(fwd_stages=3, dq_stages=3, dkv_stages=3),
     },
 }
 
 
 def sweep_config(length: int, config: str, iters: int) -> list[dict]:
-    """Forward (table default) and forward+backward of each :data:`SWEEP` candidate of ``config``."""
+    """Forward+backward of each :data:`SWEEP` candidate of ``config`` (bf16), and its forward
+    (timed once with the default tiles unless the candidate overrides ``fwd_*``).
+
+    Each candidate's gradients are compared with the first candidate's (relative error, the
+    largest of dq, dk_cmp, dv_cmp): the "old" tiling passed the GPU checks, so agreement
+    within bf16 rounding vouches for the others at this size; above 1e-2 fails the sweep.
+    """
     dk, dv = CONFIGS[config]
     keys = jax.random.split(jax.random.key(length + dk), 4)
     slots = length // D
@@ -363,10 +380,13 @@ def sweep_config(length: int, config: str, iters: int) -> list[dict]:
     ct = jax.random.normal(keys[3], (1, length, 64, dv), jnp.bfloat16)
     geometry = dict(block_length=L, block_stride=D)
     flops = 2.0 * 64 * compressed_pairs(length) * (dk + dv)
-    fwd_ms = time_ms(jax.jit(tuned(None, geometry)), q, k, v, iters=iters)
-    rows = []
+    default_fwd_ms = time_ms(jax.jit(tuned(None, geometry)), q, k, v, iters=iters)
+    rows, first_grads = [], None
     for label, overrides in SWEEP[config].items():
-        attend = tuned(compressed_kernels.CompressedTuning(**overrides) if overrides else None, geometry)
+        attend = tuned(candidate_tuning(config, overrides), geometry)
+        fwd_ms = default_fwd_ms
+        if any(name.startswith("fwd_") for name in overrides):
+            fwd_ms = time_ms(jax.jit(attend), q, k, v, iters=iters)
         fwd_bwd = jax.jit(
             lambda q, k, v, ct, attend=attend: jax.vjp(lambda *a: attend(*a)[0], q, k, v)[1](ct)
         )
@@ -374,12 +394,18 @@ def sweep_config(length: int, config: str, iters: int) -> list[dict]:
         compiled = fwd_bwd.lower(q, k, v, ct).compile()
         compile_s = time.perf_counter() - start
         ms = time_ms(compiled, q, k, v, ct, iters=iters)
+        grads = compiled(q, k, v, ct)
+        first_grads = first_grads or grads
+        error = max(relative_error(g, r) for g, r in zip(grads, first_grads, strict=True))
+        del grads
         rows.append(
             {
                 "T": length,
                 "config": config,
                 "candidate": label,
                 "overrides": overrides,
+                "grad_error_vs_first": error,
+                "ok": error < TOLERANCE["bfloat16"],
                 "fwd_ms": fwd_ms,
                 "fwd_bwd_ms": ms,
                 "bwd_ms": ms - fwd_ms,
@@ -389,6 +415,90 @@ def sweep_config(length: int, config: str, iters: int) -> list[dict]:
         )
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+# select_blocks tunings timed by --select-only (SelectTuning overrides; empty: the default).
+# All compile for sm_90a at T = 64K, Dk = 192 and 128, without register spills
+# (experiments/kernel_resources.py); registers at Dk = 192 / 128 in the names.
+SELECT_SWEEP = {
+    "default_r180_176": {},
+    "masked_only_r173_170": dict(unmasked=False),
+    "keys32_r130_129": dict(keys=32),
+    "keys32_masked_only_r122_106": dict(keys=32, unmasked=False),
+    "stages1_masked_only_r172_169": dict(stages=1, unmasked=False),
+    "rows64_warps4_masked_only_r153_135": dict(rows=64, warps=4, unmasked=False),
+}
+
+
+def time_select(length: int, config: str, iters: int) -> list[dict]:
+    """select_blocks (bf16, no packing) per :data:`SELECT_SWEEP` candidate, lse from our forward."""
+    dk, dv = CONFIGS[config]
+    keys = jax.random.split(jax.random.key(length + dk), 3)
+    slots = length // D
+    q = jax.random.normal(keys[0], (1, length, 64, dk), jnp.bfloat16)
+    k = jax.random.normal(keys[1], (1, slots, 4, dk), jnp.bfloat16)
+    v = jax.random.normal(keys[2], (1, slots, 4, dv), jnp.bfloat16)
+    _, lse = jax.jit(compressed("pallas_triton", dict(block_length=L, block_stride=D), None))(q, k, v)
+    # QK work of the selection pass: the compressed forward's without PV.
+    flops = 2.0 * 64 * compressed_pairs(length) * dk
+    rows = []
+    for label, overrides in SELECT_SWEEP.items():
+        tuning = select_kernels.SelectTuning(**overrides) if overrides else None
+
+        def fn(q, k, lse, tuning=tuning):
+            return select_kernels.select_blocks(
+                q,
+                k,
+                lse,
+                block_length=L,
+                block_stride=D,
+                selection_block_size=L_SEL,
+                num_selected=N,
+                num_initial_blocks=1,
+                num_local_blocks=2,
+                scale=dk**-0.5,
+                tuning=tuning,
+                interpret=jax.default_backend() != "gpu",
+            )
+
+        start = time.perf_counter()
+        compiled = jax.jit(fn).lower(q, k, lse).compile()
+        compile_s = time.perf_counter() - start
+        ms = time_ms(compiled, q, k, lse, iters=iters)
+        rows.append(
+            {
+                "T": length,
+                "config": config,
+                "candidate": label,
+                "overrides": overrides,
+                "select_ms": ms,
+                "qk_tflops": flops / ms / 1e9,
+                "compile_s": compile_s,
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def select_markdown(report: dict) -> str:
+    lines = []
+    if report.get("checks"):
+        passed = sum(r["ok"] for r in report["checks"])
+        lines += [f"select_blocks checks: {passed}/{len(report['checks'])} passed.", ""]
+    if report.get("select_sweep"):
+        lines += [
+            "select_blocks (pallas_triton) in ms (B=1, HQ=64, H=4, bf16, l=32, d=16, l'=64, n=16);"
+            " TFLOP/s against the query-key work 2*HQ*pairs*Dk:",
+            "",
+            "| T | Dk/Dv | candidate | select ms | QK TFLOP/s | compile s | overrides |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in report["select_sweep"]:
+            lines.append(
+                f"| {r['T']} | {r['config']} | {r['candidate']} | {fmt(r['select_ms'])}"
+                f" | {fmt(r['qk_tflops'], 0)} | {fmt(r['compile_s'], 0)} | {r['overrides'] or '-'} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def fmt(x, digits: int = 2) -> str:
@@ -427,17 +537,18 @@ def markdown(report: dict) -> str:
     if report.get("sweep"):
         lines += [
             "",
-            "Sweep of compressed-attention tunings (bf16; bwd = f+b - fwd, fwd with the default tiles):",
+            "Sweep of compressed-attention tunings (bf16; bwd = f+b - fwd):",
             "",
-            "| T | Dk/Dv | candidate | fwd | f+b | bwd | f+b TFLOP/s | compile s | overrides |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| T | Dk/Dv | candidate | fwd | f+b | bwd | f+b TFLOP/s | compile s | grad err vs first"
+            " | overrides |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in report["sweep"]:
             overrides = " ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "table default"
             lines.append(
                 f"| {r['T']} | {r['config']} | {r['candidate']} | {fmt(r['fwd_ms'])} | {fmt(r['fwd_bwd_ms'])}"
                 f" | {fmt(r['bwd_ms'])} | {fmt(r['fwd_bwd_tflops'], 0)} | {fmt(r['compile_s'], 0)}"
-                f" | {overrides} |"
+                f" | {r['grad_error_vs_first']:.1e}{'' if r['ok'] else ' FAIL'} | {overrides} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -456,12 +567,19 @@ def main() -> int:
         nargs="+",
         default=[],
         metavar="FIELD=VALUE",
-        help="CompressedTuning overrides for the timed (bf16) compressed attention",
+        help="CompressedTuning overrides of the per-head-dim default for the timed (bf16) compressed"
+        " attention",
     )
     parser.add_argument(
         "--sweep",
         action="store_true",
         help="time forward+backward of the SWEEP candidate tunings per --configs and --lengths, nothing else",
+    )
+    parser.add_argument(
+        "--select-only",
+        action="store_true",
+        help="select_blocks only: its checks (xla lse, no compressed-attention checks) unless"
+        " --time-only, then the SELECT_SWEEP tunings per --lengths and --configs unless --check-only",
     )
     parser.add_argument(
         "--xla-max-length", type=int, default=65536, help="longest T at which the xla reference is timed"
@@ -477,8 +595,13 @@ def main() -> int:
         "sweep": [],
     }
     overrides = {k: int(v) for k, v in (item.split("=") for item in args.tuning)}
-    tuning = compressed_kernels.CompressedTuning(**overrides) if overrides else None
-    report["tuning"] = dataclasses.asdict(tuning) if tuning else "table default per head dims"
+    report["tuning"] = {
+        config: dataclasses.asdict(
+            candidate_tuning(config, overrides)
+            or compressed_kernels.default_tuning(jnp.bfloat16, *CONFIGS[config])
+        )
+        for config in args.configs
+    }
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "compression_gpu")
 
@@ -489,6 +612,24 @@ def main() -> int:
             with open(path + ".md", "w") as f:
                 f.write(md)
 
+    if args.select_only:
+        report["select_sweep"] = []
+        if not args.time_only:
+            report["checks"] = run_checks(with_compressed=False)
+            write()
+            if not all(r["ok"] for r in report["checks"]):
+                print("FAILED checks: timing skipped", flush=True)
+                write(select_markdown(report))
+                return 1
+        if not args.check_only:
+            for length in args.lengths:
+                for config in args.configs:
+                    report["select_sweep"] += time_select(length, config, args.iters)
+                    write()
+        md = select_markdown(report)
+        write(md)
+        print(md)
+        return 0
     if args.sweep:
         for length in args.lengths:
             for config in args.configs:
@@ -497,7 +638,7 @@ def main() -> int:
         md = markdown(report)
         write(md)
         print(md)
-        return 0
+        return 0 if all(r["ok"] for r in report["sweep"]) else 1
     if not args.time_only:
         report["checks"] = run_checks()
         write()
@@ -509,7 +650,7 @@ def main() -> int:
         for length in args.lengths:
             for config in args.configs:
                 with_xla = not args.no_xla and length <= args.xla_max_length
-                row = time_config(length, config, args.iters, with_xla, tuning)
+                row = time_config(length, config, args.iters, with_xla, overrides)
                 report["timings"].append(row)
                 print(json.dumps(row), flush=True)
                 write()

@@ -4,10 +4,14 @@ The shared oracle test (``tests/test_compressed_and_window.py``) covers every re
 implementation at sizes that fit one or two tiles. These use 16-row, 16-token tiles so
 that a sequence spans many query and key tiles (the unmasked middle run, masked edges,
 key tiles straddling segments, a short ``Tc``), and differentiate through the
-log-sum-exp as well as the output, against the ``xla`` reference.
+log-sum-exp as well as the output, against the ``xla`` reference; one case splits each
+dK/dV key tile's query walk in six (float32 partials summed); the last key tile has fewer
+query tiles than splits.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -25,11 +29,11 @@ SMALL_TILES = compressed.CompressedTuning(
 
 
 @pytest.mark.parametrize(
-    ("q_heads", "kv_heads", "packed", "slots"),
-    [(8, 2, True, None), (4, 4, False, 36)],
-    ids=["G4-packed", "G1-short-Tc"],
+    ("q_heads", "kv_heads", "packed", "slots", "splits"),
+    [(8, 2, True, None, 1), (4, 4, False, 36, 1), (8, 2, False, None, 6)],
+    ids=["G4-packed", "G1-short-Tc", "G4-dkv-splits6"],
 )
-def test_many_tiles_and_lse_gradient(q_heads, kv_heads, packed, slots):
+def test_many_tiles_and_lse_gradient(q_heads, kv_heads, packed, slots, splits):
     batch, length, dk, dv, block_length, block_stride = 2, 150, 24, 16, 8, 4
     slots = slots or -(-length // block_stride)
     keys = jax.random.split(jax.random.key(q_heads + slots), 5)
@@ -42,7 +46,8 @@ def test_many_tiles_and_lse_gradient(q_heads, kv_heads, packed, slots):
     )
 
     def ours(q, k, v):
-        return compressed.compressed_attention(q, k, v, interpret=True, tuning=SMALL_TILES, **kwargs)
+        tuning = dataclasses.replace(SMALL_TILES, dkv_splits=splits)
+        return compressed.compressed_attention(q, k, v, interpret=True, tuning=tuning, **kwargs)
 
     (out, lse), vjp = jax.vjp(ours, q, k_cmp, v_cmp)
     (ref, ref_lse), ref_vjp = jax.vjp(lambda q, k, v: reference(q, k, v, **kwargs), q, k_cmp, v_cmp)

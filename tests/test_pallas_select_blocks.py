@@ -64,8 +64,9 @@ def _packed(batch: int, length: int, seed: int) -> np.ndarray:
         ((8, 8, 8), 77, 6, (1, 2), 1, False),
         ((64, 64, 64), 250, 3, (1, 1), 4, True),
         ((16, 4, 32), 150, 4, (1, 2), 16, False),
-        # l'/d = 3 tokens per block (padded to 4 in a key tile), two key tiles, Eq. 9 carry.
-        ((8, 4, 12), 300, 5, (1, 2), 2, True),
+        # l'/d = 3 tokens per block (padded to 4 in a key tile), two key tiles, Eq. 9 carry, G = 3
+        # (a padded head row in every position).
+        ((8, 4, 12), 300, 5, (1, 2), 3, True),
     ],
     ids=str,
 )
@@ -94,6 +95,37 @@ def test_several_steps_of_blocks_and_other_forced_counts():
         q, k_cmp[:, :70], geometry=(8, 4, 8), num_selected=7, num_initial_blocks=0, num_local_blocks=1
     )
     np.testing.assert_array_equal(ours, reference)
+
+
+@pytest.mark.parametrize("tuning", ["default", "masked_only", "rows32_keys16"])
+def test_tilings_equal_xla(tuning):
+    # The tests above run float32 with its own (smaller) tiles; these run the 16-bit default
+    # (8 positions of G = 16, 16 blocks a key tile), it without the unmasked loop body, and a
+    # small one (2 positions, 4 blocks) on float32 inputs: two to five key tiles, segments
+    # crossing query tiles.
+    from pallas_kernels.gpu import select_blocks
+
+    chosen = {
+        "default": select_blocks.DEFAULT_TUNING,
+        "masked_only": select_blocks.SelectTuning(unmasked=False),
+        "rows32_keys16": select_blocks.SelectTuning(32, 16),
+    }
+    q, k_cmp = _random_inputs(12, 1, 1100, 16, 1, 16, 16)
+    seg = jnp.asarray(_packed(1, 1100, 12))  # segment start 17: inside a query tile
+    _, lse = nsa_jax.compressed_attention(q, k_cmp, k_cmp, block_length=32, block_stride=16, segment_ids=seg)
+    kwargs = dict(
+        block_length=32,
+        block_stride=16,
+        selection_block_size=64,
+        num_selected=6,
+        num_initial_blocks=1,
+        num_local_blocks=2,
+        scale=16**-0.5,
+        segment_ids=seg,
+    )
+    ours = select_blocks.select_blocks(q, k_cmp, lse, **kwargs, interpret=True, tuning=chosen[tuning])
+    reference = nsa_jax.select_blocks(q, k_cmp, lse, implementation="xla", **kwargs)
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(reference))
 
 
 def test_bfloat16_equals_xla():

@@ -23,14 +23,16 @@ Three kernels, all with an online or recomputed softmax in float32 (base 2):
 - dQ, grid ``(query tiles, H, B)``: the same walk, recomputing ``P`` from the
   log-sum-exp; also writes ``delta = rowsum(dO * O) - dlse`` for the dK/dV kernel
   (the ``dlse`` term makes the log-sum-exp output differentiable as in the reference).
-- dK/dV, grid ``(H, key tiles, B)``: one compressed key tile per program, walking
-  backwards over the query tiles that can see one of its tokens (from the first query
-  after the tile's first block ends to the end of its last token's segment); no
-  atomics, one writer per output element, memory linear in ``T``. The key tile is the
-  ``M`` side of all four of its dots, so it needs at least 64 tokens for Hopper's wgmma
-  (32 compiles to mma.sync); the KV head is the fastest grid axis so that the heavy
-  (early) key tiles of every head start first: key-major order leaves a third of the
-  SMs idle at the end once a head has only 64 key tiles.
+- dK/dV, grid ``(H, key tiles * S, B)``: one compressed key tile per program (or one of
+  ``S = dkv_splits`` equal shares of its query tiles, each writing a float32 partial
+  that XLA sums), walking backwards over the query tiles that can see one of its tokens
+  (from the first query after the tile's first block ends to the end of its last
+  token's segment); no atomics, one writer per output element, memory linear in ``T``.
+  The key tile is the ``M`` side of all four of its dots, so it needs at least 64 tokens
+  for Hopper's wgmma (32 compiles to mma.sync), and 128 with 8 warps so that the two
+  warpgroups do not both compute the same 64 rows. The KV head is the fastest grid axis
+  so that the heavy (early) key tiles of every head start first: key-major order leaves
+  a third of the SMs idle at the end once a head has only 64 key tiles.
 
 Heavy query tiles (late positions) are launched first. Rows and ``Dv`` are padded to
 powers of two (``tl.dot`` needs at least 16) with masked loads and stores; ``Dk`` is
@@ -71,7 +73,9 @@ class CompressedTuning:
     """Tile sizes, warps and pipeline depth of the three kernels.
 
     ``*_rows``: query rows (positions times ``G'`` heads) per tile, ``*_keys``:
-    compressed tokens per key tile; powers of two, at least 16.
+    compressed tokens per key tile; powers of two, at least 16. ``dkv_splits``: programs
+    per dK/dV key tile, each walking an equal share of its query tiles and writing a
+    float32 partial that XLA sums (more programs than SMs for large key tiles).
     """
 
     fwd_rows: int = 128
@@ -86,6 +90,7 @@ class CompressedTuning:
     dkv_keys: int = 32
     dkv_warps: int = 8
     dkv_stages: int = 2
+    dkv_splits: int = 1
 
     def __post_init__(self) -> None:
         for name, value in dataclasses.asdict(self).items():
@@ -96,17 +101,21 @@ class CompressedTuning:
 
 
 # 16-bit inputs, keyed by the padded head dims (max(16, next_pow2(Dk)), max(16, next_pow2(Dv))).
-# Registers for sm_90a at T = 64K, G = 16 (experiments/kernel_resources.py), dK/dV kernel:
-# 64-token key tiles compile to wgmma (32 to mma.sync); at Dk = 192 they fit without
-# spills with 32 query rows (254 registers; 64 rows spill 64 B), at Dk = 128 with 64 rows
-# (236). Forward and dQ tiles fit both (251 / 248 registers at Dk = 192). Not yet timed
-# on a GPU: experiments/check_compression_gpu.py --sweep times these against alternatives.
+# Every dot has 128 rows (M): with 8 warps Triton lays M = 64 over both warpgroups twice
+# (warpsPerCTA [8, 1]), so 64-row score tiles do their dots twice, and the dK/dV kernel's
+# 32-token key tiles compile to mma.sync instead of wgmma. 128-token dK/dV key tiles are
+# 32 per head at T = 64K, fewer programs than SMs: two splits per key tile restore the
+# balance. Registers for sm_90a at T = 64K, G = 16 after Triton's TTIR passes (combine
+# folds the accumulator adds into the dots; experiments/kernel_resources.py compiles
+# without them and reports more): dK/dV 254 / 209, dQ 209 / 200 at Dk = 192 / 128, no
+# spills. Not yet timed on a GPU: experiments/check_compression_gpu.py --sweep times
+# these against alternatives.
 _TUNING_BY_HEAD_DIMS: dict[tuple[int, int], CompressedTuning] = {
-    (128, 128): CompressedTuning(dkv_keys=64, dkv_rows=64),
-    (256, 128): CompressedTuning(dkv_keys=64, dkv_rows=32),
+    (128, 128): CompressedTuning(dq_rows=128, dq_keys=64, dkv_keys=128, dkv_rows=32, dkv_splits=2),
+    (256, 128): CompressedTuning(dq_rows=128, dq_keys=32, dkv_keys=128, dkv_rows=32, dkv_splits=2),
 }
-# Other head dims take the Dk = 192 entry (fewest registers of the two; larger ones are untuned).
-DEFAULT_TUNING = _TUNING_BY_HEAD_DIMS[(256, 128)]
+# Other head dims take the Dk = 128 entry (smaller ones need fewer registers; larger ones are untuned).
+DEFAULT_TUNING = _TUNING_BY_HEAD_DIMS[(128, 128)]
 # float32 tiles take twice the registers and shared memory: half the rows and keys keep
 # shared memory under the H200's 227 KB at Dk = 192.
 FLOAT32_TUNING = CompressedTuning(
@@ -419,20 +428,29 @@ def _dkv_kernel(
     *,
     geo: _Geometry,
 ):
-    """dK, dV of compressed key tile ``j`` (slots ``[j*keys, (j+1)*keys)``) of one KV head.
+    """dK, dV of compressed key tile ``j`` (slots ``[j*keys, (j+1)*keys)``) of one KV head,
+    or with ``dkv_splits = S > 1`` the float32 part of them from split ``s`` (program
+    ``j * S + s``) of its query tiles.
 
     ``first_ref``/``last_ref [key tiles]`` hold per key tile the query tiles ``[first, last)``
     that can see one of its tokens; without segments the query tiles from
     ``full`` on see the whole key tile and skip the mask.
     """
     tuning = geo.tuning
-    keys, wanted_rows = tuning.dkv_keys, tuning.dkv_rows
+    keys, wanted_rows, splits = tuning.dkv_keys, tuning.dkv_rows, tuning.dkv_splits
     tile_rows = geo.rows(wanted_rows)
-    key_tile = pl.program_id(1)
+    key_tile = jax.lax.div(pl.program_id(1), splits)
     slot = key_tile * keys + jnp.arange(keys)
     k = _key_pieces(geo, k_ref, key_tile, keys, True)
     v = _key_tile(geo, v_ref, key_tile, keys, geo.dv, True)
     first, last = first_ref[key_tile], last_ref[key_tile]
+    if splits > 1:
+        split = jax.lax.rem(pl.program_id(1), splits)
+        span = last - first
+        first, last = (
+            first + jax.lax.div(split * span, splits),
+            first + jax.lax.div((split + 1) * span, splits),
+        )
     log2_scale = geo.scale * LOG2E
 
     def step(masked: bool):
@@ -487,6 +505,15 @@ def _per_head_first(geo: _Geometry, length: int, *trailing: int) -> pl.BlockSpec
     """:func:`_per_head` for grids ``(H, x, B)``."""
     zeros = (0,) * len(trailing)
     return pl.BlockSpec((None, length, None, *trailing), lambda h, x, b: (b, 0, h, *zeros))
+
+
+def _per_split_head(geo: _Geometry, length: int, width: int) -> pl.BlockSpec:
+    """Block ``[length, width]`` of split ``x % dkv_splits`` of one KV head of a
+    ``[B, splits, length', H, width']`` array, for the dK/dV grid ``(H, key tiles * splits, B)``."""
+    splits = geo.tuning.dkv_splits
+    return pl.BlockSpec(
+        (None, None, length, None, width), lambda h, x, b: (b, jax.lax.rem(x, splits), 0, h, 0)
+    )
 
 
 def _per_batch(*shape: int) -> pl.BlockSpec:
@@ -582,9 +609,16 @@ def _backward(q, k, v, starts, out, lse, dout, dlse, geo: _Geometry):
     first, last = _query_tile_ranges(starts, geo)
     tiles = geo.key_tiles(geo.tuning.dkv_keys)
     slots = geo.slots_padded(geo.tuning.dkv_keys)
+    splits = geo.tuning.dkv_splits
+    if splits == 1:
+        out_specs = [_per_head_first(geo, slots, geo.dk_padded), _per_head_first(geo, slots, geo.dv_padded)]
+        out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+    else:
+        out_specs = [_per_split_head(geo, slots, geo.dk_padded), _per_split_head(geo, slots, geo.dv_padded)]
+        out_shape = [jax.ShapeDtypeStruct((batch, splits, *x.shape[1:]), jnp.float32) for x in (k, v)]
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, geo=geo),
-        grid=(heads, tiles, batch),
+        grid=(heads, tiles * splits, batch),
         in_specs=[
             _per_batch(tiles),
             _per_batch(tiles),
@@ -596,12 +630,14 @@ def _backward(q, k, v, starts, out, lse, dout, dlse, geo: _Geometry):
             _per_head_first(geo, length, gq),
             _per_head_first(geo, length, gq),
         ],
-        out_specs=[_per_head_first(geo, slots, geo.dk_padded), _per_head_first(geo, slots, geo.dv_padded)],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=geo.params(geo.tuning.dkv_warps, geo.tuning.dkv_stages),
         interpret=geo.interpret,
         name="nsa_compressed_dkv",
     )(first, last, starts, q5, k, v, do5, lse4, delta)
+    if splits > 1:
+        dk, dv = dk.sum(axis=1).astype(k.dtype), dv.sum(axis=1).astype(v.dtype)
     return dq.reshape(q.shape), dk, dv
 
 

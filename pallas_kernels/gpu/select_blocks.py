@@ -12,32 +12,36 @@ program walks key tiles of ``Bk`` selection blocks, i.e. ``Bk * r'`` compressed 
 (``r = l'/d`` tokens start in one block, ``r' = next_pow2(r)``, tokens ``r..r'-1`` of a
 block are padding), counted from the segment start of the rows. Per key tile:
 
-1. ``p = exp(q . k * scale - lse)`` ``[rows, Bk * r']`` (one tensor-core dot; zero where a
-   token is not visible, Eqs. 7-8), summed over the ``G`` heads (Eq. 10) as a reshape to
-   ``[P, G', Bk * r']`` and a reduction: ``g [P, Bk * r']``.
+1. ``p = exp(q . k * scale - lse)`` ``[rows, Bk * r']`` (tensor-core dots, ``Dk`` cut into
+   power-of-two pieces, 192 = 128 + 64; zero where a token is not visible, Eqs. 7-8, a mask
+   that key tiles seen wholly by every row skip), summed over the ``G`` heads (Eq. 10) as a
+   reshape to ``[P, G', Bk * r']`` and a reduction: ``g [P, Bk * r']``.
 2. Eq. 9: ``g`` viewed as ``[P, Bk, r']`` gives ``g_m [P, Bk]``, token ``m`` of each block;
    the weight of offset ``first + k`` is applied to ``g_m`` of the block ``-floor((first + k)
    / r)`` blocks back. Those come from the previous key tile for the first blocks of the tile
    (carried over, zero before the segment start). Every block's importance is the same
    sequence of float32 operations, ``0 + w_0 x_0 + w_1 x_1 + ...`` (the reference's order
-   over ``k``), and the selections in step 2 add exact zeros, so blocks with equal inputs
-   (exact ties) get equal importance.
+   over ``k``), and picking ``g_m`` and shifting it by blocks add exact zeros only, so blocks
+   with equal inputs (exact ties) get equal importance.
 3. The ``Bk`` importances are written into a ``[P, Nb' / Bk, Bk]`` register tile holding
    every selection block of the ``P`` positions (``Nb' = next_pow2(ceil(T / l'))``).
 
 Top-n (Eq. 11) then runs once per tile: forced blocks score ``+inf``, blocks after a
 position's block score below any importance, and ``n`` rounds of argmax (lowest index on
-ties, as ``lax.top_k``) pick the blocks; a round whose best is not visible yields ``-1``.
+ties, as ``lax.top_k``) pick the blocks; rounds past the visible blocks yield ``-1``. The
+picks are put in the output order (ascending, ``-1`` last) by rank in the kernel.
 
 Packed rows (``segment_ids``): blocks and tokens count from each position's segment start,
 so a tile whose positions belong to several segments runs one pass per segment, each over
-that segment's tokens with the other rows masked (one pass in the unpacked case).
+that segment's tokens and writing only its positions (one pass in the unpacked case).
 
 Cost: the query-key dot of the compressed attention (``2 * HQ * Dk`` flops and one ``exp``
 per visible (query head, token) pair) plus ``O(P * Nb')`` register work per key tile. Memory:
 registers for the ``[rows, Dk]`` queries, one key tile and the ``[P, Nb']`` importances; in
 HBM only the inputs and the picks ``[B, T, H, n']`` (int32): linear in ``T``. ``P`` shrinks as
-``Nb'`` grows so that the importances stay at ``P * Nb' <= 8192`` floats.
+``Nb'`` grows so that the importances stay at ``P * Nb' <= 8192`` floats, down to the 16 rows
+``tl.dot`` needs (``P = 1`` for ``G = 16``): beyond ``T = 512K`` (or earlier for small ``G``)
+the importances take more registers.
 """
 
 from __future__ import annotations
@@ -50,13 +54,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from nsa_jax.reference.selection import ascending_unused_last, overlap_weights
+from nsa_jax.reference.selection import overlap_weights
 from nsa_jax.segments import segment_starts
 from pallas_kernels.gpu.tiles import LOG2E, dot_nt, padded, require_supported_dtype
 
 # Upper bound on the register tile of importances, ``P * Nb'`` floats (32 registers a
 # thread at 8 warps).
 _STATE = 8192
+# Log-sum-exp (base 2) given to dead rows (padded heads): exp2(logit - _NO_ROW) is 0.
+_NO_ROW = 1e30
 # Score of a block that cannot be picked: below every importance (those are >= 0).
 _UNAVAILABLE = -1.0
 
@@ -65,22 +71,25 @@ _UNAVAILABLE = -1.0
 class SelectTuning:
     """Tile sizes of the kernel: ``rows`` query rows (positions times ``G'``) per tile when the
     importances allow it, ``keys`` compressed-token slots (``Bk * r'``) per key tile; powers of
-    two >= 16; ``warps`` and pipeline ``stages`` of the Triton program."""
+    two >= 16; ``warps`` and pipeline ``stages`` of the Triton program. ``unmasked``: key tiles
+    that every row sees wholly run a second loop body without the visibility mask (fewer
+    instructions a tile, more registers)."""
 
     rows: int = 128
     keys: int = 64
     warps: int = 8
     stages: int = 2
+    unmasked: bool = True
 
     def __post_init__(self) -> None:
         for name, value in dataclasses.asdict(self).items():
-            if value < 1:
+            if name != "unmasked" and value < 1:
                 raise ValueError(f"{name} must be positive, got {value}")
             if name in ("rows", "keys") and (value < 16 or value & (value - 1)):
                 raise ValueError(f"{name} must be a power of two >= 16, got {value}")
 
 
-# bf16 at Dk = 192 and 128, G = 16, T = 64K: no register spills for sm_90a
+# bf16 at Dk = 192 and 128, G = 16, T = 64K: 180 and 176 registers, no spills for sm_90a
 # (experiments/kernel_resources.py); not yet timed on a GPU.
 DEFAULT_TUNING = SelectTuning()
 # float32 (its dots run on FMA units, for checks): the 16-bit tiles spill; these do not.
@@ -209,6 +218,21 @@ def _shifted(current: jax.Array, previous: jax.Array, back: int) -> jax.Array:
     return jnp.sum(picked, axis=2)
 
 
+def _ascending_unused_last(picks: jax.Array, unused: int) -> jax.Array:
+    """``[P, n']`` distinct blocks and ``-1`` sorted ascending with ``-1`` last (as
+    :func:`nsa_jax.reference.selection.ascending_unused_last`): each entry goes to its rank,
+    ties (the ``-1``) ranked by lane. ``unused`` exceeds every block."""
+    lanes = picks.shape[1]
+    key = jnp.where(picks < 0, unused, picks)
+    lane_i = jnp.arange(lanes)[None, :, None]
+    lane_j = jnp.arange(lanes)[None, None, :]
+    mine, other = key[:, :, None], key[:, None, :]
+    before = (other < mine) | ((other == mine) & (lane_j < lane_i))
+    rank = jnp.sum(before.astype(jnp.int32), axis=2)
+    ordered = jnp.min(jnp.where(rank[:, :, None] == lane_j, key[:, :, None], unused), axis=1)
+    return jnp.where(ordered >= unused, -1, ordered)
+
+
 def _kernel(starts_ref, q_ref, lse_ref, k_ref, out_ref, *, geo: _Geometry):
     """One query tile of one KV head: ``q_ref [T, G', Dk]``, ``lse_ref [T, G']``,
     ``k_ref [Tc, Dk]``, ``starts_ref [T]`` (segment starts), ``out_ref [T, n']`` (picks)."""
@@ -260,9 +284,16 @@ def _kernel(starts_ref, q_ref, lse_ref, k_ref, out_ref, *, geo: _Geometry):
         count = jnp.clip(jnp.where(in_rows, row_count, 0), 0, jnp.maximum(geo.slots - base, 0))
         tile_tokens = blocks * geo.ratio
         key_tiles = jax.lax.div(jnp.max(count) + tile_tokens - 1, tile_tokens)
+        # Key tiles every row of the pass sees wholly may skip the visibility mask; dead rows
+        # (padded heads) get p = exp2(-huge) = 0 from their offset instead. Rows of other segments
+        # only feed the group sums of their own positions, which this pass does not write.
+        full_tiles = jnp.minimum(
+            jax.lax.div(jnp.min(jnp.where(in_rows, count, key_tiles * tile_tokens)), tile_tokens), key_tiles
+        )
+        row_offset = jnp.where(in_rows, lse2, _NO_ROW)
         block_tiles = jax.lax.div(jnp.max(jnp.where(in_positions, current + blocks, 0)), blocks)
 
-        def tile_step(with_keys: bool):
+        def tile_step(with_keys: bool, masked: bool = False):
             def body(tile, carry):
                 state, previous = carry
                 if with_keys:
@@ -279,8 +310,9 @@ def _kernel(starts_ref, q_ref, lse_ref, k_ref, out_ref, *, geo: _Geometry):
                         )
                         s = dot_nt(piece, k, geo.precision)
                         logits = s if logits is None else logits + s
-                    visible = (token[None, :] < count[:, None]) & valid[None, :]
-                    p = jnp.where(visible, jnp.exp2(logits * log2_scale - lse2[:, None]), 0.0)
+                    p = jnp.exp2(logits * log2_scale - row_offset[:, None])
+                    if masked:
+                        p = jnp.where((token[None, :] < count[:, None]) & valid[None, :], p, 0.0)
                     grouped = jnp.sum(p.reshape(P, gq, keys), axis=1)
                     by_token = grouped.reshape(P, blocks, geo.ratio_pow2)
                     tokens = [
@@ -299,7 +331,12 @@ def _kernel(starts_ref, q_ref, lse_ref, k_ref, out_ref, *, geo: _Geometry):
             return body
 
         previous = tuple(jnp.zeros((P, blocks), jnp.float32) for _ in geo.carried)
-        state, previous = jax.lax.fori_loop(0, key_tiles, tile_step(True), (state, previous))
+        carry = (state, previous)
+        if geo.tuning.unmasked:
+            carry = jax.lax.fori_loop(0, full_tiles, tile_step(True), carry)
+        else:
+            full_tiles = 0
+        state, previous = jax.lax.fori_loop(full_tiles, key_tiles, tile_step(True, masked=True), carry)
         # A block just past the last visible token can still take a carried term.
         state, _ = jax.lax.fori_loop(
             key_tiles, jnp.minimum(key_tiles + 1, block_tiles), tile_step(False), (state, previous)
@@ -325,18 +362,22 @@ def _kernel(starts_ref, q_ref, lse_ref, k_ref, out_ref, *, geo: _Geometry):
     here = current[:, None, None]
     forced = (block < geo.num_initial_blocks) | (block > here - geo.num_local_blocks)
     score = jnp.where(block <= here, jnp.where(forced, jnp.inf, state), _UNAVAILABLE)
+    # One row of blocks per position: one arg-max reduction per pick.
+    score = score.reshape(P, geo.blocks_padded)
+    block = jnp.arange(geo.blocks_padded)[None, :]
     pick_lane = jnp.arange(geo.picks_padded)[None, :]
 
     def pick(i, carry):
         score, picks = carry
-        best = jnp.max(jnp.max(score, axis=2), axis=1)
-        is_best = score == best[:, None, None]
-        index = jnp.min(jnp.min(jnp.where(is_best, block, geo.blocks_padded), axis=2), axis=1)
-        picks = jnp.where((pick_lane == i) & (best >= 0)[:, None], index[:, None], picks)
-        return jnp.where(block == index[:, None, None], _UNAVAILABLE, score), picks
+        # argmax takes the lowest index among equal maxima, as lax.top_k. The current + 1
+        # visible blocks all score >= 0 > _UNAVAILABLE: pick i is real while i <= current.
+        index = jnp.argmax(score, axis=1).astype(jnp.int32)
+        picks = jnp.where((pick_lane == i) & (i <= current)[:, None], index[:, None], picks)
+        return jnp.where(block == index[:, None], _UNAVAILABLE, score), picks
 
     init = (score, jnp.full((P, geo.picks_padded), -1, jnp.int32))
     _, picks = jax.lax.fori_loop(0, geo.num_selected, pick, init)
+    picks = _ascending_unused_last(picks, geo.blocks_padded)
     # Dead positions store out of range (masked): in interpret mode a masked store to a
     # clamped duplicate position would overwrite a live one.
     target = jnp.where(position_live, position, geo.length)
@@ -435,7 +476,7 @@ def select_blocks(
         interpret=interpret,
         name="nsa_select_blocks",
     )(starts, q5, lse4, k_cmp)
-    return ascending_unused_last(picks[..., :num_selected])
+    return picks[..., :num_selected]
 
 
 def check(
