@@ -640,6 +640,7 @@ def fmt(x) -> str:
 
 
 def markdown(report: dict) -> str:
+    heads = report["heads"]
     lines = [
         "# NSA attention op and layer (bf16 unless noted)",
         "",
@@ -667,8 +668,8 @@ def markdown(report: dict) -> str:
         lines.append("")
     if report.get("fla"):
         lines += [
-            f"fla-core settings (l=l'=d=64, mean pooling, n=16, window 0, HQ={HEADS['q_heads']}, "
-            f"H={HEADS['kv_heads']}, D={FLA_DIM}), ms:",
+            f"fla-core settings (l=l'=d=64, mean pooling, n=16, window 0, HQ={heads['q_heads']}, "
+            f"H={heads['kv_heads']}, D={report['fla_head_dim']}), ms:",
             "",
             "| T | ours fwd | ours fwd+bwd | fla fwd | fla fwd+bwd | f+b fla/ours | rel err vs fla |",
             "|---|---|---|---|---|---|---|",
@@ -684,8 +685,8 @@ def markdown(report: dict) -> str:
     rows = sorted((r for r in report.get("time", []) if "skipped" not in r), key=lambda r: r["T"])
     if rows:
         lines += [
-            f"Paper configuration (l=32, d=16, l'=64, n=16, w=512, HQ={HEADS['q_heads']}, "
-            f"H={HEADS['kv_heads']}), B=1, ms, fwd / fwd+bwd; "
+            f"Paper configuration (l=32, d=16, l'=64, n=16, w=512, HQ={heads['q_heads']}, "
+            f"H={heads['kv_heads']}), B=1, ms, fwd / fwd+bwd; "
             "branches timed alone with the default implementations:",
             "",
             "| T | Dk/Dv | NSA | compressed | select_blocks (fwd) | selected | window | combine "
@@ -771,6 +772,8 @@ def main() -> int:
         "device": jax.devices()[0].device_kind,
         "jax": jax.__version__,
         "command": "PYTHONPATH=$PWD python3 " + " ".join(sys.argv),
+        "heads": HEADS,
+        "fla_head_dim": FLA_DIM,
     }
 
     def save() -> None:

@@ -232,6 +232,10 @@ def test_gpu_defaults(monkeypatch):
         )
         == "pallas_triton"
     )
+    lse = jnp.zeros((1, 40, 4), jnp.float32)
+    selection = dict(block_length=8, block_stride=4, selection_block_size=8, num_selected=3, scale=0.25)
+    selection.update(num_initial_blocks=1, num_local_blocks=1)
+    assert registry.default("select_blocks", inputs.q, k_cmp, lse, **selection) == "pallas_triton"
 
 
 def test_bad_inputs_raise_naming_the_argument():

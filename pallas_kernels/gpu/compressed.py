@@ -105,14 +105,26 @@ class CompressedTuning:
 # (warpsPerCTA [8, 1]), so 64-row score tiles do their dots twice, and the dK/dV kernel's
 # 32-token key tiles compile to mma.sync instead of wgmma. 128-token dK/dV key tiles are
 # 32 per head at T = 64K, fewer programs than SMs: two splits per key tile restore the
-# balance. Registers for sm_90a at T = 64K, G = 16 after Triton's TTIR passes (combine
-# folds the accumulator adds into the dots; experiments/kernel_resources.py compiles
-# without them and reports more): dK/dV 254 / 209, dQ 209 / 200 at Dk = 192 / 128, no
-# spills. Not yet timed on a GPU: experiments/check_compression_gpu.py --sweep times
-# these against alternatives.
+# balance. The fastest candidates of the H200 sweep at T = 64K, G = 16, bf16
+# (experiments/results/compression_sweep_h200.md, forward / forward+backward ms):
+# Dk = 192: 128-key forward tiles and 64-key dQ tiles, 14.85 / 68.81 (the first 128-token
+# dK/dV layout 16.07 / 76.67, 32-token dK/dV tiles 16.07 / 113.71); Dk = 128: three
+# pipeline stages everywhere, 11.96 / 47.01 (two stages 13.37 / 59.70, 32-token dK/dV
+# tiles 13.37 / 94.85).
 _TUNING_BY_HEAD_DIMS: dict[tuple[int, int], CompressedTuning] = {
-    (128, 128): CompressedTuning(dq_rows=128, dq_keys=64, dkv_keys=128, dkv_rows=32, dkv_splits=2),
-    (256, 128): CompressedTuning(dq_rows=128, dq_keys=32, dkv_keys=128, dkv_rows=32, dkv_splits=2),
+    (128, 128): CompressedTuning(
+        fwd_stages=3,
+        dq_rows=128,
+        dq_keys=64,
+        dq_stages=3,
+        dkv_keys=128,
+        dkv_rows=32,
+        dkv_stages=3,
+        dkv_splits=2,
+    ),
+    (256, 128): CompressedTuning(
+        fwd_keys=128, dq_rows=128, dq_keys=64, dkv_keys=128, dkv_rows=32, dkv_splits=2
+    ),
 }
 # Other head dims take the Dk = 128 entry (smaller ones need fewer registers; larger ones are untuned).
 DEFAULT_TUNING = _TUNING_BY_HEAD_DIMS[(128, 128)]
