@@ -55,6 +55,7 @@ from nsa_jax.segments import compressed_token_starts, segment_starts
 from pallas_kernels.gpu.tiles import (
     LOG2E,
     MASKED,
+    column_pieces,
     dot,
     dot_nt,
     lanes,
@@ -172,14 +173,8 @@ class _Geometry:
 
     @property
     def dk_pieces(self) -> tuple[tuple[int, int], ...]:
-        """``(offset, width)`` column pieces of ``Dk``, powers of two >= 16: ``Dk = 192`` runs
-        as 128 + 64 instead of padding to 256 (a third more query-key work)."""
-        pieces, offset = [], 0
-        while offset < self.dk:
-            width = max(16, 1 << ((self.dk - offset).bit_length() - 1))
-            pieces.append((offset, width))
-            offset += width
-        return tuple(pieces)
+        """``(offset, width)`` column pieces of ``Dk`` (:func:`column_pieces`: 192 = 128 + 64)."""
+        return column_pieces(self.dk)
 
     @property
     def dv_padded(self) -> int:

@@ -56,7 +56,7 @@ from jax.experimental.pallas import triton as plt
 
 from nsa_jax.reference.selection import overlap_weights
 from nsa_jax.segments import segment_starts
-from pallas_kernels.gpu.tiles import LOG2E, dot_nt, padded, require_supported_dtype
+from pallas_kernels.gpu.tiles import LOG2E, column_pieces, dot_nt, padded, require_supported_dtype
 
 # Upper bound on the register tile of importances, ``P * Nb'`` floats (32 registers a
 # thread at 8 warps).
@@ -173,13 +173,8 @@ class _Geometry:
 
     @property
     def dk_pieces(self) -> tuple[tuple[int, int], ...]:
-        """``(offset, width)`` column pieces of ``Dk``, powers of two >= 16 (192 = 128 + 64)."""
-        pieces, offset = [], 0
-        while offset < self.dk:
-            width = max(16, 1 << ((self.dk - offset).bit_length() - 1))
-            pieces.append((offset, width))
-            offset += width
-        return tuple(pieces)
+        """``(offset, width)`` column pieces of ``Dk`` (:func:`column_pieces`: 192 = 128 + 64)."""
+        return column_pieces(self.dk)
 
     @property
     def terms(self) -> tuple[tuple[int, int, int], ...]:

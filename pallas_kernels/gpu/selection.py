@@ -96,6 +96,7 @@ from pallas_kernels.gpu.inverse_map import build_inverse_map, key_tile_count, li
 from pallas_kernels.gpu.tiles import (
     LOG2E,
     MASKED,
+    column_pieces,
     dot,
     dot_nt,
     lanes,
@@ -164,19 +165,12 @@ class _Geometry:
         return not (self.aligned and self.length % self.block_size == 0 and self.tile == self.block_size)
 
     def column_chunks(self, size: int) -> tuple[tuple[int, int], ...]:
-        """``(first lane, width)`` tiles covering a head dim of ``size`` in the backward.
-
-        With ``tuning.split_head_dims`` the dim rounded up to 16 is cut into powers of
-        two, largest first (192 -> 128 + 64), so no lanes are padded beyond 16;
-        otherwise one tile of ``padded(size)`` lanes (192 -> 256).
-        """
+        """``(first lane, width)`` tiles covering a head dim of ``size`` in the backward:
+        :func:`column_pieces` with ``tuning.split_head_dims``, else one tile of
+        ``padded(size)`` lanes (192 -> 256)."""
         if not self.tuning.split_head_dims:
             return ((0, padded(size)),)
-        total, chunks = -(-size // 16) * 16, []
-        for bit in reversed(range(total.bit_length())):
-            if total & (1 << bit):
-                chunks.append((total & -(1 << (bit + 1)), 1 << bit))
-        return tuple(chunks)
+        return column_pieces(size)
 
     def params(self, warps: int, stages: int) -> plt.CompilerParams:
         return plt.CompilerParams(num_warps=warps, num_stages=stages)

@@ -23,6 +23,17 @@ def padded(size: int) -> int:
     return max(16, pl.next_power_of_2(size))
 
 
+def column_pieces(size: int) -> tuple[tuple[int, int], ...]:
+    """``(first lane, width)`` tiles covering a head dim of ``size``: the size rounded up to
+    16, cut into powers of two, largest first (192 -> 128 + 64), so no dot pads more than 15
+    lanes where one ``padded(192) = 256`` tile would do a third more work."""
+    total, pieces = -(-size // 16) * 16, []
+    for bit in reversed(range(total.bit_length())):
+        if total & (1 << bit):
+            pieces.append((total & -(1 << (bit + 1)), 1 << bit))
+    return tuple(pieces)
+
+
 def all_of(*masks: jax.Array | None) -> jax.Array | None:
     present = [m for m in masks if m is not None]
     if not present:
