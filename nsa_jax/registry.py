@@ -131,11 +131,7 @@ def resolve(op: str, implementation: str | None, *args: Any, **kwargs: Any) -> C
     backend = jax.default_backend()
     if implementation is None:
         return _bind(_default(op, backend, *args, **kwargs), backend)
-    if implementation not in _REGISTRY[op]:
-        raise ValueError(
-            f"implementation must be one of {implementations(op)} for {op}, got {implementation!r}"
-        )
-    impl = _REGISTRY[op][implementation]
+    impl = get(op, implementation)
     if backend not in impl.platforms and not impl.interpretable:
         raise ValueError(
             f"implementation {implementation!r} of {op} runs on {impl.platforms}, "
