@@ -188,37 +188,20 @@ def test_bfloat16_paper_head_dims_with_segments():
             dq_transposed=True,
         ),
         SelectionTuning(bwd_rows=128, bwd_rows_major=True, split_head_dims=False),
-        SelectionTuning(
-            bwd_rows=32, bwd_rows_major=True, dq_atomic=True, packed_sort=True, dq_transposed=True
-        ),
+        SelectionTuning(bwd_rows=32, bwd_rows_major=True, dq_transposed=True),
     ],
     ids=[
         "keys_major_16_heavy_first_3_splits_sum_kernel_dq_transposed",
         "rows_major_128_unsplit",
-        "rows_major_32_atomic_packed_dq_transposed",
+        "rows_major_32_dq_transposed",
     ],
 )
 def test_backward_variants_match_reference(tuning):
     # Dk = 48: column tiles 32 + 16 when split, one of 64 when not; Dv = 24: one of 32.
     q, k, v, ct = _inputs(7, 1, 50, 4, 2, 48, 24, jnp.float32)
     indices = _indices(7, 1, 50, 2, 4, 8)
-    # Interpret mode applies an atomic add of one step as a scatter that keeps one of
-    # two rows with the same target; straddling blocks (segments) can list one query
-    # twice in a tile, so the atomic variant is checked here without segments (the
-    # GPU check covers it with segments).
-    segment_ids = None if tuning.dq_atomic else jnp.asarray([[0] * 13 + [1] * 37])
+    segment_ids = jnp.asarray([[0] * 13 + [1] * 37])
     _compare(q, k, v, ct, indices, 8, 2e-5, segment_ids=segment_ids, tuning=tuning)
-
-
-def test_packed_inverse_map_lists_the_same_pairs():
-    rng = np.random.default_rng(2)
-    starts = _random_starts(rng, 1, 29, 2, 3, 4, aligned=False)
-    pair_entries, pair_offsets = build_inverse_map(starts, block_size=4, aligned=False)
-    entries, offsets = build_inverse_map(starts, block_size=4, aligned=False, packed=True)
-    np.testing.assert_array_equal(offsets, pair_offsets)
-    for h, tile in np.ndindex(2, offsets.shape[-1] - 1):
-        owned = slice(int(offsets[0, h, tile]), int(offsets[0, h, tile + 1]))
-        assert sorted(np.asarray(entries[0, h, owned])) == sorted(np.asarray(pair_entries[0, h, owned]))
 
 
 def test_tuning_table_and_bad_tuning():
@@ -226,8 +209,6 @@ def test_tuning_table_and_bad_tuning():
     assert tuning_for(100, 128) == tuning_for(128, 128)
     with pytest.raises(ValueError, match="bwd_rows"):
         SelectionTuning(bwd_rows=48)
-    with pytest.raises(ValueError, match="dq_sum_kernel"):
-        SelectionTuning(dq_atomic=True, dq_sum_kernel=True)
 
 
 def test_slot_order_does_not_matter():

@@ -26,14 +26,6 @@ class SelectionTuning:
         than ``[keys, rows]``. With 8 warps the MMA splits its first dimension over
         two warp groups, so rows-major with 128 rows keeps every warp group busy,
         where 64 keys would be computed twice.
-      dq_atomic: accumulate dQ with float32 atomic adds into one ``[B, T, HQ, Dk]``
-        buffer instead of writing one bf16/f32 part per (query, slot) and summing
-        them. Not deterministic (float addition order varies between runs), and
-        about 2x slower on the H200 (module docstring of
-        :mod:`pallas_kernels.gpu.selection`), so no default uses it.
-      packed_sort: build the inverse map with one single-key sort of
-        ``tile * T*n*E + id`` (uint32) instead of a two-operand stable sort; used
-        only where the packed key fits in 32 bits.
       split_head_dims: in the backward, hold a head dim as power-of-two column
         tiles (Dk=192 as 128 + 64) instead of one tile padded to a power of two
         (256): fewer registers and no MMA work on padding.
@@ -52,8 +44,7 @@ class SelectionTuning:
         stored through transposed index grids.
       dq_sum_kernel: sum the dQ parts with a Pallas kernel (one program per query
         and KV head) that skips unlisted parts by a masked load and writes dQ in the
-        input dtype, instead of the XLA masked sum to float32 and a cast. Not with
-        ``dq_atomic``, which has no parts.
+        input dtype, instead of the XLA masked sum to float32 and a cast.
     """
 
     fwd_warps: int = 2
@@ -62,8 +53,6 @@ class SelectionTuning:
     bwd_stages: int = 2
     bwd_rows: int = 64
     bwd_rows_major: bool = False
-    dq_atomic: bool = False
-    packed_sort: bool = False
     split_head_dims: bool = True
     bwd_heavy_first: bool = False
     bwd_splits: int = 1
@@ -77,8 +66,6 @@ class SelectionTuning:
                 raise ValueError(f"{name} must be positive, got {value}")
         if self.bwd_rows & (self.bwd_rows - 1):
             raise ValueError(f"bwd_rows must be a power of two, got {self.bwd_rows}")
-        if self.dq_atomic and self.dq_sum_kernel:
-            raise ValueError("dq_sum_kernel sums dQ parts, which dq_atomic does not write: set at most one")
 
 
 # Keyed by the padded head dims (max(16, next_pow2(Dk)), max(16, next_pow2(Dv))).

@@ -23,7 +23,7 @@ def parts_per_slot(aligned: bool) -> int:
 
 
 def build_inverse_map(
-    key_starts: jax.Array, *, block_size: int, aligned: bool, packed: bool = False
+    key_starts: jax.Array, *, block_size: int, aligned: bool
 ) -> tuple[jax.Array, jax.Array]:
     """Groups the selected slots of every (batch, KV head) by the key tile they touch.
 
@@ -34,17 +34,12 @@ def build_inverse_map(
       aligned: every valid start is a multiple of ``block_size`` (true without
         segment ids). Otherwise a block may straddle two tiles and is listed under
         both.
-      packed: sort one uint32 key ``tile * (T * n * E) + id`` (a single-operand
-        sort, which XLA can hand to a radix sort) instead of the (tile, id) pair
-        with a stable comparison sort. Same result; ``ValueError`` if the key
-        does not fit in 32 bits.
 
     Returns:
       ``(entries, offsets)``: entries int32 ``[B, H, T * n * E]`` (``E = 1`` if
       aligned else 2) holding ids ``(t * n + i) * E + part`` (``part`` 1 for the
       second tile of a straddling block, else 0), grouped by tile in
-      ascending order (a fixed order within a tile: ids of part 0 before part 1
-      with the pair sort, ascending ids with the packed one); offsets int32
+      ascending order (deterministic order within a tile); offsets int32
       ``[B, H, num_tiles + 1]`` such that tile ``a`` owns
       ``entries[..., offsets[a]:offsets[a + 1]]``. Unused slots sort after the last
       tile and are owned by none.
@@ -61,16 +56,7 @@ def build_inverse_map(
         second = jnp.where(straddles, jnp.minimum(first + 1, num_tiles), num_tiles)
         tiles = jnp.concatenate([first, second], axis=-1)
         ids = jnp.concatenate([2 * flat, 2 * flat + 1], axis=-1)
-    if packed:
-        span = ids.shape[-1]
-        if (num_tiles + 1) * span > 2**32:
-            raise ValueError(
-                f"packed: (num_tiles + 1) * T * n * E = {(num_tiles + 1) * span} must fit in 32 bits"
-            )
-        keys = jax.lax.sort(tiles.astype(jnp.uint32) * span + ids.astype(jnp.uint32), dimension=2)
-        tiles, entries = (keys // span).astype(jnp.int32), (keys % span).astype(jnp.int32)
-    else:
-        tiles, entries = jax.lax.sort((tiles, ids), dimension=2, is_stable=True, num_keys=1)
+    tiles, entries = jax.lax.sort((tiles, ids), dimension=2, is_stable=True, num_keys=1)
     bounds = jnp.arange(num_tiles + 1, dtype=tiles.dtype)
     offsets = jax.vmap(jax.vmap(lambda row: jnp.searchsorted(row, bounds, side="left")))(tiles)
     return entries, offsets.astype(jnp.int32)

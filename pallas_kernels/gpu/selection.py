@@ -27,12 +27,6 @@ map (XLA sort), the tile kernel, and the dQ reduction. Variants, chosen by
   (slot, part) row of ``[B, T, H, n*E, G, Dk]`` (bf16 for bf16 inputs), summed
   afterwards by XLA or (``dq_sum_kernel``) by a Pallas kernel that writes the input
   dtype directly; every output element has one writer.
-- dQ by float32 atomics (``dq_atomic``, not deterministic): adds into one padded
-  ``[B, T+1, H, G', Dk']`` float32 buffer; no parts buffer and no reduction pass.
-  Measured far slower on the H200 (T=64K, G=16, D=128, fwd+bwd 113.3 ms and 97.0 ms
-  against 65.5 and 48.6 ms with parts for the same launch parameters; Dk=192: 213.1
-  against 124.7 ms; experiments/results/selection_sweep_h200.md): the float32
-  reductions in L2 cost more than the parts' HBM round trip, so no default uses it.
 - rows-major scores (``bwd_rows_major``): the score tile as ``[rows, keys]`` so that
   with 8 warps and 128 rows each of the two MMA warp groups gets 64 distinct rows.
 - transposed dQ (``dq_transposed``): a step's dQ as ``[Dk, rows] = K^T dS^T``, whose
@@ -58,12 +52,16 @@ D = 128, bf16; P = T*H*n = 4.2M (query, slot) pairs of G rows):
   does 5 matmuls of 2*HQ*T*n*l'*D = 1.1 TFLOP each (5.5 TFLOP).
 - dQ parts: 17 GB written by the kernel, 17 GB read by the sum (~8 ms of HBM time;
   the XLA sum measured 4.8 ms alone).
+- Rejected after measuring: dQ by float32 atomics into one ``[B, T+1, H, G', Dk']``
+  buffer (no parts, not deterministic): fwd+bwd 113.3 and 97.0 ms against 65.5 and
+  48.6 ms with parts at the same launch parameters (Dk=192: 213.1 against 124.7 ms;
+  experiments/results/selection_sweep_h200.md): the float32 reductions in L2 cost more
+  than the parts' HBM round trip. A single-key uint32 sort for the inverse map: 1.46
+  against 1.50 ms, not worth a second path.
 - Rejected: a query-centric dQ pass recomputing P (reads every selected K and V
   block again through L2, 137 GB, as the 16 ms forward does), and writing the
   score gradient ``dS [P, G, l']`` instead of dQ parts (8.6 GB + 8.6 GB, but the
   dS @ K pass again reads 69 GB of K blocks through L2: ~8 ms, more than it saves).
-- The inverse map sorts T*n ids per (batch, head); ``packed_sort`` sorts one uint32
-  key instead of a (tile, id) pair (measured 1.46 against 1.50 ms at 64K).
 
 Registers per thread / stack bytes (spills) / shared memory of the backward for
 sm_90a at T = 64K, G = 16, l' = 64 (``experiments/kernel_resources.py``; every
@@ -243,7 +241,9 @@ def _backward_kernel(
     do_ref,
     lse_ref,
     delta_ref,
-    *outputs,
+    dk_ref,
+    dv_ref,
+    dq_ref,
     geo: _Geometry,
 ):
     """dK, dV of key tile ``a`` (keys ``[a*l', (a+1)*l')``) of one KV head, and dQ.
@@ -252,14 +252,11 @@ def _backward_kernel(
     ``k_ref [T, Dk']``, ``do_ref [T, Gq, Dv']``, ``starts_ref [T, n]``,
     ``lse_ref``/``delta_ref [T, Gq]``; ``entries_ref``/``offsets_ref`` are this
     head's inverse map, ``order_ref [num_tiles]`` the tile of each program rank.
-    ``outputs`` end with ``dk_ref [T, Dk']``, ``dv_ref [T, Dv']`` and ``dq_ref``:
-    ``[T, n*E, Gq, Dk']`` parts (one writer per element, summed afterwards) or, with
-    ``dq_atomic``, the float32 ``[T + 1, Gq, Dk']`` sum (preceded by its aliased zeroed
-    input). Each step gathers ``bwd_rows`` rows: ``bwd_rows / Gq`` (query, slot) pairs
+    Outputs: ``dk_ref [T, Dk']``, ``dv_ref [T, Dv']`` and ``dq_ref
+    [T, n*E, Gq, Dk']``: parts, one writer per element, summed afterwards. Each step
+    gathers ``bwd_rows`` rows: ``bwd_rows / Gq`` (query, slot) pairs
     times their ``Gq`` heads.
     """
-    # With atomic dQ the zeroed float32 dQ comes in aliased to the third output.
-    dk_ref, dv_ref, dq_ref = outputs[-3:]
     splits = geo.tuning.bwd_splits
     rank = pl.program_id(_rank_axis(geo))
     tile_index = order_ref[jax.lax.div(rank, splits)]
@@ -348,22 +345,16 @@ def _backward_kernel(
         # Index grids shaped like a dQ chunk: per row along axis 0, or along axis 1 if transposed.
         by_row, by_col = (1, 0) if geo.tuning.dq_transposed else (0, 1)
         along = lambda x, axis: jnp.expand_dims(x, 1 - axis)
-        # Dead rows point past the end: masked on GPU, dropped in interpret mode, or
-        # (atomic dQ) the spare row T of the [T + 1, Gq, Dk'] buffer, into which they
-        # add zeros: interpret mode has no masked atomics, and every lane is in bounds.
+        # Dead rows point past the end: masked on GPU, dropped in interpret mode.
         target = along(jnp.where(live, query, geo.length), by_row)
         for (c, w), dq_chunk in zip(dk_chunks, dq, strict=True):
             cols = along(c + jnp.arange(w), by_col)
             dq_mask = along(live, by_row) & (cols < geo.dk)
-            if geo.tuning.dq_atomic:
-                index = (target, along(head, by_row), cols)
-                plt.atomic_add(dq_ref, index, jnp.where(dq_mask, dq_chunk * geo.scale, 0.0))
-            else:
-                plt.store(
-                    dq_ref.at[target, along(part_slot, by_row), along(head, by_row), cols],
-                    (dq_chunk * geo.scale).astype(dq_ref.dtype),
-                    mask=dq_mask,
-                )
+            plt.store(
+                dq_ref.at[target, along(part_slot, by_row), along(head, by_row), cols],
+                (dq_chunk * geo.scale).astype(dq_ref.dtype),
+                mask=dq_mask,
+            )
         return dk, dv
 
     init = (
@@ -451,13 +442,11 @@ def _delta(out, dout, geo: _Geometry) -> jax.Array:
 
 
 def _inverse_map(key_starts, geo: _Geometry) -> tuple[jax.Array, jax.Array]:
-    return build_inverse_map(
-        key_starts, block_size=geo.block_size, aligned=geo.aligned, packed=geo.tuning.packed_sort
-    )
+    return build_inverse_map(key_starts, block_size=geo.block_size, aligned=geo.aligned)
 
 
 def _tile_backward(q, k, v, dout, key_starts, lse, delta, entries, offsets, geo: _Geometry):
-    """The backward kernel: dk, dv and dQ as parts ``[B, T, H, n*E, G, Dk]`` or atomic sums."""
+    """The backward kernel: dk, dv and dQ as parts ``[B, T, H, n*E, G, Dk]``."""
     batch, length, heads, _ = k.shape
     q5 = q.reshape(batch, length, heads, geo.group, geo.dk)
     do5 = dout.reshape(batch, length, heads, geo.group, geo.dv)
@@ -478,22 +467,9 @@ def _tile_backward(q, k, v, dout, key_starts, lse, delta, entries, offsets, geo:
         row(geo.heads_pow2),
         row(geo.heads_pow2),
     ]
-    aliases = {}
-    if geo.tuning.dq_atomic:
-        dq_shape = jax.ShapeDtypeStruct(
-            (batch, length + 1, heads, geo.heads_pow2, geo.dk_padded), jnp.float32
-        )
-        dq_spec = pl.BlockSpec(
-            (None, length + 1, None, geo.heads_pow2, geo.dk_padded),
-            lambda x, y, b: (b, 0, (x, y)[head_axis], 0, 0),
-        )
-        aliases = {len(inputs): 2}
-        inputs.append(jnp.zeros(dq_shape.shape, dq_shape.dtype))
-        in_specs.append(dq_spec)
-    else:
-        parts = (batch, length, heads, geo.slots * geo.parts, geo.group, geo.dk)
-        dq_shape = jax.ShapeDtypeStruct(parts, jnp.bfloat16 if q.dtype == jnp.bfloat16 else jnp.float32)
-        dq_spec = row(geo.slots * geo.parts, geo.heads_pow2, geo.dk_padded)
+    parts = (batch, length, heads, geo.slots * geo.parts, geo.group, geo.dk)
+    dq_shape = jax.ShapeDtypeStruct(parts, jnp.bfloat16 if q.dtype == jnp.bfloat16 else jnp.float32)
+    dq_spec = row(geo.slots * geo.parts, geo.heads_pow2, geo.dk_padded)
     splits = geo.tuning.bwd_splits
     if splits > 1:  # float32 partial dK/dV per split, summed below
         kv_specs = [row(splits, geo.dk_padded), row(splits, geo.dv_padded)]
@@ -511,7 +487,6 @@ def _tile_backward(q, k, v, dout, key_starts, lse, delta, entries, offsets, geo:
         in_specs=in_specs,
         out_specs=[*kv_specs, dq_spec],
         out_shape=[*kv_shapes, dq_shape],
-        input_output_aliases=aliases,
         compiler_params=geo.params(geo.tuning.bwd_warps, geo.tuning.bwd_stages),
         interpret=geo.interpret,
         name="nsa_selected_bwd",
@@ -522,12 +497,10 @@ def _tile_backward(q, k, v, dout, key_starts, lse, delta, entries, offsets, geo:
 
 
 def _finish_dq(dq, key_starts, geo: _Geometry) -> jax.Array:
-    """dQ ``[B, T, H, G, Dk]`` from the kernel's parts (summed) or atomic buffer (cropped).
+    """dQ ``[B, T, H, G, Dk]``: the kernel's listed parts summed.
 
     Float32, or already in the input dtype from the ``dq_sum_kernel`` reduction.
     """
-    if geo.tuning.dq_atomic:
-        return dq[:, : geo.length, :, : geo.group, : geo.dk]
     listed = listed_parts(key_starts, block_size=geo.block_size, aligned=geo.aligned)
     if geo.tuning.dq_sum_kernel:
         return _sum_dq_parts(dq, listed, geo)
