@@ -214,12 +214,15 @@ class Trainer:
         optimizer.update(model, grads)
         return nnx.state((model, optimizer)), loss
 
+    # Under the mesh the layer runs attention per shard (nsa_jax.sharding.sharded_ops).
     def step(self, tokens: np.ndarray, mask: np.ndarray) -> float:
-        self.state, loss = self._step(self.state, tokens, mask)
+        with jax.set_mesh(self.mesh):
+            self.state, loss = self._step(self.state, tokens, mask)
         return float(loss)
 
     def logits(self, tokens: jax.Array) -> jax.Array:
-        return self._logits(self.state, tokens)
+        with jax.set_mesh(self.mesh):
+            return self._logits(self.state, tokens)
 
     def checkpoint_manager(self, directory: pathlib.Path) -> ocp.CheckpointManager:
         return ocp.CheckpointManager(
@@ -410,6 +413,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--attention", choices=["nsa", "full"], default="nsa")
     parser.add_argument("--steps", type=int, help="override the preset's number of steps")
+    parser.add_argument("--batch-size", type=int, help="override the preset's global batch size")
     parser.add_argument(
         "--mesh", type=int, nargs=3, metavar=("DATA", "FSDP", "TENSOR"), help="mesh axis sizes"
     )
@@ -425,6 +429,8 @@ def main(argv: list[str] | None = None) -> None:
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, attention=args.attention))
     if args.steps is not None:
         config = dataclasses.replace(config, steps=args.steps)
+    if args.batch_size is not None:
+        config = dataclasses.replace(config, batch_size=args.batch_size)
     if args.mesh is not None:
         config = dataclasses.replace(config, mesh=tuple(args.mesh))
     summary = train(config, args.out, resume=args.resume)

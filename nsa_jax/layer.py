@@ -13,7 +13,7 @@ from nsa_jax.decoding import NSACache, decode_attention
 from nsa_jax.ops import BRANCHES, combine_branches, nsa_attention
 from nsa_jax.rope import apply_rope
 from nsa_jax.segments import num_compressed_slots, segment_starts
-from nsa_jax.sharding import lazy_sharding
+from nsa_jax.sharding import context_mesh, lazy_sharding, sharded_ops
 
 
 def _param(rngs: nnx.Rngs, init, shape: tuple[int, ...], names: tuple[str | None, ...], dtype) -> nnx.Param:
@@ -28,6 +28,11 @@ class NativeSparseAttention(nnx.Module):
     branch (the compression branch compresses rotated keys). Parameters carry logical
     axis names (``nsa_jax.sharding.LOGICAL_AXIS_RULES`` maps them to a mesh); they are
     created without eager sharding, so the layer builds with or without a mesh.
+
+    Under ``jax.set_mesh(mesh)`` the attention op runs per shard (``jax.shard_map``,
+    :func:`nsa_jax.sharding.sharded_ops`): batch over the mesh's ``data`` and ``fsdp``
+    axes, KV heads (with their query heads) over ``tensor``; an axis group whose size
+    does not divide ``B`` or ``H`` leaves that dimension whole.
 
     Example::
 
@@ -163,7 +168,13 @@ class NativeSparseAttention(nnx.Module):
         x = x.astype(c.dtype)
         q, keys, values = self._project(x, positions)
         compressed = self._compress(keys[0], values[0], segment_ids)
-        out = nsa_attention(
+        mesh = context_mesh()
+        attention = (
+            nsa_attention
+            if mesh is None
+            else sharded_ops(mesh, batch=batch, kv_heads=c.num_kv_heads).nsa_attention
+        )
+        out = attention(
             q,
             *compressed,
             keys[1],

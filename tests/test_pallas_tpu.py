@@ -195,7 +195,7 @@ SHARDED_SCRIPT = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np
     assert jax.device_count() == 8, jax.devices()
     import nsa_jax
-    from pallas_kernels.tpu.sharded import sharded_ops
+    from nsa_jax.sharding import sharded_ops
     from tests.conftest import Inputs, packed_segment_ids, random_block_indices
 
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)

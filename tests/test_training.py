@@ -139,6 +139,9 @@ SHARDED_SCRIPT = textwrap.dedent(
         leaves = jax.tree.leaves(trainer.state)
         out[name] = {{"losses": losses, "logits": np.asarray(trainer.logits(probe))[:, -4:].tolist(),
                       "devices": sorted({{len(x.sharding.device_set) for x in leaves}})}}
+        with jax.set_mesh(trainer.mesh):
+            step = jax.make_jaxpr(trainer._train_step)(trainer.state, *next(batches))
+        out[name]["shard_maps"] = str(step).count("shard_map")
     print(json.dumps(out))
     """
 )
@@ -157,6 +160,8 @@ def test_sharded_step_on_8_simulated_devices_matches_one_device():
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["sharded"]["devices"] == [8] and out["one"]["devices"] == [1]
+    # The attention runs per shard (forward, and its transpose in the backward).
+    assert out["sharded"]["shard_maps"] >= 2
     np.testing.assert_allclose(out["sharded"]["losses"], out["one"]["losses"], rtol=1e-5)
     # After three AdamW steps the two models predict the same (Adam's update of a
     # parameter whose gradient is ~0 can differ in sign between reduction orders, so
