@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +50,25 @@ def test_token_by_token_equals_full_forward(compression):
     assert completed
     complete_slots = (length - config.block_length) // config.block_stride + 1
     assert bool(jnp.all(jnp.any(cache.k_cmp[:, :complete_slots] != 0, axis=(-1, -2))))
+
+
+def test_token_by_token_through_the_decode_kernels_equals_full_forward(monkeypatch):
+    # The layer's decode steps through the pallas_triton kernels of both ops (Pallas interpret
+    # mode off the GPU), ragged rows, against the full forward (XLA reference branches).
+    import nsa_jax.layer
+
+    step = functools.partial(nsa_jax.layer.decode_attention, implementation="pallas_triton")
+    monkeypatch.setattr(nsa_jax.layer, "decode_attention", step)
+    layer = nsa_jax.NativeSparseAttention(SMALL, rngs=nnx.Rngs(4))
+    length, steps = 61, 40
+    x = jax.random.normal(jax.random.key(6), (2, length, SMALL.model_dim))
+    lengths = [11, 21]
+    decoded, _ = _decode_all(layer, x, lengths, steps)
+    full = layer(x)
+    for row, start in enumerate(lengths):
+        np.testing.assert_allclose(
+            np.asarray(decoded[row]), np.asarray(full[row, start : start + steps]), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_ragged_batch_decodes_each_row_on_its_own():
@@ -149,11 +169,14 @@ def test_decode_reads_match_the_oracle(implementation, group, dk, dv, dtype):
     assert oracle.relative_error(windowed, ref_window) < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("launch", [(4, 2, 18, 2), (4, 2, 1, 1)], ids=["partials", "normalised"])
+@pytest.mark.parametrize(
+    "launch", [(4, 2, 18, 2), (4, 2, 1, 1), (4, 2, 396, 1)], ids=["two_per_step", "one_per_branch", "many"]
+)
 def test_decode_reads_under_other_launches_equal_xla(launch, dtype):
     # Over 3 x 2 rows: target 18 programs, 2 items per step gives 4 items per program in 2
     # steps, the second selected program holding 1 block and 3 empty items; target 1 gives one
-    # program per branch, which writes the normalised output itself.
+    # program per branch (the last one merges a single partial per branch); target 396 gives
+    # one item per program, 5 selected and 4 window partials merged by the last program.
     from pallas_kernels.gpu import decode
     from tests import oracle
     from tests.conftest import TOLERANCE
@@ -261,22 +284,32 @@ def test_decode_attention_equals_the_xla_step(implementation):
         assert oracle.relative_error(out, ref) < 1e-5
 
 
-def test_compressed_kernels_with_many_chunks_and_block_steps_equal_xla():
-    # l = d = l' = 4 over 300 compressed tokens: 300 selection blocks, scored in two steps
-    # of 256 (40 picks reach into both); a 16-token tile splits the tokens over 32 chunks,
-    # merged 8 at a time.
+@pytest.mark.parametrize("select_launch", [(4, 1), (8, 4), (4, 264)], ids=["one", "four", "many"])
+def test_compressed_kernels_with_many_chunks_and_block_steps_equal_xla(select_launch):
+    # l = d = l' = 4 over 300 compressed tokens: 300 selection blocks (512 padded). Kernel 2
+    # splits them into 1 part of two 256-block steps (40 picks reach into both), 4 parts of 128
+    # or 32 parts of 16, those past the query's block (299) scoring nothing. A 16-token tile
+    # splits the tokens over 32 chunks; their partials are merged 16 of Dv = 48 (64 padded)
+    # columns at a time: 4 slices in the one part, or one slice in each of 4 parts.
     from pallas_kernels.gpu import decode_step
     from tests import oracle
 
     keys = jax.random.split(jax.random.key(21), 3)
     q = jax.random.normal(keys[0], (1, 4, 16))
     k_cmp = jax.random.normal(keys[1], (1, 300, 1, 16))
-    v_cmp = jax.random.normal(keys[2], (1, 300, 1, 8))
+    v_cmp = jax.random.normal(keys[2], (1, 300, 1, 48))
     lengths = jnp.asarray([1197], jnp.int32)
     geometry = dict(block_length=4, block_stride=4, selection_block_size=4, num_selected=40)
     kwargs = dict(geometry, num_initial_blocks=1, num_local_blocks=2, scale=0.25)
     out, indices = decode_step.compressed_and_selection(
-        q, k_cmp, v_cmp, lengths, **kwargs, launch=(16, 4, 2, 264), interpret=True
+        q,
+        k_cmp,
+        v_cmp,
+        lengths,
+        **kwargs,
+        launch=(16, 4, 2, 264),
+        select_launch=select_launch,
+        interpret=True,
     )
     ref_out, ref_indices = _compressed_selection("xla", q, k_cmp, v_cmp, lengths, **geometry)
     assert oracle.relative_error(out, ref_out) < 1e-5

@@ -6,16 +6,22 @@ the GPU idle at small batch, so the reads are split (flash-decoding style): the 
 items are the ``n`` selected blocks and the ``ceil(w / l') + 1`` aligned blocks that
 cover the window; each program finds the first keys of its ``items_per_program`` items
 from the block indices and the query position, streams them for the ``G`` query heads
-of its group and writes an unnormalised partial ``(max, sum, acc)``; the partials of
-each branch are merged in XLA.
+of its group (``Dk`` in power-of-two column pieces, 192 = 128 + 64, whose dots are
+summed) and writes an unnormalised partial ``(max, sum, acc)`` into its
+(sequence, KV head)'s ``[2, P', G', Dv']`` partials (branch, program of the branch).
+It then takes a ticket from a per-(sequence, KV head) counter (an acquire-release
+atomic after a block barrier, so that the other programs' partials are visible to the
+last one); the program that draws the last ticket merges each branch's partials and
+writes both normalised outputs, so no XLA merge follows the kernel (the counters are
+zeroed by XLA before the launch). In Pallas interpret mode the programs run one after
+another, so the last ticket goes to the last program and the barrier (a GPU-only
+primitive) is left out.
 
 The launch, ``(num_warps, num_stages, target programs, items per step)``, takes the
 fewest items per program whose programs stay within the target (the programs that fit
 on the GPU at once: a second wave would add a whole program's latency chain) and loads
 ``items per step`` blocks before using any, so that several blocks' loads are in flight
-per program. Empty items (unused slots, blocks past the query) read nothing. With one
-program per branch (for instance a target below ``3 * B * H``) each program normalises
-and writes its branch's output and XLA merges nothing.
+per program. Empty items (unused slots, blocks past the query) read nothing.
 """
 
 from __future__ import annotations
@@ -28,12 +34,26 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.gpu.tiles import LOG2E, MASKED, dot, dot_nt, lanes, load, padded, store, tile_mask
+from pallas_kernels.gpu.tiles import (
+    LOG2E,
+    MASKED,
+    column_pieces,
+    dot,
+    dot_nt,
+    lanes,
+    load,
+    padded,
+    store,
+    tile_mask,
+)
 
 # (num_warps, num_stages, target programs, items loaded per loop step): one block per step
-# needs 59 KB of shared memory and 128 registers a thread at Dk=192 (kernel_resources), so
-# three programs fit on every SM of an H100/H200 (132) at once.
-_LAUNCH = (4, 2, 396, 1)
+# and three stages (two buffers, so the next block loads while one is used), two programs
+# per SM of an H100/H200 (132). Fastest of the H200 sweep at B=16, S=64K: 0.041 / 0.034 ms
+# (Dk=192 / 128) against 0.052 / 0.040 for (4, 2, 396, 1) (experiments/results/decode_h200.md).
+_LAUNCH = (4, 3, 264, 1)
+# Partials the merging program loads per step.
+_MERGE_UNROLL = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,9 +85,9 @@ class _DecodeGeometry:
         return self.selected_programs + self.window_programs
 
     @property
-    def normalised(self) -> bool:
-        """One program per branch: it writes the branch's output, no partials to merge."""
-        return self.programs == 2
+    def partials(self) -> int:
+        """Partials per branch in the scratch arrays: the larger branch's programs, padded."""
+        return pl.next_power_of_2(max(self.selected_programs, self.window_programs))
 
 
 def window_items(block_size: int, window: int) -> int:
@@ -92,16 +112,37 @@ def _item_start(program, item, position, indices_ref, geo: _DecodeGeometry) -> j
     return jnp.where(start <= position, start, -1)
 
 
-def _decode_kernel(position_ref, indices_ref, q_ref, k_ref, v_ref, *out_refs, geo):
+def _decode_kernel(
+    length_ref,
+    indices_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    _count_in,
+    out_ref,
+    max_ref,
+    sum_ref,
+    acc_ref,
+    count_ref,
+    *,
+    geo,
+):
     """One (work-item group, KV head, sequence): ``indices_ref [n']`` (the row's selected
-    blocks), ``q_ref [rows, Dk']``, ``k_ref [S, Dk']``; writes the branch output ``[rows, Dv']``
-    when ``geo.normalised``, else partials ``max``/``sum [rows]`` and ``acc [rows, Dv']``."""
+    blocks), ``q_ref [rows, Dk']``, ``k_ref [S, Dk']``; writes its partial into
+    ``max_ref``/``sum_ref [2, P', rows]`` and ``acc_ref [2, P', rows, Dv']``, and, in the
+    program that draws the last ticket of ``count_ref [1]`` (aliased to ``_count_in``),
+    both branches' outputs ``out_ref [2, rows, Dv']``."""
     program = pl.program_id(0)
-    position = position_ref[0]
+    position = length_ref[0] - 1
     lowest = jnp.where(program >= geo.selected_programs, position - geo.window + 1, 0)
     head_rows = lanes(geo.group, geo.rows)
-    dk_cols, dv_cols = lanes(geo.dk, padded(geo.dk)), lanes(geo.dv, padded(geo.dv))
-    q = load(q_ref, tile_mask(head_rows, dk_cols))
+    dv_cols = lanes(geo.dv, padded(geo.dv))
+    pieces = column_pieces(geo.dk)
+    piece_cols = [lanes(min(geo.dk - offset, width), width) for offset, width in pieces]
+    q = [
+        load(q_ref.at[:, pl.ds(offset, width)], tile_mask(head_rows, cols))
+        for (offset, width), cols in zip(pieces, piece_cols, strict=True)
+    ]
     log2_scale = geo.scale * LOG2E
     offsets = jnp.arange(geo.tile)
 
@@ -112,7 +153,10 @@ def _decode_kernel(position_ref, indices_ref, q_ref, k_ref, v_ref, *out_refs, ge
         readable = (start >= 0) & (keys < geo.capacity) & (offsets < geo.block_size)
         valid = readable & (keys <= position) & (keys >= lowest)
         rows = pl.ds(first, geo.tile)
-        k = load(k_ref.at[rows, :], tile_mask(readable, dk_cols))
+        k = [
+            load(k_ref.at[rows, pl.ds(offset, width)], tile_mask(readable, cols))
+            for (offset, width), cols in zip(pieces, piece_cols, strict=True)
+        ]
         v = load(v_ref.at[rows, :], tile_mask(readable, dv_cols))
         return valid, k, v
 
@@ -121,7 +165,10 @@ def _decode_kernel(position_ref, indices_ref, q_ref, k_ref, v_ref, *out_refs, ge
         items = [load_item(step * geo.items_per_step + u) for u in range(geo.items_per_step)]
         acc, row_max, row_sum = carry
         for valid, k, v in items:
-            s = jnp.where(valid[None, :], dot_nt(q, k, None) * log2_scale, MASKED)
+            scores = dot_nt(q[0], k[0], None)
+            for q_piece, k_piece in zip(q[1:], k[1:], strict=True):
+                scores = scores + dot_nt(q_piece, k_piece, None)
+            s = jnp.where(valid[None, :], scores * log2_scale, MASKED)
             new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
             p = jnp.where(valid[None, :], jnp.exp2(s - new_max[:, None]), 0.0)
             alpha = jnp.exp2(row_max - new_max)
@@ -137,24 +184,48 @@ def _decode_kernel(position_ref, indices_ref, q_ref, k_ref, v_ref, *out_refs, ge
     )
     steps = geo.items_per_program // geo.items_per_step
     acc, row_max, row_sum = jax.lax.fori_loop(0, steps, body, init)
-    if geo.normalised:
-        (out_ref,) = out_refs
-        out = acc / jnp.where(row_sum > 0, row_sum, 1.0)[:, None]
-        store(out_ref, out, tile_mask(head_rows, dv_cols))
-        return
-    max_ref, sum_ref, acc_ref = out_refs
-    max_ref[...] = row_max
-    sum_ref[...] = row_sum
-    acc_ref[...] = acc
+    branch = (program >= geo.selected_programs).astype(jnp.int32)
+    index = program - branch * geo.selected_programs
+    max_ref[branch, index, :] = row_max
+    sum_ref[branch, index, :] = row_sum
+    acc_ref[branch, index, :, :] = acc
+    if not geo.interpret:
+        # Every thread's partial stores before the ticket (released by one thread).
+        plt.debug_barrier()
+    ticket = plt.atomic_add(count_ref, jnp.int32(0), jnp.int32(1))
+
+    @pl.when(ticket == geo.programs - 1)
+    def _merge():
+        for which, count in enumerate((geo.selected_programs, geo.window_programs)):
+            # A traced index: interpret mode's masked store takes no Python int.
+            at = jnp.int32(which)
+            out = _merge_partials(geo, max_ref, sum_ref, acc_ref, at, count)
+            store(out_ref.at[at], out, tile_mask(head_rows, dv_cols))
 
 
-def _merge(row_max: jax.Array, row_sum: jax.Array, acc: jax.Array) -> jax.Array:
-    """Merges partials along axis 2: ``[B, H, P, G]`` (and ``[B, H, P, G, Dv]``) to ``[B, H, G, Dv]``."""
-    top = jnp.max(row_max, axis=2, keepdims=True)
-    weight = jnp.exp2(row_max - top)
-    total = jnp.sum(weight * row_sum, axis=2)
-    out = jnp.sum(weight[..., None] * acc, axis=2)
-    return out / jnp.where(total > 0, total, 1.0)[..., None]
+def _merge_partials(geo: _DecodeGeometry, max_ref, sum_ref, acc_ref, branch, count: int) -> jax.Array:
+    """Normalised merge of the first ``count`` partials of ``branch`` in ``max_ref``/``sum_ref
+    [2, P', rows]`` and ``acc_ref [2, P', rows, Dv']``: float32 ``[rows, Dv']``."""
+    live = jnp.arange(geo.partials)[:, None] < count
+    maxes = jnp.where(live, max_ref[branch, :, :], MASKED)
+    top = jnp.max(maxes, axis=0)
+    weights = jnp.where(live, jnp.exp2(maxes - top[None, :]), 0.0)
+    total = jnp.sum(jnp.where(live, sum_ref[branch, :, :], 0.0) * weights, axis=0)
+    unroll = min(count, _MERGE_UNROLL)
+
+    def merge(i, acc, size=unroll):
+        # Not software-pipelined: each step issues several partials' loads at once.
+        for u in range(size):
+            part = i * unroll + u
+            weight = jnp.exp2(max_ref[branch, part, :] - top)
+            acc = acc + acc_ref[branch, part, :, :] * weight[:, None]
+        return acc
+
+    full, rest = divmod(count, unroll)
+    acc = jax.lax.fori_loop(0, full, merge, jnp.zeros((geo.rows, padded(geo.dv)), jnp.float32))
+    if rest:
+        acc = merge(full, acc, rest)
+    return acc / jnp.where(total > 0, total, 1.0)[:, None]
 
 
 def _items_per_program(slots: int, windowed: int, rows: int, launch: tuple[int, int, int, int]) -> int:
@@ -217,28 +288,15 @@ def selected_and_window(
         items_per_step=launch[3],
         interpret=interpret,
     )
-    positions = (lengths - 1).astype(jnp.int32)
     q4 = q.reshape(batch, kv_heads, group, dk)
     dkp, dvp = padded(dk), padded(dv)
 
     def branch_of(program):
         return 1 + (program >= geo.selected_programs).astype(jnp.int32)
 
-    partial = lambda *trailing: pl.BlockSpec(
-        (None, None, None, *trailing), lambda p, h, b: (b, h, p, *(0,) * len(trailing))
-    )
-    if geo.normalised:
-        out_specs = [pl.BlockSpec((None, None, None, geo.rows, dvp), lambda p, h, b: (p, b, h, 0, 0))]
-        out_shape = [jax.ShapeDtypeStruct((2, batch, kv_heads, group, dv), q.dtype)]
-    else:
-        out_specs = [partial(geo.rows), partial(geo.rows), partial(geo.rows, dvp)]
-        shape = (batch, kv_heads, geo.programs, geo.rows)
-        out_shape = [
-            jax.ShapeDtypeStruct(shape, jnp.float32),
-            jax.ShapeDtypeStruct(shape, jnp.float32),
-            jax.ShapeDtypeStruct((*shape, dvp), jnp.float32),
-        ]
-    results = pl.pallas_call(
+    per_head = lambda *block: pl.BlockSpec((None, None, *block), lambda p, h, b: (b, h, *(0,) * len(block)))
+    partials = (batch, kv_heads, 2, geo.partials, geo.rows)
+    out, *_ = pl.pallas_call(
         functools.partial(_decode_kernel, geo=geo),
         grid=(geo.programs, kv_heads, batch),
         in_specs=[
@@ -248,20 +306,32 @@ def selected_and_window(
             pl.BlockSpec((None, None, geo.rows, dkp), lambda p, h, b: (b, h, 0, 0)),
             pl.BlockSpec((None, None, capacity, None, dkp), lambda p, h, b: (branch_of(p), b, 0, h, 0)),
             pl.BlockSpec((None, None, capacity, None, dvp), lambda p, h, b: (branch_of(p), b, 0, h, 0)),
+            per_head(1),
         ],
-        out_specs=out_specs,
-        out_shape=out_shape,
+        out_specs=[
+            pl.BlockSpec((2, None, None, geo.rows, dvp), lambda p, h, b: (0, b, h, 0, 0)),
+            per_head(2, geo.partials, geo.rows),
+            per_head(2, geo.partials, geo.rows),
+            per_head(2, geo.partials, geo.rows, dvp),
+            per_head(1),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((2, batch, kv_heads, group, dv), q.dtype),
+            jax.ShapeDtypeStruct(partials, jnp.float32),
+            jax.ShapeDtypeStruct(partials, jnp.float32),
+            jax.ShapeDtypeStruct((*partials, dvp), jnp.float32),
+            jax.ShapeDtypeStruct((batch, kv_heads, 1), jnp.int32),
+        ],
+        input_output_aliases={5: 4},
         compiler_params=plt.CompilerParams(num_warps=launch[0], num_stages=launch[1]),
         interpret=interpret,
         name="nsa_decode_selected_window",
-    )(positions[:, None], block_indices.astype(jnp.int32), q4, keys, values)
-    if geo.normalised:
-        return tuple(o.reshape(batch, q_heads, dv) for o in results[0])
-    row_max, row_sum, acc = results
-    row_max, row_sum, acc = row_max[..., :group], row_sum[..., :group], acc[..., :group, :dv]
-    split = geo.selected_programs
-    outputs = (
-        _merge(row_max[:, :, :split], row_sum[:, :, :split], acc[:, :, :split]),
-        _merge(row_max[:, :, split:], row_sum[:, :, split:], acc[:, :, split:]),
+    )(
+        lengths.astype(jnp.int32)[:, None],
+        block_indices.astype(jnp.int32),
+        q4,
+        keys,
+        values,
+        jnp.zeros((batch, kv_heads, 1), jnp.int32),
     )
-    return tuple(o.reshape(batch, q_heads, dv).astype(q.dtype) for o in outputs)
+    return out[0].reshape(batch, q_heads, dv), out[1].reshape(batch, q_heads, dv)

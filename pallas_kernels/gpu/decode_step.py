@@ -7,26 +7,38 @@ decode cache holds one sequence per row).
 Kernel 1 (``nsa_decode_compressed``), grid ``(P, H, B)``: the ``Tc`` compressed tokens
 of a (sequence, KV head) are split into ``P`` chunks (flash-decoding style) so that
 ``P * H * B`` programs fill the GPU even at batch 1. A program loads the ``G`` query
-heads of its group as one ``[G', Dk']`` tile, streams its chunk ``tile`` tokens at a
-time and writes an unnormalised partial ``(max, sum, acc)`` of the compressed attention
-plus the scaled logits ``q . k_cmp * scale`` of its tokens (float32 ``[B, H, G', P*chunk]``,
+heads of its group as one ``[G', Dk]`` tile (``Dk`` in power-of-two column pieces,
+192 = 128 + 64, whose dots are summed), streams its chunk ``tile`` tokens at a time and
+writes an unnormalised partial ``(max, sum, acc)`` of the compressed attention plus the
+scaled logits ``q . k_cmp * scale`` of its tokens (float32 ``[B, H, G', P*chunk]``,
 ``Tc * G`` floats per row: 1/4 (Dk=128) to 1/6 (Dk=192) of the compressed keys' bytes).
+It also zeroes kernel 2's per-(sequence, KV head) counter.
 
-Kernel 2 (``nsa_decode_select``), grid ``(H, B)``: merges the ``P`` partials into the
-compressed output and the log-sum-exp, then scores the selection blocks from the
-stored logits exactly as :mod:`pallas_kernels.gpu.select_blocks` does from recomputed
-ones (``p = exp(s - lse)``, Eq. 9 weights, group sum of Eq. 10), and picks the top
-``n`` with the forced blocks (Eq. 11; lowest index on ties, as ``lax.top_k``). Each
-block's importance is a function of its own logits and the per-head ``lse`` only (not
-of the chunking), so exact ties stay exact. The picks are sorted ascending with the
-unused slots (``-1``) last in the kernel (rank by pairwise comparison of ``n'`` picks).
+Kernel 2 (``nsa_decode_select``), grid ``(Q, H, B)``: the ``Nb`` selection blocks of a
+(sequence, KV head) are split into ``Q`` parts of ``K`` blocks (``Q * H * B`` programs
+near a target, as in kernel 1, instead of one program per (sequence, KV head) doing it
+all in sequence). Every program merges the ``P`` (max, sum) partials into the per-head
+log-sum-exp; the first ``min(Q, Dv' / W)`` programs each write an equal column slice of
+the merged compressed output, ``W`` columns (one ``[P, G', W]`` load) at a time; and
+every program scores its ``K`` blocks from the stored logits exactly as
+:mod:`pallas_kernels.gpu.select_blocks`
+does from recomputed ones (``p = exp(s - lse)``, Eq. 9 weights, group sum of Eq. 10)
+into a float32 ``[B, H, Nb']`` importance row. It then takes a ticket from the counter
+(an acquire-release atomic after a block barrier, so the row's other parts are visible
+to the last one); the program that draws the last ticket picks the top ``n`` of the
+whole row with the forced blocks (Eq. 11; one argmax reduction per pick, lowest index on
+ties, as ``lax.top_k``) and writes them sorted ascending with the unused slots (``-1``)
+last (rank by pairwise comparison of ``n'`` picks). Each block's importance is a function of its own logits
+and the per-head ``lse`` only (every part computes the same ``lse`` from the same
+partials), so exact ties stay exact. With ``Q = 1`` this is one program per (sequence,
+KV head) that does all of it (the previous kernel 2).
 
 Two launches and no host sync (with :mod:`pallas_kernels.gpu.decode` for the selected
-and window reads, three kernels and XLA's merge of that kernel's partials make a decode
-step). Besides the inputs, HBM traffic is the logits (written once, read at most
-``len(weights) / (l'/d) < 2`` times per visible token) and the ``[B, H, P, G', Dv']``
-partials, which kernel 2 merges ``_MERGE_UNROLL`` at a time (its loops are not
-software-pipelined, so each step issues several loads at once).
+and window reads, three kernels make a decode step). Besides the inputs, HBM traffic is
+the logits (written once, read at most ``len(weights) / (l'/d) < 2`` times per visible
+token), the ``[B, H, P, G', Dv']`` partials and the ``[B, H, Nb']`` importance rows.
+In Pallas interpret mode the programs run one after another, so the last ticket goes
+to the last program and the barrier (a GPU-only primitive) is left out.
 """
 
 from __future__ import annotations
@@ -43,6 +55,7 @@ from nsa_jax.reference.selection import overlap_weights
 from pallas_kernels.gpu.tiles import (
     LOG2E,
     MASKED,
+    column_pieces,
     dot,
     dot_nt,
     lanes,
@@ -54,16 +67,24 @@ from pallas_kernels.gpu.tiles import (
 )
 
 # Kernel 1's launch: compressed tokens per inner step (rows of the key tile), warps, stages,
-# and the programs to aim for (every SM of an H100/H200, 132, busy twice over); by key head
-# dim, the fastest of the H200 sweep at B=16, S=64K (experiments/results/decode_h200.md).
-_LAUNCH = (64, 4, 2, 264)
-_LAUNCH_BY_DK = {128: (128, 8, 2, 264), 192: (128, 4, 2, 264)}
+# and the programs to aim for. Three stages give two buffers, so the next tile loads while one
+# is used (two stages give one: load, then use); with Dk in column pieces that is 90 KB
+# (Dk=192) / 72 KB (Dk=128) of shared memory and 140 / 128 registers (kernel_resources), two
+# programs per SM, so 264 programs are one wave on the 132 SMs of an H100/H200.
+_LAUNCH = (64, 4, 3, 264)
+# Kernel 2's launch: warps and the programs to aim for (one wave, as kernel 1).
+_SELECT_LAUNCH = (4, 264)
 # Selection blocks scored per step in kernel 2: few steps, so few L2 round trips in sequence.
 _BLOCKS_PER_STEP = 256
-# Partials of kernel 1 that kernel 2 loads per merge step.
-_MERGE_UNROLL = 8
+# Floats of kernel 1's partials that kernel 2 loads at once when merging (64 a thread at 4 warps).
+_MERGE_ELEMENTS = 8192
 # Score of a block that cannot be picked: below every importance (those are >= 0).
 _UNAVAILABLE = -1.0
+
+
+def _largest_power_of_two(n: int) -> int:
+    """Largest power of two ``<= max(n, 1)``."""
+    return pl.next_power_of_2(max(1, n) + 1) // 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +92,7 @@ class _StepGeometry:
     slots: int
     chunks: int
     tiles_per_chunk: int
+    parts: int
     group: int
     dk: int
     dv: int
@@ -83,6 +105,8 @@ class _StepGeometry:
     scale: float
     dtype: str
     launch: tuple[int, int, int, int]
+    select_launch: tuple[int, int]
+    interpret: bool
 
     @property
     def tile(self) -> int:
@@ -101,6 +125,11 @@ class _StepGeometry:
         return padded(self.dv)
 
     @property
+    def dk_pieces(self) -> tuple[tuple[int, int], ...]:
+        """``(offset, width)`` column pieces of ``Dk`` (:func:`column_pieces`: 192 = 128 + 64)."""
+        return column_pieces(self.dk)
+
+    @property
     def chunk(self) -> int:
         return self.tiles_per_chunk * self.tile
 
@@ -114,12 +143,23 @@ class _StepGeometry:
         return -(-self.slots * self.block_stride // self.selection_block_size)
 
     @property
-    def blocks_per_step(self) -> int:
-        return min(_BLOCKS_PER_STEP, padded(self.num_blocks))
+    def blocks_per_part(self) -> int:
+        return padded(self.num_blocks) // self.parts
 
     @property
-    def steps(self) -> int:
-        return padded(self.num_blocks) // self.blocks_per_step
+    def blocks_per_step(self) -> int:
+        return min(_BLOCKS_PER_STEP, self.blocks_per_part)
+
+    @property
+    def merge_width(self) -> int:
+        """Columns of the compressed output merged per load: ``[P, G', W]`` of at most
+        ``_MERGE_ELEMENTS`` floats."""
+        return min(self.dv_padded, _largest_power_of_two(_MERGE_ELEMENTS // (self.chunks * self.rows)))
+
+    @property
+    def merge_parts(self) -> int:
+        """Programs of kernel 2 that each write an equal column slice of the compressed output."""
+        return min(self.parts, self.dv_padded // self.merge_width)
 
     @property
     def picks_padded(self) -> int:
@@ -137,14 +177,21 @@ def _visible_tokens(position: jax.Array, geo: _StepGeometry) -> jax.Array:
     return jnp.where(ended >= 0, jax.lax.div(ended, geo.block_stride) + 1, 0)
 
 
-def _compressed_kernel(length_ref, q_ref, k_ref, v_ref, max_ref, sum_ref, acc_ref, logits_ref, *, geo):
+def _compressed_kernel(
+    length_ref, q_ref, k_ref, v_ref, max_ref, sum_ref, acc_ref, logits_ref, count_ref, *, geo
+):
     """One (chunk, KV head, sequence): ``q_ref [G', Dk']``, ``k_ref [Tc, Dk']``,
     ``v_ref [Tc, Dv']``; writes ``max_ref``/``sum_ref [G']`` (log2 units),
-    ``acc_ref [G', Dv']`` and ``logits_ref [G', chunk]``."""
+    ``acc_ref [G', Dv']``, ``logits_ref [G', chunk]`` and a zero to ``count_ref [1]``."""
     chunk = pl.program_id(0)
     visible = jnp.minimum(_visible_tokens(length_ref[0] - 1, geo), geo.slots)
-    dk_cols, dv_cols = lanes(geo.dk, geo.dk_padded), lanes(geo.dv, geo.dv_padded)
-    q = load(q_ref, tile_mask(lanes(geo.group, geo.rows), dk_cols))
+    dv_cols = lanes(geo.dv, geo.dv_padded)
+    head_rows = lanes(geo.group, geo.rows)
+    piece_cols = [lanes(min(geo.dk - offset, width), width) for offset, width in geo.dk_pieces]
+    q = [
+        load(q_ref.at[:, pl.ds(offset, width)], tile_mask(head_rows, cols))
+        for (offset, width), cols in zip(geo.dk_pieces, piece_cols, strict=True)
+    ]
     first = chunk * geo.chunk
     offsets = jnp.arange(geo.tile)
 
@@ -153,9 +200,15 @@ def _compressed_kernel(length_ref, q_ref, k_ref, v_ref, max_ref, sum_ref, acc_re
         slots = first + i * geo.tile + offsets
         valid = slots < visible
         rows = pl.ds(first + i * geo.tile, geo.tile)
-        k = load(k_ref.at[rows, :], tile_mask(valid, dk_cols))
+        k = [
+            load(k_ref.at[rows, pl.ds(offset, width)], tile_mask(valid, cols))
+            for (offset, width), cols in zip(geo.dk_pieces, piece_cols, strict=True)
+        ]
         v = load(v_ref.at[rows, :], tile_mask(valid, dv_cols))
-        s = dot_nt(q, k, geo.precision) * geo.scale
+        s = dot_nt(q[0], k[0], geo.precision)
+        for q_piece, k_piece in zip(q[1:], k[1:], strict=True):
+            s = s + dot_nt(q_piece, k_piece, geo.precision)
+        s = s * geo.scale
         logits_ref[:, pl.ds(i * geo.tile, geo.tile)] = s
         s2 = jnp.where(valid[None, :], s * LOG2E, MASKED)
         new_max = jnp.maximum(row_max, jnp.max(s2, axis=1))
@@ -176,6 +229,7 @@ def _compressed_kernel(length_ref, q_ref, k_ref, v_ref, max_ref, sum_ref, acc_re
     max_ref[...] = row_max
     sum_ref[...] = row_sum
     acc_ref[...] = acc
+    count_ref[...] = jnp.zeros((1,), jnp.int32)
 
 
 def _block_importance(geo: _StepGeometry, logits_ref, step, lse2, head_rows, visible) -> jax.Array:
@@ -195,58 +249,40 @@ def _block_importance(geo: _StepGeometry, logits_ref, step, lse2, head_rows, vis
     return importance
 
 
-def _select_kernel(length_ref, max_ref, sum_ref, acc_ref, logits_ref, out_ref, picks_ref, *, geo):
-    """One (KV head, sequence): partials ``max_ref``/``sum_ref [P, G']``, ``acc_ref [P, G', Dv']``,
-    ``logits_ref [G', P*chunk]``; writes ``out_ref [G', Dv']`` and ``picks_ref [n']``."""
-    position = length_ref[0] - 1
-    visible = jnp.minimum(_visible_tokens(position, geo), geo.slots)
-    head_rows = jnp.arange(geo.rows) < geo.group
-
-    row_max = jnp.max(max_ref[...], axis=0)
-    # This loop is not software-pipelined: each step issues several partials' loads at once.
-    unroll = min(geo.chunks, _MERGE_UNROLL)
+def _merge_columns(geo: _StepGeometry, part, max_ref, acc_ref, out_ref, row_max, row_sum) -> None:
+    """Writes columns ``[part * C, (part + 1) * C)`` of the merged compressed output, ``C =
+    Dv' / merge_parts``, in slices of ``merge_width`` columns: one load of ``[P, G', W]`` each."""
+    weights = jnp.exp2(max_ref[...] - row_max[None, :])
+    norm = jnp.where(row_sum > 0, row_sum, 1.0)
+    slices = geo.dv_padded // (geo.merge_parts * geo.merge_width)
 
     def merge(i, carry):
-        acc, row_sum = carry
-        for u in range(unroll):
-            part = i * unroll + u
-            weight = jnp.exp2(max_ref[part, :] - row_max)
-            row_sum = row_sum + sum_ref[part, :] * weight
-            acc = acc + acc_ref[part, :, :] * weight[:, None]
-        return acc, row_sum
+        first = (part * slices + i) * geo.merge_width
+        columns = pl.ds(first, geo.merge_width)
+        acc = jnp.sum(acc_ref[:, :, columns] * weights[:, :, None], axis=0)
+        lane = first + jnp.arange(geo.merge_width)
+        mask = tile_mask(lanes(geo.group, geo.rows), lane < geo.dv)
+        store(out_ref.at[:, columns], acc / norm[:, None], mask)
+        return carry
 
-    init = (jnp.zeros((geo.rows, geo.dv_padded), jnp.float32), jnp.zeros((geo.rows,), jnp.float32))
-    acc, row_sum = jax.lax.fori_loop(0, geo.chunks // unroll, merge, init)
-    nonempty = row_sum > 0
-    out = acc / jnp.where(nonempty, row_sum, 1.0)[:, None]
-    store(out_ref, out, tile_mask(lanes(geo.group, geo.rows), lanes(geo.dv, geo.dv_padded)))
-    # log2-sum-exp; with nothing visible every probability is masked, any finite value does.
-    lse2 = jnp.where(nonempty, row_max + jnp.log(jnp.where(nonempty, row_sum, 1.0)) * LOG2E, 0.0)
+    jax.lax.fori_loop(0, slices, merge, 0)
 
-    current = jax.lax.div(position, geo.selection_block_size)
-    step_rows = jnp.arange(geo.steps)[:, None]
 
-    def score_step(step, importance):
-        scores = _block_importance(geo, logits_ref, step, lse2, head_rows, visible)
-        return jnp.where(step_rows == step, scores[None, :], importance)
-
-    importance = jax.lax.fori_loop(
-        0,
-        jax.lax.div(current, geo.blocks_per_step) + 1,
-        score_step,
-        jnp.zeros((geo.steps, geo.blocks_per_step), jnp.float32),
-    )
-    block = step_rows * geo.blocks_per_step + jnp.arange(geo.blocks_per_step)[None, :]
+def _pick_blocks(geo: _StepGeometry, importance: jax.Array, current) -> jax.Array:
+    """Top ``n`` of ``importance [Nb']`` with the forced blocks (Eq. 11), sorted ascending
+    with ``-1`` (unused) last: int32 ``[n']``."""
+    blocks_padded = padded(geo.num_blocks)
+    block = jnp.arange(blocks_padded)
     forced = (block < geo.num_initial_blocks) | (block > current - geo.num_local_blocks)
     score = jnp.where(block <= current, jnp.where(forced, jnp.inf, importance), _UNAVAILABLE)
     pick_lanes = jnp.arange(geo.picks_padded)
-    blocks_padded = geo.steps * geo.blocks_per_step
 
     def pick(i, carry):
+        # One reduction per pick: argmax takes the lowest index among equal scores. Blocks
+        # 0..current all score >= 0, so the first min(n, current + 1) picks are the real ones.
         score, picks = carry
-        best = jnp.max(jnp.max(score, axis=1), axis=0)
-        index = jnp.min(jnp.min(jnp.where(score == best, block, blocks_padded), axis=1), axis=0)
-        picks = jnp.where((pick_lanes == i) & (best >= 0), index, picks)
+        index = jnp.argmax(score).astype(jnp.int32)
+        picks = jnp.where((pick_lanes == i) & (i <= current), index, picks)
         return jnp.where(block == index, _UNAVAILABLE, score), picks
 
     _, picks = jax.lax.fori_loop(
@@ -258,26 +294,105 @@ def _select_kernel(length_ref, max_ref, sum_ref, acc_ref, logits_ref, out_ref, p
         (key[None, :] == key[:, None]) & (pick_lanes[None, :] < pick_lanes[:, None])
     )
     rank = jnp.sum(before.astype(jnp.int32), axis=1)
-    ordered = jnp.sum(jnp.where(rank[None, :] == pick_lanes[:, None], picks[None, :], 0), axis=1)
-    store(picks_ref, ordered, lanes(geo.num_selected, geo.picks_padded))
+    return jnp.sum(jnp.where(rank[None, :] == pick_lanes[:, None], picks[None, :], 0), axis=1)
 
 
-def _geometry(q, k_cmp, v_cmp, launch: tuple[int, int, int, int] | None, **kwargs) -> _StepGeometry:
+def _select_kernel(
+    length_ref,
+    max_ref,
+    sum_ref,
+    acc_ref,
+    logits_ref,
+    _count_in,
+    out_ref,
+    picks_ref,
+    importance_ref,
+    count_ref,
+    *,
+    geo,
+):
+    """One (part, KV head, sequence): partials ``max_ref``/``sum_ref [P, G']``,
+    ``acc_ref [P, G', Dv']``, ``logits_ref [G', P*chunk]``; writes a column slice of
+    ``out_ref [G', Dv']``, its blocks of ``importance_ref [Nb']`` and, in the program
+    that draws the last ticket of ``count_ref [1]`` (aliased to ``_count_in``), ``picks_ref [n']``."""
+    part = pl.program_id(0)
+    position = length_ref[0] - 1
+    visible = jnp.minimum(_visible_tokens(position, geo), geo.slots)
+    head_rows = jnp.arange(geo.rows) < geo.group
+
+    maxes = max_ref[...]
+    row_max = jnp.max(maxes, axis=0)
+    row_sum = jnp.sum(sum_ref[...] * jnp.exp2(maxes - row_max[None, :]), axis=0)
+
+    nonempty = row_sum > 0
+    # log2-sum-exp; with nothing visible every probability is masked, any finite value does.
+    lse2 = jnp.where(nonempty, row_max + jnp.log(jnp.where(nonempty, row_sum, 1.0)) * LOG2E, 0.0)
+
+    current = jax.lax.div(position, geo.selection_block_size)
+    first_step = part * (geo.blocks_per_part // geo.blocks_per_step)
+    first_block = first_step * geo.blocks_per_step
+
+    def score_step(step, carry):
+        scores = _block_importance(geo, logits_ref, first_step + step, lse2, head_rows, visible)
+        importance_ref[pl.ds((first_step + step) * geo.blocks_per_step, geo.blocks_per_step)] = scores
+        return carry
+
+    # Steps wholly past the query's block are skipped, their blocks left unwritten: the pick masks them.
+    steps = jnp.where(
+        current >= first_block,
+        jnp.minimum(
+            jax.lax.div(current - first_block, geo.blocks_per_step) + 1,
+            geo.blocks_per_part // geo.blocks_per_step,
+        ),
+        0,
+    )
+    jax.lax.fori_loop(0, steps, score_step, 0)
+    if not geo.interpret:
+        # Every thread's importance stores before the ticket (released by one thread).
+        plt.debug_barrier()
+    ticket = plt.atomic_add(count_ref, jnp.int32(0), jnp.int32(1))
+
+    # After the ticket: the last part's pick does not read the merged output.
+    @pl.when(part < geo.merge_parts)
+    def _merge():
+        _merge_columns(geo, part, max_ref, acc_ref, out_ref, row_max, row_sum)
+
+    @pl.when(ticket == geo.parts - 1)
+    def _pick():
+        picks = _pick_blocks(geo, importance_ref[...], current)
+        store(picks_ref, picks, lanes(geo.num_selected, geo.picks_padded))
+
+
+def _geometry(
+    q,
+    k_cmp,
+    v_cmp,
+    launch: tuple[int, int, int, int] | None,
+    select_launch: tuple[int, int] | None,
+    **kwargs,
+) -> _StepGeometry:
     batch, q_heads, dk = q.shape
-    launch = _LAUNCH_BY_DK.get(dk, _LAUNCH) if launch is None else launch
+    launch = _LAUNCH if launch is None else launch
+    select_launch = _SELECT_LAUNCH if select_launch is None else select_launch
+    if min(launch) < 1 or min(select_launch) < 1:
+        raise ValueError(f"launch entries must be >= 1, got {launch} and {select_launch}")
     _, slots, kv_heads, dv = v_cmp.shape
     rows = batch * kv_heads
     tiles = -(-slots // launch[0])
-    chunks = min(pl.next_power_of_2(tiles), pl.next_power_of_2(max(1, launch[3] // rows) + 1) // 2)
+    chunks = min(pl.next_power_of_2(tiles), _largest_power_of_two(launch[3] // rows))
+    num_blocks = -(-slots * kwargs["block_stride"] // kwargs["selection_block_size"])
+    parts = min(_largest_power_of_two(select_launch[1] // rows), padded(num_blocks) // 16)
     return _StepGeometry(
         slots=slots,
         chunks=chunks,
         tiles_per_chunk=-(-tiles // chunks),
+        parts=parts,
         group=q_heads // kv_heads,
         dk=dk,
         dv=dv,
         dtype=jnp.dtype(q.dtype).name,
         launch=launch,
+        select_launch=select_launch,
         **kwargs,
     )
 
@@ -290,13 +405,15 @@ _STATIC = (
     "num_initial_blocks",
     "num_local_blocks",
     "scale",
+    "launch",
+    "select_launch",
     "interpret",
 )
 
 
-def _compressed_pass(geo: _StepGeometry, q, k_cmp, v_cmp, lengths, interpret: bool):
-    """Kernel 1: partials ``[B, H, P, G']`` (max, sum), ``[B, H, P, G', Dv']`` (acc) and
-    logits ``[B, H, G', P*chunk]``."""
+def _compressed_pass(geo: _StepGeometry, q, k_cmp, v_cmp, lengths):
+    """Kernel 1: partials ``[B, H, P, G']`` (max, sum), ``[B, H, P, G', Dv']`` (acc),
+    logits ``[B, H, G', P*chunk]`` and kernel 2's zeroed counters ``[B, H, 1]``."""
     batch, _, kv_heads, _ = k_cmp.shape
     q4 = q.reshape(batch, kv_heads, geo.group, geo.dk)
     partial = lambda *trailing: pl.BlockSpec(
@@ -317,46 +434,58 @@ def _compressed_pass(geo: _StepGeometry, q, k_cmp, v_cmp, lengths, interpret: bo
             partial(geo.rows),
             partial(geo.rows, geo.dv_padded),
             pl.BlockSpec((None, None, geo.rows, geo.chunk), lambda p, h, b: (b, h, 0, p)),
+            pl.BlockSpec((None, None, 1), lambda p, h, b: (b, h, 0)),
         ],
         out_shape=[
             jax.ShapeDtypeStruct(shape, jnp.float32),
             jax.ShapeDtypeStruct(shape, jnp.float32),
             jax.ShapeDtypeStruct((*shape, geo.dv_padded), jnp.float32),
             jax.ShapeDtypeStruct((batch, kv_heads, geo.rows, geo.logits_length), jnp.float32),
+            jax.ShapeDtypeStruct((batch, kv_heads, 1), jnp.int32),
         ],
         compiler_params=plt.CompilerParams(num_warps=geo.launch[1], num_stages=geo.launch[2]),
-        interpret=interpret,
+        interpret=geo.interpret,
         name="nsa_decode_compressed",
     )(lengths[:, None], q4, k_cmp, v_cmp)
 
 
-def _select_pass(geo: _StepGeometry, lengths, partials, out_dtype, interpret: bool):
+def _select_pass(geo: _StepGeometry, lengths, partials, out_dtype):
     """Kernel 2: compressed output ``[B, H, G, Dv]`` and sorted picks ``[B, H, n]``."""
-    row_max, row_sum, acc, logits = partials
+    row_max, row_sum, acc, logits, counts = partials
     batch, kv_heads = row_max.shape[:2]
-    per_head = lambda *block: pl.BlockSpec((None, None, *block), lambda h, b: (b, h, *(0,) * len(block)))
-    return pl.pallas_call(
+    per_head = lambda *block: pl.BlockSpec((None, None, *block), lambda q, h, b: (b, h, *(0,) * len(block)))
+    out, picks, _, _ = pl.pallas_call(
         functools.partial(_select_kernel, geo=geo),
-        grid=(kv_heads, batch),
+        grid=(geo.parts, kv_heads, batch),
         in_specs=[
-            pl.BlockSpec((None, 1), lambda h, b: (b, 0)),
+            pl.BlockSpec((None, 1), lambda q, h, b: (b, 0)),
             per_head(geo.chunks, geo.rows),
             per_head(geo.chunks, geo.rows),
             per_head(geo.chunks, geo.rows, geo.dv_padded),
             per_head(geo.rows, geo.logits_length),
+            per_head(1),
         ],
-        out_specs=[per_head(geo.rows, geo.dv_padded), per_head(geo.picks_padded)],
+        out_specs=[
+            per_head(geo.rows, geo.dv_padded),
+            per_head(geo.picks_padded),
+            per_head(padded(geo.num_blocks)),
+            per_head(1),
+        ],
         out_shape=[
             jax.ShapeDtypeStruct((batch, kv_heads, geo.group, geo.dv), out_dtype),
             jax.ShapeDtypeStruct((batch, kv_heads, geo.num_selected), jnp.int32),
+            jax.ShapeDtypeStruct((batch, kv_heads, padded(geo.num_blocks)), jnp.float32),
+            jax.ShapeDtypeStruct((batch, kv_heads, 1), jnp.int32),
         ],
-        compiler_params=plt.CompilerParams(num_warps=8, num_stages=1),
-        interpret=interpret,
+        input_output_aliases={5: 3},
+        compiler_params=plt.CompilerParams(num_warps=geo.select_launch[0], num_stages=1),
+        interpret=geo.interpret,
         name="nsa_decode_select",
-    )(lengths[:, None], row_max, row_sum, acc, logits)
+    )(lengths[:, None], row_max, row_sum, acc, logits, counts)
+    return out, picks
 
 
-@functools.partial(jax.jit, static_argnames=(*_STATIC, "launch"))
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def compressed_pass(
     q: jax.Array,
     k_cmp: jax.Array,
@@ -371,16 +500,18 @@ def compressed_pass(
     num_local_blocks: int,
     scale: float,
     launch: tuple[int, int, int, int] | None = None,
+    select_launch: tuple[int, int] | None = None,
     interpret: bool = False,
 ) -> tuple[jax.Array, ...]:
-    """Kernel 1 alone, for timing its share of the step and tuning ``launch`` (``(tile,
-    num_warps, num_stages, target programs)``); other arguments as :func:`compressed_and_selection`.
-    Returns the partials and logits kernel 2 reads."""
+    """Kernel 1 alone, for timing its share of the step and tuning ``launch``; arguments as
+    :func:`compressed_and_selection`. Returns the partials, logits and counters kernel 2 reads."""
     geo = _geometry(
         q,
         k_cmp,
         v_cmp,
-        launch=launch,
+        launch,
+        select_launch,
+        interpret=interpret,
         block_length=block_length,
         block_stride=block_stride,
         selection_block_size=selection_block_size,
@@ -389,10 +520,10 @@ def compressed_pass(
         num_local_blocks=num_local_blocks,
         scale=float(scale),
     )
-    return tuple(_compressed_pass(geo, q, k_cmp, v_cmp, lengths.astype(jnp.int32), interpret))
+    return tuple(_compressed_pass(geo, q, k_cmp, v_cmp, lengths.astype(jnp.int32)))
 
 
-@functools.partial(jax.jit, static_argnames=(*_STATIC, "launch"))
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def compressed_and_selection(
     q: jax.Array,
     k_cmp: jax.Array,
@@ -407,6 +538,7 @@ def compressed_and_selection(
     num_local_blocks: int,
     scale: float,
     launch: tuple[int, int, int, int] | None = None,
+    select_launch: tuple[int, int] | None = None,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Compressed attention and top-n blocks of one decode step; see
@@ -416,9 +548,12 @@ def compressed_and_selection(
       q: ``[B, HQ, Dk]``; k_cmp: ``[B, Tc, H, Dk]``; v_cmp: ``[B, Tc, H, Dv]``; lengths:
         int ``[B]`` in ``[1, Tc * d]``, the query of row ``b`` at ``lengths[b] - 1``.
       launch: kernel 1's ``(tile, num_warps, num_stages, target programs)``, ``None`` for
-        the tuned one of the key head dim; the compressed tokens of a row are split into
+        the default; the compressed tokens of a row are split into
         the largest power-of-two number of chunks that keeps the programs at most the
         target (and no chunk empty).
+      select_launch: kernel 2's ``(num_warps, target programs)``, ``None`` for the default;
+        the selection blocks of a row are split into the largest power-of-two number of
+        parts (of at least 16 blocks) that keeps the programs at most the target.
       interpret: run the kernels in Pallas interpret mode (CPU).
 
     Returns:
@@ -429,7 +564,9 @@ def compressed_and_selection(
         q,
         k_cmp,
         v_cmp,
-        launch=launch,
+        launch,
+        select_launch,
+        interpret=interpret,
         block_length=block_length,
         block_stride=block_stride,
         selection_block_size=selection_block_size,
@@ -439,8 +576,8 @@ def compressed_and_selection(
         scale=float(scale),
     )
     lengths = lengths.astype(jnp.int32)
-    partials = _compressed_pass(geo, q, k_cmp, v_cmp, lengths, interpret)
-    out, picks = _select_pass(geo, lengths, partials, q.dtype, interpret)
+    partials = _compressed_pass(geo, q, k_cmp, v_cmp, lengths)
+    out, picks = _select_pass(geo, lengths, partials, q.dtype)
     return out.reshape(q.shape[0], -1, geo.dv), picks
 
 
