@@ -14,10 +14,11 @@ Parts, run in this order:
   compute, float32 parameters, B=1, T=``--memory-length``, ``--model-dim``), in a
   fresh process so that nothing else has touched the allocator.
 - ``check``: the layer's output and gradients (parameters and input) with the
-  default implementations against all-``xla`` at T=``--check-length`` (4050 on GPU,
-  not a multiple of l, d, l'), float32 and bf16, unpacked and packed; and the cuDNN window op in bf16
-  against the float32 xla reference (Dk=192/Dv=128 and Dk=64/Dv=128, w=512); with
-  ``--override``, also ``nsa_attention`` with those implementations against all-xla.
+  default implementations against all-``xla`` in float32 at T=``--check-length`` (4050
+  on GPU, not a multiple of l, d, l'), float32 and bf16, unpacked and packed (bf16 also
+  reports the all-xla bf16 layer's error, see :func:`check_layer`); and the cuDNN window
+  op in bf16 against the float32 xla reference (Dk=192/Dv=128 and Dk=64/Dv=128, w=512);
+  with ``--override``, also ``nsa_attention`` with those implementations against all-xla.
   Relative error ``||x - ref|| / ||ref||``, bounds float32 1e-3, bf16 1e-2.
 - ``fla``: fla-core 0.6.0 ``parallel_nsa`` (mean pooling, compression + top-16 +
   selection, l=l'=d=64, window 0) against ``nsa_attention`` at the same settings
@@ -310,13 +311,19 @@ def tree_errors(ours, ref) -> dict[str, float]:
 
 
 def check_layer(dtype, packed: bool, length: int, model_dim: int) -> dict:
-    """The layer with the default implementations against all-xla, forward and gradients.
+    """The layer with the default implementations against all-xla in float32, forward and
+    gradients (the same float32 parameters; inputs rounded to ``dtype`` first).
 
     ``num_selected`` covers every block, so both paths attend to the same keys: with the
     paper's n=16, rounding-level differences in the compressed scores flip near-tied top-n
     picks and move whole blocks between the paths. The selection itself is checked for
     exact equality against the reference, given the same scores, in
     ``experiments/check_compression_gpu.py``.
+
+    In bf16 the all-xla layer in bf16 is measured against the same float32 reference too:
+    a gradient passes when its error is under the bf16 bound or at most 1.25 times the
+    error of the pure-JAX path in the same precision (a whole layer's gradients sum bf16
+    products over thousands of tokens, and the bound of one op does not apply to them).
     """
     batch = 2 if packed else 1
     every_block = -(-length // PAPER["selection_block_size"])
@@ -328,28 +335,44 @@ def check_layer(dtype, packed: bool, length: int, model_dim: int) -> dict:
         cuts = jnp.asarray([length // 4 + 1, length // 2 + 75, 3 * length // 4 - 2])
         segment_ids = jnp.sum(jnp.arange(length)[:, None] >= cuts, axis=1).astype(jnp.int32)
         segment_ids = jnp.broadcast_to(segment_ids, (batch, length))
+    runs = {"kernels": (None, dtype), "reference": ("xla", jnp.float32)}
+    if dtype != jnp.float32:
+        runs["xla_same_dtype"] = ("xla", dtype)
     results = {}
-    for implementation in (None, "xla"):
-        config = layer_config(model_dim, dtype, implementation, num_selected=every_block)
+    for name, (implementation, compute_dtype) in runs.items():
+        config = layer_config(model_dim, compute_dtype, implementation, num_selected=every_block)
         layer = nsa_jax.NativeSparseAttention(config, rngs=nnx.Rngs(0))
-        results[implementation] = layer_forward_backward(layer, segment_ids)(nnx.state(layer), x, cotangent)
-    (y, (d_params, dx)), (y_ref, (d_params_ref, dx_ref)) = results[None], results["xla"]
-    errors = {"y": relative_error(y, y_ref), "dx": relative_error(dx, dx_ref)}
-    errors.update({f"d{k}": v for k, v in tree_errors(d_params, d_params_ref).items()})
+        results[name] = layer_forward_backward(layer, segment_ids)(
+            nnx.state(layer), x.astype(compute_dtype), cotangent.astype(compute_dtype)
+        )
+
+    def errors_of(name: str) -> dict[str, float]:
+        (y, (d_params, dx)), (y_ref, (d_params_ref, dx_ref)) = results[name], results["reference"]
+        errors = {"y": relative_error(y, y_ref), "dx": relative_error(dx, dx_ref)}
+        errors.update({f"d{k}": v for k, v in tree_errors(d_params, d_params_ref).items()})
+        return errors
+
+    errors = errors_of("kernels")
+    bounds = {k: TOLERANCE[jnp.dtype(dtype).name] for k in errors}
+    xla_errors = None
+    if "xla_same_dtype" in results:
+        xla_errors = errors_of("xla_same_dtype")
+        bounds = {k: max(bound, 1.25 * xla_errors[k]) for k, bound in bounds.items()}
     finite = all(
-        bool(jnp.isfinite(jnp.asarray(a, jnp.float32)).all()) for a in jax.tree.leaves(results[None])
+        bool(jnp.isfinite(jnp.asarray(a, jnp.float32)).all()) for a in jax.tree.leaves(results["kernels"])
     )
     name = jnp.dtype(dtype).name
     sample = op_inputs(256, *PAPER_DIMS, PAPER, dtype)
     seg_sample = None if segment_ids is None else jnp.zeros((1, 256), jnp.int32)
     return {
-        "what": f"layer, T={length}, B={batch}, {'packed' if packed else 'unpacked'}, {name}, "
+        "what": f"layer, T={length}, B={batch}, {'packed' if packed else 'unpacked'}, {name} vs float32 xla, "
         f"n={every_block} (every block)",
         "defaults": defaults(sample, PAPER, seg_sample),
         "errors": errors,
+        "xla_same_dtype_errors": xla_errors,
         "max_error": max(errors.values()),
         "finite": finite,
-        "ok": finite and max(errors.values()) < TOLERANCE[name],
+        "ok": finite and all(errors[k] <= bounds[k] for k in errors),
     }
 
 
@@ -662,9 +685,13 @@ def markdown(report: dict) -> str:
     elif memory:
         lines += [f"Memory: {memory}", ""]
     if report.get("check"):
-        lines += ["| check | max rel err | ok |", "|---|---|---|"]
+        lines += ["| check | max rel err | all-xla same dtype, max rel err | ok |", "|---|---|---|---|"]
         for case in report["check"]:
-            lines.append(f"| {case['what']} | {case['max_error']:.2e} | {'yes' if case['ok'] else 'NO'} |")
+            xla = case.get("xla_same_dtype_errors")
+            xla_max = "-" if not xla else f"{max(xla.values()):.2e}"
+            lines.append(
+                f"| {case['what']} | {case['max_error']:.2e} | {xla_max} | {'yes' if case['ok'] else 'NO'} |"
+            )
         lines.append("")
     if report.get("fla"):
         lines += [
