@@ -27,10 +27,9 @@ Run on the H200 from the repo root::
 ``--lengths``, ``--configs``; no checks), for picking the per-head-dim defaults of
 ``pallas_kernels/gpu/compressed.py``.
 
-``--select-only`` checks and times select_blocks alone: its checks above on the xla lse (no
-compressed-attention checks or gradients), then the ``SELECT_SWEEP`` tunings of
-``pallas_kernels/gpu/select_blocks.py`` at ``--lengths``, ``--configs`` (e.g. ``--select-only
---lengths 65536``).
+``--select-only`` runs only the select_blocks checks above, on the xla lse (no
+compressed-attention checks or gradients). Its tunings and ablations are timed by
+``experiments/bench_select_blocks.py``, which reuses these checks.
 
 Prints a Markdown table last and writes ``compression_gpu.json`` (and ``.md``) into ``--out``.
 Exits non-zero when a check fails.
@@ -55,7 +54,6 @@ from nsa_jax.reference.compressed import compression_probabilities
 from nsa_jax.reference.selection import block_importance
 from nsa_jax.segments import compressed_token_starts, num_compressed_slots, segment_starts
 from pallas_kernels.gpu import compressed as compressed_kernels
-from pallas_kernels.gpu import select_blocks as select_kernels
 
 TOLERANCE = {"float32": 1e-3, "bfloat16": 1e-2}
 NEAR_TIE = 1e-5
@@ -421,88 +419,9 @@ def sweep_config(length: int, config: str, iters: int) -> list[dict]:
     return rows
 
 
-# select_blocks tunings timed by --select-only (SelectTuning overrides; empty: the default).
-# All compile for sm_90a at T = 64K, Dk = 192 and 128, without register spills
-# (experiments/kernel_resources.py); registers at Dk = 192 / 128 in the names.
-SELECT_SWEEP = {
-    "default_r180_176": {},
-    "masked_only_r173_170": dict(unmasked=False),
-    "keys32_r130_129": dict(keys=32),
-    "keys32_masked_only_r122_106": dict(keys=32, unmasked=False),
-    "stages1_masked_only_r172_169": dict(stages=1, unmasked=False),
-    "rows64_warps4_masked_only_r153_135": dict(rows=64, warps=4, unmasked=False),
-}
-
-
-def time_select(length: int, config: str, iters: int) -> list[dict]:
-    """select_blocks (bf16, no packing) per :data:`SELECT_SWEEP` candidate, lse from our forward."""
-    dk, dv = CONFIGS[config]
-    keys = jax.random.split(jax.random.key(length + dk), 3)
-    slots = length // D
-    q = jax.random.normal(keys[0], (1, length, 64, dk), jnp.bfloat16)
-    k = jax.random.normal(keys[1], (1, slots, 4, dk), jnp.bfloat16)
-    v = jax.random.normal(keys[2], (1, slots, 4, dv), jnp.bfloat16)
-    _, lse = jax.jit(compressed("pallas_triton", dict(block_length=L, block_stride=D), None))(q, k, v)
-    # QK work of the selection pass: the compressed forward's without PV.
-    flops = 2.0 * 64 * compressed_pairs(length) * dk
-    rows = []
-    for label, overrides in SELECT_SWEEP.items():
-        tuning = select_kernels.SelectTuning(**overrides) if overrides else None
-
-        def fn(q, k, lse, tuning=tuning):
-            return select_kernels.select_blocks(
-                q,
-                k,
-                lse,
-                block_length=L,
-                block_stride=D,
-                selection_block_size=L_SEL,
-                num_selected=N,
-                num_initial_blocks=1,
-                num_local_blocks=2,
-                scale=dk**-0.5,
-                tuning=tuning,
-                interpret=jax.default_backend() != "gpu",
-            )
-
-        start = time.perf_counter()
-        compiled = jax.jit(fn).lower(q, k, lse).compile()
-        compile_s = time.perf_counter() - start
-        ms = time_ms(compiled, q, k, lse, iters=iters)
-        rows.append(
-            {
-                "T": length,
-                "config": config,
-                "candidate": label,
-                "overrides": overrides,
-                "select_ms": ms,
-                "qk_tflops": flops / ms / 1e9,
-                "compile_s": compile_s,
-            }
-        )
-        print(json.dumps(rows[-1]), flush=True)
-    return rows
-
-
 def select_markdown(report: dict) -> str:
-    lines = []
-    if report.get("checks"):
-        passed = sum(r["ok"] for r in report["checks"])
-        lines += [f"select_blocks checks: {passed}/{len(report['checks'])} passed.", ""]
-    if report.get("select_sweep"):
-        lines += [
-            "select_blocks (pallas_triton) in ms (B=1, HQ=64, H=4, bf16, l=32, d=16, l'=64, n=16);"
-            " TFLOP/s against the query-key work 2*HQ*pairs*Dk:",
-            "",
-            "| T | Dk/Dv | candidate | select ms | QK TFLOP/s | compile s | overrides |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for r in report["select_sweep"]:
-            lines.append(
-                f"| {r['T']} | {r['config']} | {r['candidate']} | {fmt(r['select_ms'])}"
-                f" | {fmt(r['qk_tflops'], 0)} | {fmt(r['compile_s'], 0)} | {r['overrides'] or '-'} |"
-            )
-    return "\n".join(lines) + "\n"
+    passed = sum(r["ok"] for r in report["checks"])
+    return f"select_blocks checks: {passed}/{len(report['checks'])} passed.\n"
 
 
 def fmt(x, digits: int = 2) -> str:
@@ -582,8 +501,7 @@ def main() -> int:
     parser.add_argument(
         "--select-only",
         action="store_true",
-        help="select_blocks only: its checks (xla lse, no compressed-attention checks) unless"
-        " --time-only, then the SELECT_SWEEP tunings per --lengths and --configs unless --check-only",
+        help="only the select_blocks checks (xla lse, no compressed-attention checks)",
     )
     parser.add_argument(
         "--xla-max-length", type=int, default=65536, help="longest T at which the xla reference is timed"
@@ -617,23 +535,11 @@ def main() -> int:
                 f.write(md)
 
     if args.select_only:
-        report["select_sweep"] = []
-        if not args.time_only:
-            report["checks"] = run_checks(with_compressed=False)
-            write()
-            if not all(r["ok"] for r in report["checks"]):
-                print("FAILED checks: timing skipped", flush=True)
-                write(select_markdown(report))
-                return 1
-        if not args.check_only:
-            for length in args.lengths:
-                for config in args.configs:
-                    report["select_sweep"] += time_select(length, config, args.iters)
-                    write()
+        report["checks"] = run_checks(with_compressed=False)
         md = select_markdown(report)
         write(md)
         print(md)
-        return 0
+        return 0 if all(r["ok"] for r in report["checks"]) else 1
     if args.sweep:
         for length in args.lengths:
             for config in args.configs:

@@ -3,7 +3,8 @@
 The shared oracle test lives in ``tests/test_selection.py``; these compare the kernel
 with the ``xla`` reference on fresh random inputs over the (l, d, l') geometries, GQA
 group sizes, packing (query tiles spanning segments), several key tiles (Eq. 9 terms carried
-from one key tile to the next), ``l'/d`` not a power of two, and exact ties.
+from one key tile to the next), ``l'/d`` not a power of two, the ``SelectTuning`` variants
+(tiles, Eq. 9 layout, top-n method), and exact ties.
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ def _packed(batch: int, length: int, seed: int) -> np.ndarray:
         # l'/d = 3 tokens per block (padded to 4 in a key tile), two key tiles, Eq. 9 carry, G = 3
         # (a padded head row in every position).
         ((8, 4, 12), 300, 5, (1, 2), 3, True),
+        # l'/d = 16 tokens per block: one block per quarter of a key tile (quads).
+        ((8, 4, 64), 300, 4, (1, 2), 4, False),
     ],
     ids=str,
 )
@@ -97,35 +100,68 @@ def test_several_steps_of_blocks_and_other_forced_counts():
     np.testing.assert_array_equal(ours, reference)
 
 
-@pytest.mark.parametrize("tuning", ["default", "masked_only", "rows32_keys16"])
-def test_tilings_equal_xla(tuning):
-    # The tests above run float32 with its own (smaller) tiles; these run the 16-bit default
-    # (8 positions of G = 16, 16 blocks a key tile), it without the unmasked loop body, and a
-    # small one (2 positions, 4 blocks) on float32 inputs: two to five key tiles, segments
-    # crossing query tiles.
+_TUNINGS = {
+    "default": {},
+    "masked_only": dict(unmasked=False),
+    "rows32_keys16": dict(rows=32, keys=16),
+    "first_kernel": dict(quads=False, top_n="argmax"),
+    "by_token_flat": dict(quads=False),
+    "lanes": dict(top_n="lanes"),
+    "keys128_rows64": dict(keys=128, rows=64, warps=4),
+    "rows256_state16k": dict(rows=256, warps=16, state=16384),
+}
+
+
+def _select_with_tuning(q, k_cmp, tuning: dict, num_selected: int, segment_ids=None):
+    """``(kernel with the tuning overrides, xla)`` at l=32, d=16, l'=64, lse from the xla compression."""
     from pallas_kernels.gpu import select_blocks
 
-    chosen = {
-        "default": select_blocks.DEFAULT_TUNING,
-        "masked_only": select_blocks.SelectTuning(unmasked=False),
-        "rows32_keys16": select_blocks.SelectTuning(32, 16),
-    }
-    q, k_cmp = _random_inputs(12, 1, 1100, 16, 1, 16, 16)
-    seg = jnp.asarray(_packed(1, 1100, 12))  # segment start 17: inside a query tile
+    seg = None if segment_ids is None else jnp.asarray(segment_ids)
     _, lse = nsa_jax.compressed_attention(q, k_cmp, k_cmp, block_length=32, block_stride=16, segment_ids=seg)
     kwargs = dict(
         block_length=32,
         block_stride=16,
         selection_block_size=64,
-        num_selected=6,
+        num_selected=num_selected,
         num_initial_blocks=1,
         num_local_blocks=2,
-        scale=16**-0.5,
+        scale=q.shape[-1] ** -0.5,
         segment_ids=seg,
     )
-    ours = select_blocks.select_blocks(q, k_cmp, lse, **kwargs, interpret=True, tuning=chosen[tuning])
+    chosen = select_blocks.SelectTuning(**tuning)
+    ours = select_blocks.select_blocks(q, k_cmp, lse, **kwargs, interpret=True, tuning=chosen)
     reference = nsa_jax.select_blocks(q, k_cmp, lse, implementation="xla", **kwargs)
-    np.testing.assert_array_equal(np.asarray(ours), np.asarray(reference))
+    return np.asarray(ours), np.asarray(reference)
+
+
+@pytest.mark.parametrize("tuning", list(_TUNINGS))
+@pytest.mark.parametrize("length", [1100, 301])
+def test_tilings_equal_xla(tuning, length):
+    # The tests above run float32 with its own (smaller) tiles; these run the 16-bit tile shapes
+    # on float32 inputs (8 positions of G = 16, 16 blocks a key tile), the first kernel's Eq. 9
+    # and top-n, and other tiles: two to five key tiles (Eq. 9 carries), segments crossing query
+    # tiles, 32 or 16 blocks (Nb') per position, 4 to 16 positions a tile.
+    q, k_cmp = _random_inputs(12, 1, length, 16, 1, 16, 16)
+    ours, reference = _select_with_tuning(q, k_cmp, _TUNINGS[tuning], 6, _packed(1, length, 12))
+    np.testing.assert_array_equal(ours, reference)
+
+
+@pytest.mark.parametrize("tuning", ["default", "lanes", "keys128_rows64", "rows256_state16k", "first_kernel"])
+def test_tilings_keep_exact_ties(tuning):
+    # Periodic compressed keys: every selection block sees the same Eq. 9 tokens, so the
+    # importances of all blocks with all five terms tie exactly (across key tiles, quarters of a
+    # tile and the Eq. 9 carry); the lowest blocks must win, as in the reference. bf16, G = 16.
+    # Masked key tiles only: in interpret mode XLA compiles the masked and unmasked loop bodies
+    # separately, and their float32 logits can differ in the last bit (the first kernel, with both
+    # bodies, tied exactly on the H200).
+    tuning = dict(_TUNINGS[tuning], unmasked=False)
+    length = 2100
+    q, k_cmp = _random_inputs(4, 1, length, 16, 1, 32, 16, jnp.bfloat16)
+    k_cmp = jnp.tile(k_cmp[:, :4], (1, -(-k_cmp.shape[1] // 4), 1, 1))[:, : k_cmp.shape[1]]
+    ours, reference = _select_with_tuning(q, k_cmp, tuning, 16)
+    np.testing.assert_array_equal(ours, reference)
+    # t = 2099: block 32 holds t, 31 is local, 0 initial; blocks 1..13 win the ties.
+    np.testing.assert_array_equal(ours[0, 2099, 0], [0, *range(1, 14), 31, 32])
 
 
 def test_bfloat16_equals_xla():

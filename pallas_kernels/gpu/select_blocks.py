@@ -14,22 +14,28 @@ block are padding), counted from the segment start of the rows. Per key tile:
 
 1. ``p = exp(q . k * scale - lse)`` ``[rows, Bk * r']`` (tensor-core dots, ``Dk`` cut into
    power-of-two pieces, 192 = 128 + 64; zero where a token is not visible, Eqs. 7-8, a mask
-   that key tiles seen wholly by every row skip), summed over the ``G`` heads (Eq. 10) as a
-   reshape to ``[P, G', Bk * r']`` and a reduction: ``g [P, Bk * r']``.
-2. Eq. 9: ``g`` viewed as ``[P, Bk, r']`` gives ``g_m [P, Bk]``, token ``m`` of each block;
-   the weight of offset ``first + k`` is applied to ``g_m`` of the block ``-floor((first + k)
-   / r)`` blocks back. Those come from the previous key tile for the first blocks of the tile
-   (carried over, zero before the segment start). Every block's importance is the same
-   sequence of float32 operations, ``0 + w_0 x_0 + w_1 x_1 + ...`` (the reference's order
-   over ``k``), and picking ``g_m`` and shifting it by blocks add exact zeros only, so blocks
-   with equal inputs (exact ties) get equal importance.
+   that key tiles seen wholly by every row skip).
+2. Eq. 9 and the group sum (Eq. 10). Eq. 9 reaches at most one block back (``l <= l'``), so a
+   block's importance is ``own + back'``: ``own`` its own tokens with their weights, ``back'``
+   the tokens of the block before that feed it (the previous key tile's for the first block,
+   zero before the segment start). ``quads`` (default): the key tile is loaded in an order
+   that puts every selection block's tokens in one thread's columns of the wgmma accumulator
+   (``SelectTuning.quads``); ``own`` and ``back`` are summed over tokens in-thread, then over
+   the ``G`` heads (lane shuffles on a quarter of the values), and the one-block shift is
+   in-thread but for one value a lane. Otherwise (the first kernel) ``p`` is summed over the
+   heads first, then each token ``m`` is taken out and shifted separately.
+   Blocks with equal inputs get equal importance (exact ties): every block goes through the
+   same float32 operations, and picking and shifting add exact zeros only.
 3. The ``Bk`` importances are written into a ``[P, Nb' / Bk, Bk]`` register tile holding
    every selection block of the ``P`` positions (``Nb' = next_pow2(ceil(T / l'))``).
 
-Top-n (Eq. 11) then runs once per tile: forced blocks score ``+inf``, blocks after a
-position's block score below any importance, and ``n`` rounds of argmax (lowest index on
-ties, as ``lax.top_k``) pick the blocks; rounds past the visible blocks yield ``-1``. The
-picks are put in the output order (ascending, ``-1`` last) by rank in the kernel.
+Top-n (Eq. 11) then runs once per tile. ``top_n="flat"`` or ``"lanes"`` (default ``"flat"``):
+the ``n_f`` forced blocks are placed directly and ``n - n_f`` rounds of arg-max (the maximum,
+then the lowest block holding it, as ``lax.top_k``) pick the rest; with ``quads`` the blocks of
+a position lie in one warp, so a round is in-thread work and lane shuffles. ``"argmax"`` (the
+first kernel): forced blocks score ``+inf`` and ``n`` rounds of ``argmax`` over ``[P, Nb']``.
+Blocks after a position's block are never picked; rounds past the visible blocks yield ``-1``.
+The picks are put in the output order (ascending, ``-1`` last) by rank in the kernel.
 
 Packed rows (``segment_ids``): blocks and tokens count from each position's segment start,
 so a tile whose positions belong to several segments runs one pass per segment, each over
@@ -37,11 +43,13 @@ that segment's tokens and writing only its positions (one pass in the unpacked c
 
 Cost: the query-key dot of the compressed attention (``2 * HQ * Dk`` flops and one ``exp``
 per visible (query head, token) pair) plus ``O(P * Nb')`` register work per key tile. Memory:
-registers for the ``[rows, Dk]`` queries, one key tile and the ``[P, Nb']`` importances; in
-HBM only the inputs and the picks ``[B, T, H, n']`` (int32): linear in ``T``. ``P`` shrinks as
-``Nb'`` grows so that the importances stay at ``P * Nb' <= 8192`` floats, down to the 16 rows
-``tl.dot`` needs (``P = 1`` for ``G = 16``): beyond ``T = 512K`` (or earlier for small ``G``)
-the importances take more registers.
+registers for one key tile and the ``[P, Nb']`` importances (the queries stay in shared memory);
+in HBM only the inputs and the picks ``[B, T, H, n']`` (int32): linear in ``T``. ``P`` shrinks
+as ``Nb'`` grows so that the importances stay at ``P * Nb' <= 8192`` floats (``SelectTuning.state``),
+down to the 16 rows ``tl.dot`` needs (``P = 1`` for ``G = 16``): beyond ``T = 512K`` (or earlier
+for small ``G``) the importances take more registers. Every program streams the compressed keys
+its positions see (from L2), so ``P`` also sets that traffic: a visible token's ``Dk`` values
+once per ``P`` positions.
 """
 
 from __future__ import annotations
@@ -58,9 +66,6 @@ from nsa_jax.reference.selection import overlap_weights
 from nsa_jax.segments import segment_starts
 from pallas_kernels.gpu.tiles import LOG2E, column_pieces, dot_nt, padded, require_supported_dtype
 
-# Upper bound on the register tile of importances, ``P * Nb'`` floats (32 registers a
-# thread at 8 warps).
-_STATE = 8192
 # Log-sum-exp (base 2) given to dead rows (padded heads): exp2(logit - _NO_ROW) is 0.
 _NO_ROW = 1e30
 # Score of a block that cannot be picked: below every importance (those are >= 0).
@@ -69,30 +74,48 @@ _UNAVAILABLE = -1.0
 
 @dataclasses.dataclass(frozen=True)
 class SelectTuning:
-    """Tile sizes of the kernel: ``rows`` query rows (positions times ``G'``) per tile when the
-    importances allow it, ``keys`` compressed-token slots (``Bk * r'``) per key tile; powers of
-    two >= 16; ``warps`` and pipeline ``stages`` of the Triton program. ``unmasked``: key tiles
-    that every row sees wholly run a second loop body without the visibility mask (fewer
-    instructions a tile, more registers)."""
+    """Tile sizes and variants of the kernel.
+
+    ``rows``: query rows (positions times ``G'``) per tile when the importances allow it;
+    ``keys``: compressed-token slots (``Bk * r'``) per key tile; powers of two >= 16. ``warps``
+    and pipeline ``stages`` of the Triton program. ``unmasked``: key tiles that every row sees
+    wholly run a second loop body without the visibility mask (fewer instructions a tile, more
+    registers). ``quads``: load each key tile so that column ``8j + 2q + e`` of the dot (``q < 4``,
+    ``e < 2``) holds tile slot ``q * keys/4 + 2j + e``: on Hopper's wgmma accumulator the
+    columns of lane ``q`` (mod 4) are then whole selection blocks (``Bk >= 4``), which makes Eq. 9
+    in-thread; ``False``: the first kernel's Eq. 9 (token by token after the group sum).
+    ``top_n``: ``"flat"``, ``"lanes"`` or ``"argmax"`` (the first kernel), see the module notes.
+    ``state``: upper bound on the register tile of importances, ``P * Nb'`` floats (8192: 32
+    registers a thread at 8 warps); ``P`` shrinks below ``rows / G'`` to respect it.
+    ``SelectTuning(quads=False, top_n="argmax")`` is the first kernel."""
 
     rows: int = 128
     keys: int = 64
     warps: int = 8
     stages: int = 2
+    state: int = 8192
     unmasked: bool = True
+    quads: bool = True
+    top_n: str = "flat"
 
     def __post_init__(self) -> None:
-        for name, value in dataclasses.asdict(self).items():
-            if name != "unmasked" and value < 1:
+        if self.top_n not in ("flat", "lanes", "argmax"):
+            raise ValueError(f"top_n must be 'flat', 'lanes' or 'argmax', got {self.top_n!r}")
+        for name in ("rows", "keys", "warps", "stages", "state"):
+            value = getattr(self, name)
+            if value < 1:
                 raise ValueError(f"{name} must be positive, got {value}")
             if name in ("rows", "keys") and (value < 16 or value & (value - 1)):
                 raise ValueError(f"{name} must be a power of two >= 16, got {value}")
 
 
-# bf16 at Dk = 192 and 128, G = 16, T = 64K: 180 and 176 registers, no spills for sm_90a
-# (experiments/kernel_resources.py); not yet timed on a GPU.
-DEFAULT_TUNING = SelectTuning()
-# float32 (its dots run on FMA units, for checks): the 16-bit tiles spill; these do not.
+# bf16: the fastest of the H200 sweep at T = 64K, G = 16 (experiments/results/select_blocks_h200.md):
+# 64-row tiles of 4 warps (P = 4 positions, 137 / 119 registers at Dk = 192 / 128, three or four
+# programs an SM), 22.3 / 15.8 ms against 26.0 / 23.8 for the first kernel (quads=False,
+# top_n="argmax", 128 rows, 8 warps) and 28.9 / 25.9 for 128 rows of 8 warps with quads.
+DEFAULT_TUNING = SelectTuning(rows=64, warps=4)
+# float32 (its dots run on FMA units, for checks): smaller tiles than the 16-bit ones, which
+# spill more; these still spill a little at some T (up to ~450 bytes of stack, as before quads).
 FLOAT32_TUNING = SelectTuning(rows=64, keys=32)
 
 
@@ -133,8 +156,8 @@ class _Geometry:
     @property
     def tile_blocks(self) -> int:
         """``Bk``: selection blocks per key tile; at least 2, so that Eq. 9 (which reaches at most
-        one block back, ``l <= l'``) only needs the previous key tile."""
-        return max(2, self.tuning.keys // self.ratio_pow2)
+        one block back, ``l <= l'``) only needs the previous key tile, and 4 with ``quads``."""
+        return max(4 if self.tuning.quads else 2, self.tuning.keys // self.ratio_pow2)
 
     @property
     def keys(self) -> int:
@@ -155,7 +178,7 @@ class _Geometry:
     @property
     def positions(self) -> int:
         """``P``: query positions per tile, a power of two with ``P * G' >= 16`` (``tl.dot``)."""
-        fits = max(1, _STATE // self.blocks_padded)
+        fits = max(1, self.tuning.state // self.blocks_padded)
         wanted = min(max(1, self.tuning.rows // self.heads_pow2), 1 << (fits.bit_length() - 1))
         return max(wanted, 16 // min(self.heads_pow2, 16))
 
@@ -166,6 +189,11 @@ class _Geometry:
     @property
     def query_tiles(self) -> int:
         return -(-self.length // self.positions)
+
+    @property
+    def forced_blocks(self) -> int:
+        """``n_f``: initial plus local blocks."""
+        return self.num_initial_blocks + self.num_local_blocks
 
     @property
     def picks_padded(self) -> int:
@@ -188,8 +216,26 @@ class _Geometry:
 
     @property
     def carried(self) -> tuple[int, ...]:
-        """Token offsets ``m`` whose per-block sums the next key tile needs."""
+        """Token offsets ``m`` whose per-block sums the next key tile needs (without ``quads``)."""
         return tuple(sorted({m for _, m, back in self.terms if back > 0}))
+
+    def _weights(self, back: int) -> tuple[int, ...]:
+        weights = [0] * self.ratio_pow2
+        for weight, m, term_back in self.terms:
+            if term_back == back:
+                weights[m] = weight
+        return tuple(weights)
+
+    @property
+    def own_weights(self) -> tuple[int, ...]:
+        """Eq. 9 weight of token ``m`` of a block in its own importance (0: none or padding)."""
+        return self._weights(0)
+
+    @property
+    def back_weights(self) -> tuple[int, ...]:
+        """Eq. 9 weight of token ``m`` of a block in the next block's importance (``l <= l'``:
+        no term reaches further back)."""
+        return self._weights(1)
 
     @property
     def precision(self) -> jax.lax.Precision | None:
@@ -213,6 +259,92 @@ def _shifted(current: jax.Array, previous: jax.Array, back: int) -> jax.Array:
     return jnp.sum(picked, axis=2)
 
 
+def _split_last(x: jax.Array) -> list[jax.Array]:
+    """The entries along the last axis of ``x`` (a power of two), each without that axis."""
+    return [part.reshape(part.shape[:-1]) for part in jnp.split(x, x.shape[-1], axis=-1)]
+
+
+def _weighted_sum(parts: list[jax.Array], weights: tuple[int, ...]) -> jax.Array:
+    """``w_0 x_0 + w_1 x_1 + ...`` left to right over the nonzero weights (weight 1: no product)."""
+    total = None
+    for part, weight in zip(parts, weights, strict=True):
+        if weight:
+            term = part if weight == 1 else float(weight) * part
+            total = term if total is None else total + term
+    return jnp.zeros_like(parts[0]) if total is None else total
+
+
+def _shifted_quads(current: jax.Array, previous: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``current [P, Bk]`` one block later, ``previous [P]`` (the last block of the last key tile)
+    first; and the last block of ``current``. Blocks are viewed as ``[P, 4, Bk / 4]``: on the wgmma
+    accumulator (see ``SelectTuning.quads``) the quarters lie on 4 lanes and the blocks of a quarter
+    in registers, so the shift is in-thread but for the quarters' last blocks, which cross lanes
+    (one lane reduction each). Copies and sums of one value and zeros: exact."""
+    P, blocks = current.shape
+    inner = blocks // 4
+    pieces = _split_last(current.reshape(P, 4, inner))
+    quarter = jnp.arange(4)[None, :]
+    lasts = [previous] + [jnp.sum(jnp.where(quarter == t, pieces[-1], 0.0), axis=1) for t in range(4)]
+    first = lasts[3][:, None]
+    for t in (2, 1, 0):
+        first = jnp.where(quarter == t, lasts[t][:, None], first)
+    member = jnp.arange(inner)[None, None, :]
+    shifted = first[:, :, None]
+    for i in range(1, inner):
+        shifted = jnp.where(member == i, pieces[i - 1][:, :, None], shifted)
+    return shifted.reshape(P, blocks), lasts[4]
+
+
+def _probabilities(logits: jax.Array, log2_scale: float, row_offset: jax.Array) -> jax.Array:
+    """``p = exp2(logits * scale * log2(e) - lse2)`` (Eq. 8 in base 2), float32 ``[rows, keys]``."""
+    return jnp.exp2(logits * log2_scale - row_offset[:, None])
+
+
+def _importance_by_token(p: jax.Array | None, previous: tuple[jax.Array, ...], geo: _Geometry):
+    """The first kernel's Eq. 9 on a key tile, ``p [rows, keys]`` (``None``: no tokens): the group sum
+    ``g [P, keys]``, token ``m`` of each block ``g_m [P, Bk]`` picked out, then
+    ``0 + w_0 x_0 + w_1 x_1 + ...`` over the terms (the reference's order), the terms of the block
+    before taken from ``previous`` (its ``g_m`` of the last key tile) for the first block.
+    Returns ``(importance [P, Bk], the g_m the next tile needs)``."""
+    P, blocks = geo.positions, geo.tile_blocks
+    if p is None:
+        tokens = [jnp.zeros((P, blocks), jnp.float32)] * geo.ratio
+    else:
+        grouped = jnp.sum(p.reshape(P, geo.heads_pow2, geo.keys), axis=1)
+        by_token = grouped.reshape(P, blocks, geo.ratio_pow2)
+        token_lane = jnp.arange(geo.ratio_pow2)[None, None, :]
+        tokens = [jnp.sum(jnp.where(token_lane == m, by_token, 0.0), axis=2) for m in range(geo.ratio)]
+    importance = jnp.zeros((P, blocks), jnp.float32)
+    for weight, m, back in geo.terms:
+        carried = previous[geo.carried.index(m)] if back else None
+        importance = importance + float(weight) * _shifted(tokens[m], carried, back)
+    return importance, tuple(tokens[m] for m in geo.carried)
+
+
+def _importance_by_quarter(p: jax.Array | None, previous: jax.Array, geo: _Geometry):
+    """Eq. 9 on a key tile loaded in ``quads`` order, ``p [rows, keys]`` (``None``: no tokens):
+    back in tile-slot order (a reshape and transpose that move no data on the wgmma accumulator),
+    each block's tokens summed with their weights (``own``, and ``back`` for the next block), then
+    the group sums; ``own`` plus ``back`` one block later (``previous [P]``: the last block's
+    ``back`` of the last key tile). Returns ``(importance [P, Bk], this tile's last back [P])``."""
+    P, blocks = geo.positions, geo.tile_blocks
+    if p is None:
+        own = back = jnp.zeros((P, blocks), jnp.float32)
+    else:
+        p = p.reshape(geo.rows, geo.keys // 8, 4, 2).transpose(0, 2, 1, 3)
+        tokens = _split_last(p.reshape(geo.rows, blocks, geo.ratio_pow2))
+
+        def group_sum(weights):
+            return jnp.sum(_weighted_sum(tokens, weights).reshape(P, geo.heads_pow2, blocks), axis=1)
+
+        own = group_sum(geo.own_weights)
+        back = group_sum(geo.back_weights) if any(geo.back_weights) else None
+    if not any(geo.back_weights):
+        return own, previous
+    shifted, last = _shifted_quads(back, previous)
+    return own + shifted, last
+
+
 def _ascending_unused_last(picks: jax.Array, unused: int) -> jax.Array:
     """``[P, n']`` distinct blocks and ``-1`` sorted ascending with ``-1`` last (as
     :func:`nsa_jax.reference.selection.ascending_unused_last`): each entry goes to its rank,
@@ -226,6 +358,79 @@ def _ascending_unused_last(picks: jax.Array, unused: int) -> jax.Array:
     rank = jnp.sum(before.astype(jnp.int32), axis=2)
     ordered = jnp.min(jnp.where(rank[:, :, None] == lane_j, key[:, :, None], unused), axis=1)
     return jnp.where(ordered >= unused, -1, ordered)
+
+
+def _top_n_argmax(score: jax.Array, current: jax.Array, geo: _Geometry) -> jax.Array:
+    """Eq. 11 on ``score [P, Nb']`` (importances): forced blocks score ``+inf``, then ``n`` rounds
+    of arg-max over each whole row. Returns the picks ``[P, n']``, ``-1`` for none."""
+    block = jnp.arange(geo.blocks_padded)[None, :]
+    here = current[:, None]
+    forced = (block < geo.num_initial_blocks) | (block > here - geo.num_local_blocks)
+    score = jnp.where(block <= here, jnp.where(forced, jnp.inf, score), _UNAVAILABLE)
+    pick_lane = jnp.arange(geo.picks_padded)[None, :]
+
+    def pick(i, carry):
+        score, picks = carry
+        # argmax takes the lowest index among equal maxima, as lax.top_k. The current + 1
+        # visible blocks all score >= 0 > _UNAVAILABLE: pick i is real while i <= current.
+        index = jnp.argmax(score, axis=1).astype(jnp.int32)
+        picks = jnp.where((pick_lane == i) & (i <= current)[:, None], index[:, None], picks)
+        return jnp.where(block == index[:, None], _UNAVAILABLE, score), picks
+
+    init = (score, jnp.full((geo.positions, geo.picks_padded), -1, jnp.int32))
+    return jax.lax.fori_loop(0, geo.num_selected, pick, init)[1]
+
+
+def _top_n_direct(score: jax.Array, current: jax.Array, geo: _Geometry, view: str) -> jax.Array:
+    """Eq. 11 on ``score [P, Nb']``: the forced blocks (``n_f = n_init + n_local <= n`` of them,
+    fewer only when every visible block is forced) take the first picks directly, then ``n - n_f``
+    rounds of arg-max (the maximum, then the lowest block holding it, as ``lax.top_k``) rank the
+    rest. ``view``: ``"flat"`` reduces each row ``[P, Nb']`` as it is laid out (with ``quads`` the
+    blocks of a position lie in one warp); ``"lanes"`` first views it as ``[A, P, L]`` (block ``a * L
+    + lane``, ``L = min(32, Nb')``), which Triton lays out with ``P`` over warps and ``L`` over lanes.
+    Returns ``[P, W]`` picks (``W >= n'``), ``-1`` for none."""
+    P, lanes = geo.positions, min(32, geo.blocks_padded)
+    if view == "lanes":
+        rows = geo.blocks_padded // lanes
+        score = jnp.transpose(score.reshape(P, rows, lanes), (1, 0, 2))
+        row = jnp.arange(rows)[:, None, None]
+        lane = jnp.arange(lanes)[None, None, :]
+        block = row * lanes + lane
+        here = current[None, :, None]
+    else:
+        block = jnp.arange(geo.blocks_padded)[None, :]
+        here = current[:, None]
+    forced = (block < geo.num_initial_blocks) | (block > here - geo.num_local_blocks)
+    score = jnp.where((block <= here) & ~forced, score, _UNAVAILABLE)
+
+    width = max(geo.picks_padded, lanes) if view == "lanes" else geo.picks_padded
+    slot = jnp.arange(width)[None, :]
+    here = current[:, None]
+    local = here - (slot - geo.num_initial_blocks)
+    picks = jnp.where(
+        slot < geo.num_initial_blocks,
+        jnp.where(slot <= here, slot, -1),
+        jnp.where((slot < geo.forced_blocks) & (local >= geo.num_initial_blocks), local, -1),
+    )
+
+    def pick(i, carry):
+        score, picks = carry
+        if view == "lanes":
+            best = jnp.max(jnp.max(score, axis=0), axis=1)
+            first_row = jnp.min(jnp.where(score == best[None, :, None], row, rows), axis=0)
+            index = jnp.min(
+                jnp.where(first_row < rows, first_row * lanes + lane[0], geo.blocks_padded), axis=1
+            )
+            taken = block == index[None, :, None]
+        else:
+            best = jnp.max(score, axis=1)
+            index = jnp.min(jnp.where(score == best[:, None], block, geo.blocks_padded), axis=1)
+            taken = block == index[:, None]
+        found = best > _UNAVAILABLE
+        picks = jnp.where((slot == geo.forced_blocks + i) & found[:, None], index[:, None], picks)
+        return jnp.where(taken, _UNAVAILABLE, score), picks
+
+    return jax.lax.fori_loop(0, geo.num_selected - geo.forced_blocks, pick, (score, picks))[1]
 
 
 def _kernel(starts_ref, q_ref, lse_ref, k_ref, out_ref, *, geo: _Geometry):
@@ -264,11 +469,14 @@ def _kernel(starts_ref, q_ref, lse_ref, k_ref, out_ref, *, geo: _Geometry):
     current = jax.lax.div(position - position_start, geo.selection_block_size)
 
     step = jnp.arange(geo.steps)[None, :, None]
+    # Tile slot of each key row (dot column): in order, or in the quads order.
     key_row = jnp.arange(keys)
+    if geo.tuning.quads:
+        key_row = (key_row // 2) % 4 * (keys // 4) + key_row // 8 * 2 + key_row % 2
     key_block, key_token = key_row // geo.ratio_pow2, key_row % geo.ratio_pow2
     token_in_tile = key_block * geo.ratio + key_token
-    token_lane = jnp.arange(geo.ratio_pow2)[None, None, :]
     log2_scale = geo.scale * LOG2E
+    importance_of = _importance_by_quarter if geo.tuning.quads else _importance_by_token
 
     def run_pass(start, opens, state):
         """Importances of the positions whose segment starts at ``start`` into ``state``
@@ -286,11 +494,17 @@ def _kernel(starts_ref, q_ref, lse_ref, k_ref, out_ref, *, geo: _Geometry):
             jax.lax.div(jnp.min(jnp.where(in_rows, count, key_tiles * tile_tokens)), tile_tokens), key_tiles
         )
         row_offset = jnp.where(in_rows, lse2, _NO_ROW)
+        ended = position - start - (geo.block_length - 1)
+        position_count = jnp.where(
+            in_positions & (ended >= 0), jax.lax.div(jnp.maximum(ended, 0), geo.block_stride) + 1, 0
+        )
+        position_count = jnp.clip(position_count, 0, jnp.maximum(geo.slots - base, 0))
         block_tiles = jax.lax.div(jnp.max(jnp.where(in_positions, current + blocks, 0)), blocks)
 
         def tile_step(with_keys: bool, masked: bool = False):
             def body(tile, carry):
                 state, previous = carry
+                p = None
                 if with_keys:
                     token = tile * (blocks * geo.ratio) + token_in_tile
                     valid = (key_token < geo.ratio) & (token < geo.slots - base)
@@ -305,27 +519,22 @@ def _kernel(starts_ref, q_ref, lse_ref, k_ref, out_ref, *, geo: _Geometry):
                         )
                         s = dot_nt(piece, k, geo.precision)
                         logits = s if logits is None else logits + s
-                    p = jnp.exp2(logits * log2_scale - row_offset[:, None])
+                    p = _probabilities(logits, log2_scale, row_offset)
                     if masked:
-                        p = jnp.where((token[None, :] < count[:, None]) & valid[None, :], p, 0.0)
-                    grouped = jnp.sum(p.reshape(P, gq, keys), axis=1)
-                    by_token = grouped.reshape(P, blocks, geo.ratio_pow2)
-                    tokens = [
-                        jnp.sum(jnp.where(token_lane == m, by_token, 0.0), axis=2) for m in range(geo.ratio)
-                    ]
-                else:
-                    tokens = [jnp.zeros((P, blocks), jnp.float32)] * geo.ratio
-                importance = jnp.zeros((P, blocks), jnp.float32)
-                for weight, m, back in geo.terms:
-                    carried = previous[geo.carried.index(m)] if back else None
-                    importance = importance + float(weight) * _shifted(tokens[m], carried, back)
+                        # Visibility per position (its rows share it; dead rows have p = 0).
+                        seen = (token[None, :] < position_count[:, None]) & valid[None, :]
+                        seen = jnp.broadcast_to(seen[:, None, :], (P, gq, keys)).reshape(geo.rows, keys)
+                        p = jnp.where(seen, p, 0.0)
+                importance, previous = importance_of(p, previous, geo)
                 write = in_positions[:, None, None] & (step == tile)
-                state = jnp.where(write, importance[:, None, :], state)
-                return state, tuple(tokens[m] for m in geo.carried)
+                return jnp.where(write, importance[:, None, :], state), previous
 
             return body
 
-        previous = tuple(jnp.zeros((P, blocks), jnp.float32) for _ in geo.carried)
+        if geo.tuning.quads:
+            previous = jnp.zeros((P,), jnp.float32)
+        else:
+            previous = tuple(jnp.zeros((P, blocks), jnp.float32) for _ in geo.carried)
         carry = (state, previous)
         if geo.tuning.unmasked:
             carry = jax.lax.fori_loop(0, full_tiles, tile_step(True), carry)
@@ -353,33 +562,20 @@ def _kernel(starts_ref, q_ref, lse_ref, k_ref, out_ref, *, geo: _Geometry):
     else:
         state = run_pass(jnp.int32(0), jnp.bool_(True), state)
 
-    block = step * blocks + jnp.arange(blocks)[None, None, :]
-    here = current[:, None, None]
-    forced = (block < geo.num_initial_blocks) | (block > here - geo.num_local_blocks)
-    score = jnp.where(block <= here, jnp.where(forced, jnp.inf, state), _UNAVAILABLE)
-    # One row of blocks per position: one arg-max reduction per pick.
-    score = score.reshape(P, geo.blocks_padded)
-    block = jnp.arange(geo.blocks_padded)[None, :]
-    pick_lane = jnp.arange(geo.picks_padded)[None, :]
-
-    def pick(i, carry):
-        score, picks = carry
-        # argmax takes the lowest index among equal maxima, as lax.top_k. The current + 1
-        # visible blocks all score >= 0 > _UNAVAILABLE: pick i is real while i <= current.
-        index = jnp.argmax(score, axis=1).astype(jnp.int32)
-        picks = jnp.where((pick_lane == i) & (i <= current)[:, None], index[:, None], picks)
-        return jnp.where(block == index[:, None], _UNAVAILABLE, score), picks
-
-    init = (score, jnp.full((P, geo.picks_padded), -1, jnp.int32))
-    _, picks = jax.lax.fori_loop(0, geo.num_selected, pick, init)
+    scores = state.reshape(P, geo.blocks_padded)
+    if geo.tuning.top_n == "argmax" or geo.num_selected < geo.forced_blocks:
+        picks = _top_n_argmax(scores, current, geo)
+    else:
+        picks = _top_n_direct(scores, current, geo, geo.tuning.top_n)
     picks = _ascending_unused_last(picks, geo.blocks_padded)
-    # Dead positions store out of range (masked): in interpret mode a masked store to a
-    # clamped duplicate position would overwrite a live one.
+    # Dead positions and lanes past n' store out of range (masked): in interpret mode a masked
+    # store to a clamped duplicate would overwrite a live one.
     target = jnp.where(position_live, position, geo.length)
+    pick_lane = jnp.arange(picks.shape[1])[None, :]
     plt.store(
         out_ref.at[target[:, None], pick_lane],
         picks,
-        mask=jnp.broadcast_to(position_live[:, None], picks.shape),
+        mask=position_live[:, None] & (pick_lane < geo.picks_padded),
     )
 
 
