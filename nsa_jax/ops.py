@@ -444,10 +444,9 @@ def _register_cudnn() -> None:
             name="cudnn",
             fn=cudnn.sliding_window_attention,
             platforms=("gpu",),
-            # Default on GPU where it serves (bf16/f16, unpacked). Correct on the H200 and
-            # 5.1 / 26.7 ms forward / forward+backward at T=64K, Dk=192/Dv=128 (padded to 192),
-            # but not yet timed against the xla window in one run: set it below 0 if
-            # experiments/bench_layer.py --alternatives-at shows the xla window faster.
+            # Default on GPU where it serves (bf16/f16, unpacked). On the H200 at T=16K,
+            # Dk=192/Dv=128 (padded to 192), one run: 1.6 / 7.1 ms forward / forward+backward
+            # against the xla window's 18.4 / 99.8 (experiments/results/layer_h200.md).
             priority=5,
             check=cudnn.check,
         )
