@@ -208,12 +208,15 @@ def test_scaling_report_measures_efficiency_and_loss_agreement():
             "steps": len(losses),
             "tokens_per_s": tokens_per_s,
             "losses": losses,
+            "final_loss": losses[-1],
             "peak_memory_bytes_per_device": peaks,
         }
 
     meshes = [(1, 1, 1), (2, 1, 1)]
-    summaries = [summary(1000.0, [3.0, 2.0], [2**30]), summary(1500.0, [3.0, 2.5], [2**29, 2**29])]
+    # The losses part only at step 12, after the early window of 10 steps.
+    same, late = [3.0] * 11 + [2.0], [3.0] * 11 + [2.5]
+    summaries = [summary(1000.0, same, [2**30]), summary(1500.0, late, [2**29, 2**29])]
     text = scaling.report(meshes, summaries, "cmd")
-    assert "| (2, 1, 1) | 2 | 1500 | 0.75 | 0.50, 0.50 | 5.00e-01 |" in text
+    assert "| (2, 1, 1) | 2 | 1500 | 0.75 | 0.50, 0.50 | 0.00e+00 / 5.00e-01 | 2.500 |" in text
     with pytest.raises(ValueError, match="--mesh sizes must be positive"):
         scaling.main(["--mesh", "0", "1", "1", "--out", "/tmp/unused-scaling"])
