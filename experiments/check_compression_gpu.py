@@ -41,7 +41,6 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -50,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import nsa_jax
+from experiments.measure import relative_error, time_jax
 from nsa_jax.reference.compressed import compression_probabilities
 from nsa_jax.reference.selection import block_importance
 from nsa_jax.segments import compressed_token_starts, num_compressed_slots, segment_starts
@@ -68,11 +68,6 @@ CASES = [
     (2, 777, 4, 4, 32, 16, 16, 8, 32, 6, False),  # G = 1, Dk != Dv, other geometry
     (1, 999, 4, 4, 192, 128, 32, 16, 64, 16, True),  # G = 1, paper dims, packed
 ]
-
-
-def relative_error(x: jax.Array, ref: jax.Array) -> float:
-    x, ref = jnp.asarray(x, jnp.float32), jnp.asarray(ref, jnp.float32)
-    return float(jnp.linalg.norm(x - ref) / jnp.linalg.norm(ref))
 
 
 def packed_segments(batch: int, length: int) -> jax.Array:
@@ -242,17 +237,6 @@ def run_checks(with_compressed: bool = True) -> list[dict]:
     return results
 
 
-def time_ms(fn, *args, iters: int) -> float:
-    """Median milliseconds of ``iters`` calls of a compiled ``fn`` after one warm-up call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def memory_bytes(compiled) -> int | None:
     """Temporary plus output bytes of a compiled function (XLA's memory analysis)."""
     stats = compiled.memory_analysis()
@@ -331,7 +315,7 @@ def time_config(
             try:
                 compiled = fn.lower(*args).compile()
                 row[f"{key}_bytes"] = memory_bytes(compiled)
-                row[f"{key}_ms"] = time_ms(compiled, *args, iters=n)
+                row[f"{key}_ms"] = time_jax(compiled, *args, iters=n, warmup=1)
             except Exception as err:  # an xla OOM is a result, not a crash
                 if not xla:
                     raise
@@ -382,20 +366,20 @@ def sweep_config(length: int, config: str, iters: int) -> list[dict]:
     ct = jax.random.normal(keys[3], (1, length, 64, dv), jnp.bfloat16)
     geometry = dict(block_length=L, block_stride=D)
     flops = 2.0 * 64 * compressed_pairs(length) * (dk + dv)
-    default_fwd_ms = time_ms(jax.jit(tuned(None, geometry)), q, k, v, iters=iters)
+    default_fwd_ms = time_jax(jax.jit(tuned(None, geometry)), q, k, v, iters=iters, warmup=1)
     rows, first_grads = [], None
     for label, overrides in SWEEP[config].items():
         attend = tuned(candidate_tuning(config, overrides), geometry)
         fwd_ms = default_fwd_ms
         if any(name.startswith("fwd_") for name in overrides):
-            fwd_ms = time_ms(jax.jit(attend), q, k, v, iters=iters)
+            fwd_ms = time_jax(jax.jit(attend), q, k, v, iters=iters, warmup=1)
         fwd_bwd = jax.jit(
             lambda q, k, v, ct, attend=attend: jax.vjp(lambda *a: attend(*a)[0], q, k, v)[1](ct)
         )
         start = time.perf_counter()
         compiled = fwd_bwd.lower(q, k, v, ct).compile()
         compile_s = time.perf_counter() - start
-        ms = time_ms(compiled, q, k, v, ct, iters=iters)
+        ms = time_jax(compiled, q, k, v, ct, iters=iters, warmup=1)
         grads = compiled(q, k, v, ct)
         first_grads = first_grads or grads
         error = max(relative_error(g, r) for g, r in zip(grads, first_grads, strict=True))
