@@ -7,7 +7,8 @@ Run on the H200 from the repo root::
         [--tuning fwd_rows=64 fwd_keys=64 ...] [--sweep] [--select-only]
 
 1. Correctness (spec, "Compression branch (Eqs. 7-8)" and "Selection scores"), fresh random
-   inputs at odd sizes, G in {1, 4, 16}, packed segments, bf16 and float32: ``pallas_triton``
+   inputs at odd sizes, G in {1, 4, 16}, packed segments, bf16 and float32: ``--implementation``
+   (``pallas_triton``, or ``cudnn``, which skips the packed and float32 cases it does not serve)
    against the ``xla`` reference run in float32 (HIGHEST) on the same upcast inputs.
    Compressed attention: relative error ``||x - ref|| / ||ref||`` of ``out``, of ``lse`` (rows
    that see something; the ``-inf`` rows must match exactly) and of dq, dk_cmp, dv_cmp (a random
@@ -50,6 +51,7 @@ import numpy as np
 
 import nsa_jax
 from experiments.measure import relative_error, time_jax
+from nsa_jax import registry
 from nsa_jax.reference.compressed import compression_probabilities
 from nsa_jax.reference.selection import block_importance
 from nsa_jax.segments import compressed_token_starts, num_compressed_slots, segment_starts
@@ -67,6 +69,7 @@ CASES = [
     (1, 1537, 16, 4, 64, 32, 32, 16, 64, 8, True),  # G = 4, packed
     (2, 777, 4, 4, 32, 16, 16, 8, 32, 6, False),  # G = 1, Dk != Dv, other geometry
     (1, 999, 4, 4, 192, 128, 32, 16, 64, 16, True),  # G = 1, paper dims, packed
+    (1, 2050, 64, 4, 192, 128, 32, 16, 64, 16, False),  # paper heads and dims, one sequence
 ]
 
 
@@ -106,14 +109,16 @@ def values_and_grads(implementation: str, geometry: dict, segment_ids):
     return jax.jit(fn)
 
 
-def check_compressed(q, k, v, ct, dlse, geometry, segment_ids, name: str) -> tuple[dict, jax.Array]:
+def check_compressed(
+    q, k, v, ct, dlse, geometry, segment_ids, name: str, implementation: str
+) -> tuple[dict, jax.Array]:
     """Errors of ours against xla, and the xla lse (float32 ``[B, T, HQ]``) for select_blocks."""
     batch, length = q.shape[:2]
     # Rows that see a compressed token (spec, Eqs. 7-8): the lse cotangent is kept finite there only.
     ended = jnp.arange(length)[None] - segment_starts(segment_ids, batch, length)
     seen = np.asarray(ended >= geometry["block_length"] - 1)[:, :, None].repeat(q.shape[2], 2)
     dlse = jnp.where(jnp.asarray(seen), dlse, 0.0)
-    (out, lse), grads = values_and_grads("pallas_triton", geometry, segment_ids)(q, k, v, ct, dlse)
+    (out, lse), grads = values_and_grads(implementation, geometry, segment_ids)(q, k, v, ct, dlse)
     f32 = [x.astype(jnp.float32) for x in (q, k, v, ct)]
     (ref, ref_lse), ref_grads = values_and_grads("xla", geometry, segment_ids)(*f32, dlse)
     lse, ref_lse = np.asarray(lse), np.asarray(ref_lse)
@@ -190,7 +195,8 @@ def check_selection(q, k, lse, geometry: dict, segment_ids, exact: bool) -> dict
     }
 
 
-def run_case(case: tuple, dtype, ties: bool = False, with_compressed: bool = True) -> dict:
+def run_case(case: tuple, dtype, ties: bool = False, implementation: str | None = "pallas_triton") -> dict:
+    """Checks select_blocks, and the compressed attention ``implementation`` (``None``: not)."""
     batch, length, q_heads, kv_heads, dk, dv, l, d, lsel, n, packed = case
     keys = jax.random.split(jax.random.key(hash((case, ties)) % 2**31), 5)
     slots = num_compressed_slots(length, d)
@@ -207,26 +213,47 @@ def run_case(case: tuple, dtype, ties: bool = False, with_compressed: bool = Tru
     geometry = dict(block_length=l, block_stride=d)
     name = jnp.dtype(dtype).name
     result = {"case": list(case), "dtype": name, "ties": ties}
-    if ties or not with_compressed:
-        _, lse = jax.jit(compressed("xla", geometry, segment_ids))(q, k, v)
+    served = implementation is not None and not ties
+    if served:
+        try:
+            registry.resolve(
+                "compressed_attention",
+                implementation,
+                q,
+                k,
+                v,
+                **geometry,
+                scale=dk**-0.5,
+                segment_ids=segment_ids,
+            )
+        except ValueError as err:
+            served = False
+            result["compressed"] = {"skipped": str(err), "ok": True}
+    if served:
+        result["compressed"], lse = check_compressed(
+            q, k, v, ct, dlse, geometry, segment_ids, name, implementation
+        )
     else:
-        result["compressed"], lse = check_compressed(q, k, v, ct, dlse, geometry, segment_ids, name)
+        _, lse = jax.jit(compressed("xla", geometry, segment_ids))(q, k, v)
     sel_geometry = dict(geometry, selection_block_size=lsel, num_selected=n)
     result["select_blocks"] = check_selection(q, k, lse, sel_geometry, segment_ids, exact=ties)
     result["ok"] = result["select_blocks"]["ok"] and result.get("compressed", {"ok": True})["ok"]
     return result
 
 
-def run_checks(with_compressed: bool = True) -> list[dict]:
+def run_checks(implementation: str | None = "pallas_triton") -> list[dict]:
     results = []
     todo = [(case, dtype, False) for case in CASES for dtype in (jnp.bfloat16, jnp.float32)]
     todo += [(CASES[0], jnp.bfloat16, True), (CASES[1], jnp.float32, True)]
     for case, dtype, ties in todo:
         start = time.perf_counter()
-        r = run_case(case, dtype, ties, with_compressed)
+        r = run_case(case, dtype, ties, implementation)
         r["seconds"] = time.perf_counter() - start
         results.append(r)
-        errs = " ".join(f"{k}={v:.2e}" for k, v in r.get("compressed", {}).get("errors", {}).items())
+        compressed_result = r.get("compressed", {})
+        errs = " ".join(f"{k}={v:.2e}" for k, v in compressed_result.get("errors", {}).items())
+        if "skipped" in compressed_result:
+            errs = f"compressed skipped ({compressed_result['skipped'][:60]})"
         sel = r["select_blocks"]
         print(
             f"{'PASS' if r['ok'] else 'FAIL'} {r['dtype']:8s} {r['case']}{' ties' if ties else ''} {errs} "
@@ -282,6 +309,7 @@ def time_config(
     iters: int,
     with_xla: bool,
     overrides: dict | None = None,
+    implementation: str = "pallas_triton",
 ) -> dict:
     dk, dv = CONFIGS[config]
     keys = jax.random.split(jax.random.key(length + dk), 4)
@@ -294,8 +322,8 @@ def time_config(
     sel_geometry = dict(geometry, selection_block_size=L_SEL, num_selected=N)
     flops = 2.0 * 64 * compressed_pairs(length) * (dk + dv)
     row = {"T": length, "config": config, "fwd_tflop": flops / 1e12}
-    _, lse = jax.jit(compressed("pallas_triton", geometry, None))(q, k, v)
-    for impl in ("pallas_triton", "xla") if with_xla else ("pallas_triton",):
+    _, lse = jax.jit(compressed(implementation, geometry, None))(q, k, v)
+    for impl in (implementation, "xla") if with_xla else (implementation,):
         attend = compressed(impl, geometry, None)
         if impl == "pallas_triton" and overrides:
             attend = tuned(candidate_tuning(config, overrides), geometry)
@@ -303,7 +331,7 @@ def time_config(
         fwd_bwd = jax.jit(
             lambda q, k, v, ct, attend=attend: jax.vjp(lambda *a: attend(*a)[0], q, k, v)[1](ct)
         )
-        select = jax.jit(selection(impl, sel_geometry, None))
+        select = jax.jit(selection("xla" if impl == "xla" else "pallas_triton", sel_geometry, None))
         xla = impl == "xla"
         n = max(2, iters // 4) if xla else iters
         for label, fn, args in (
@@ -423,7 +451,8 @@ def markdown(report: dict) -> str:
         lines += [f"Checks: {passed}/{len(report['checks'])} passed.", ""]
     if report.get("timings"):
         lines += [
-            "Times in ms (B=1, HQ=64, H=4, bf16, l=32, d=16, l'=64, n=16); memory = temp + outputs (GiB);"
+            f"Times in ms (B=1, HQ=64, H=4, bf16, l=32, d=16, l'=64, n=16); ours = compressed attention"
+            f" `{report['implementation']}`, select_blocks `pallas_triton`; memory = temp + outputs (GiB);"
             " TFLOP/s against 2*HQ*pairs*(Dk+Dv) forward, 3.5x that for fwd+bwd.",
             "",
             "| T | Dk/Dv | ours fwd | ours f+b | ours select | xla fwd | xla f+b | xla select"
@@ -468,6 +497,12 @@ def main() -> int:
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument(
+        "--implementation",
+        default="pallas_triton",
+        choices=["pallas_triton", "cudnn"],
+        help="compressed attention checked and timed as 'ours' (select_blocks: pallas_triton)",
+    )
     parser.add_argument("--no-xla", action="store_true", help="time only the Pallas kernels")
     parser.add_argument(
         "--tuning",
@@ -496,6 +531,7 @@ def main() -> int:
         "jax": jax.__version__,
         "command": "PYTHONPATH=$PWD python3 " + " ".join(sys.argv),
         "tolerance": TOLERANCE,
+        "implementation": args.implementation,
         "checks": [],
         "timings": [],
         "sweep": [],
@@ -519,7 +555,7 @@ def main() -> int:
                 f.write(md)
 
     if args.select_only:
-        report["checks"] = run_checks(with_compressed=False)
+        report["checks"] = run_checks(implementation=None)
         md = select_markdown(report)
         write(md)
         print(md)
@@ -534,7 +570,7 @@ def main() -> int:
         print(md)
         return 0 if all(r["ok"] for r in report["sweep"]) else 1
     if not args.time_only:
-        report["checks"] = run_checks()
+        report["checks"] = run_checks(args.implementation)
         write()
         if not all(r["ok"] for r in report["checks"]):
             print("FAILED checks: timing skipped", flush=True)
@@ -544,7 +580,7 @@ def main() -> int:
         for length in args.lengths:
             for config in args.configs:
                 with_xla = not args.no_xla and length <= args.xla_max_length
-                row = time_config(length, config, args.iters, with_xla, overrides)
+                row = time_config(length, config, args.iters, with_xla, overrides, args.implementation)
                 report["timings"].append(row)
                 print(json.dumps(row), flush=True)
                 write()

@@ -1,37 +1,105 @@
-"""Sliding-window attention on NVIDIA GPUs through cuDNN's fused attention (spec, "Sliding window").
+"""Branches served by cuDNN's fused attention on NVIDIA GPUs.
 
-Registered as implementation ``"cudnn"`` of ``sliding_window_attention``. It calls
-``jax.nn.dot_product_attention(implementation="cudnn", is_causal=True,
-local_window_size=(w - 1, 0))``: jax hands cuDNN a left window of ``w`` with an
-exclusive bound, ``(t - w, t]``, which is the spec's ``t - w + 1 .. t``. cuDNN reads
-K/V with fewer heads than q directly (query head ``hq`` uses KV head ``hq // G``, as
-the spec). It serves what that call serves: float16/bfloat16, no packed segments,
-head dims up to 256 (128 before Hopper).
+- ``sliding_window_attention`` (spec, "Sliding window"), implementation ``"cudnn"``: causal
+  attention with cuDNN's left window of ``w`` keys, ``(t - w, t]``, which is the spec's
+  ``t - w + 1 .. t``.
+- ``compressed_attention`` (spec, "Compression branch (Eqs. 7-8)"), implementation
+  ``"cudnn"``: query ``t`` sees compressed token ``i`` when ``i*d + l - 1 <= t``, i.e.
+  ``i <= floor((t - l + 1) / d)``. Queries with the same residue ``r = t mod d`` see a prefix
+  that grows by one token per ``d`` positions, so each residue class, shifted by
+  ``c_r = ceil((l - 1 - r) / d)`` rows, is plain causal attention over the compressed tokens.
+  The ``d`` classes become ``d`` times as many query heads of one causal cuDNN call (query
+  head ``hq * d + r`` still maps to KV head ``hq // G``).
+
+Both call jax's cuDNN module directly rather than ``jax.nn.dot_product_attention``, which
+requires ``Dv == Dk`` and casts the log-sum-exp to the output dtype (bf16 would move ``p_cmp``
+by up to 6%, enough to flip top-n picks). This call takes ``Dv != Dk`` (cuDNN's MLA path,
+Hopper and newer; on the H200 at T=64K, Dk=192/Dv=128, the window takes 4.2 / 20.9 ms forward /
+forward+backward against 5.3 / 26.2 ms with V zero-padded to 192) and returns the lse in
+float32. cuDNN reads K/V with fewer heads than q directly (query head ``hq`` uses KV head
+``hq // G``, as the spec). Both serve float16/bfloat16 without packed segments, head dims that
+are multiples of 8 up to 256 (128 before Hopper).
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
+from jax._src.cudnn import fused_attention_stablehlo as _fused_attention
+from jax.custom_derivatives import SymbolicZero
 
-# jax's wrapper requires one head dim for q, k and v, and cuDNN a multiple of 8; the
-# smaller of Dk / Dv is zero-padded up to it. Zero query/key lanes add nothing to a
-# logit and zero value lanes produce output lanes that are dropped, so the result and
-# its gradients are exact.
-_LANE_MULTIPLE = 8
+_LANE_MULTIPLE = 8  # cuDNN's head dims are multiples of 8
+
+# Signature of the causal attention core of the compressed branch:
+# ``(q [B, S, N, Dk], k [B, S, Nk, Dk], v [B, S, Nk, Dv], scale, with_lse) -> out`` or
+# ``(out, lse [B, S, N] float32)``; row ``j`` sees keys ``0..j``. Its own VJP may ignore the
+# lse cotangent: :func:`_causal_attention_with_lse` adds that term.
+CausalAttention = Callable[..., jax.Array | tuple[jax.Array, jax.Array]]
 
 
-def _head_dim(q: jax.Array, v: jax.Array) -> int:
-    widest = max(q.shape[-1], v.shape[-1])
-    return -(-widest // _LANE_MULTIPLE) * _LANE_MULTIPLE
+def _compute_capability() -> tuple[int, int]:
+    if jax.default_backend() != "gpu":
+        return (0, 0)
+    capability = getattr(jax.devices()[0], "compute_capability", "0.0")
+    major, minor = (int(x) for x in capability.split("."))
+    return major, minor
 
 
 def _max_head_dim() -> int:
     """cuDNN's flash attention takes head dims up to 256 on Hopper and newer, 128 before."""
-    if jax.default_backend() != "gpu":
-        return 128
-    capability = getattr(jax.devices()[0], "compute_capability", "0.0")
-    return 256 if tuple(int(x) for x in capability.split(".")) >= (9, 0) else 128
+    return 256 if _compute_capability() >= (9, 0) else 128
+
+
+def _check_common(q: jax.Array, v: jax.Array, segment_ids: jax.Array | None, what: str) -> None:
+    if segment_ids is not None:
+        raise ValueError(f"segment_ids must be None for the cudnn {what}: jax's cuDNN call has no segments")
+    if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)):
+        raise ValueError(f"q must be float16 or bfloat16 for the cudnn {what}, got {q.dtype}")
+    dk, dv = q.shape[-1], v.shape[-1]
+    limit = _max_head_dim()
+    if max(dk, dv) > limit or dk % _LANE_MULTIPLE or dv % _LANE_MULTIPLE:
+        raise ValueError(
+            f"head dims Dk={dk}, Dv={dv} must be multiples of {_LANE_MULTIPLE} and at most {limit} "
+            f"for the cudnn {what}"
+        )
+    if dk != dv and _compute_capability() < (9, 0):
+        raise ValueError(f"head dims Dk={dk} != Dv={dv} need a Hopper or newer GPU for the cudnn {what}")
+
+
+def _attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    scale: float,
+    *,
+    window: int | None = None,
+    with_lse: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Causal cuDNN attention, ``q [B, S, N, Dk]``, ``k [B, S, Nk, Dk]``, ``v [B, S, Nk, Dv]``:
+    row ``j`` sees keys ``0..j`` (``j - window + 1 .. j`` with a window). Returns ``out`` or
+    ``(out, lse [B, S, N] float32)``; the VJP ignores the lse cotangent."""
+    length = q.shape[1]
+    if length % 2:
+        # jax's cuDNN rule for training takes even lengths only; an extra last key is seen
+        # only by the extra last query, which is dropped.
+        q, k, v = (jnp.pad(x, ((0, 0), (0, 1), (0, 0), (0, 0))) for x in (q, k, v))
+    result = _fused_attention.dot_product_attention(
+        q,
+        k,
+        v,
+        scale=scale,
+        mask_type=_fused_attention.MaskType.CAUSAL,
+        qkv_layout="BTNH",
+        sliding_window_length=window,
+        return_residual=with_lse,
+    )
+    if not with_lse:
+        return result[:, :length]
+    out, lse = result
+    return out[:, :length], jnp.swapaxes(lse, 1, 2)[:, :length]  # cuDNN returns lse as [B, N, S]
 
 
 def check(
@@ -43,17 +111,9 @@ def check(
     scale: float,
     segment_ids: jax.Array | None = None,
 ) -> None:
-    """Raises ``ValueError`` for arguments cuDNN's fused attention cannot serve here."""
+    """Raises ``ValueError`` for window arguments cuDNN's fused attention cannot serve here."""
     del k, window, scale
-    if segment_ids is not None:
-        raise ValueError("segment_ids must be None for the cudnn window: jax's cuDNN call has no segments")
-    if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)):
-        raise ValueError(f"q must be float16 or bfloat16 for the cudnn window, got {q.dtype}")
-    limit = _max_head_dim()
-    if _head_dim(q, v) > limit:
-        raise ValueError(
-            f"head dims Dk={q.shape[-1]}, Dv={v.shape[-1]} must be at most {limit} for the cudnn window"
-        )
+    _check_common(q, v, segment_ids, "window")
 
 
 def sliding_window_attention(
@@ -77,21 +137,190 @@ def sliding_window_attention(
       ``[B, T, HQ, Dv]`` in ``q.dtype``.
     """
     check(q, k, v, window=window, scale=scale, segment_ids=segment_ids)
-    width = _head_dim(q, v)
-    dv = v.shape[-1]
-
-    def pad(x: jax.Array) -> jax.Array:
-        return jnp.pad(x, [(0, 0)] * 3 + [(0, width - x.shape[-1])]) if x.shape[-1] < width else x
-
     # A window covering the whole sequence is plain causal attention.
-    local_window = (window - 1, 0) if window < q.shape[1] else None
-    out = jax.nn.dot_product_attention(
-        pad(q),
-        pad(k),
-        pad(v),
-        scale=scale,
-        is_causal=True,
-        local_window_size=local_window,
-        implementation="cudnn",
+    return _attention(q, k, v, scale, window=window if window < q.shape[1] else None)
+
+
+# ---------------------------------------------------------------------------- compressed
+
+
+def cudnn_causal_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, scale: float, with_lse: bool
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """cuDNN causal attention, a :data:`CausalAttention`."""
+    return _attention(q, k, v, scale, with_lse=with_lse)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _causal_attention_with_lse(
+    q: jax.Array, k: jax.Array, v: jax.Array, scale: float, attend: CausalAttention
+) -> tuple[jax.Array, jax.Array]:
+    """``attend``'s ``(out, lse)`` with the lse cotangent differentiated, as the reference's."""
+    return attend(q, k, v, scale, True)
+
+
+def _with_lse_forward(q, k, v, scale, attend):
+    q, k, v = q.value, k.value, v.value  # CustomVJPPrimal (symbolic_zeros=True)
+    outputs, pullback = jax.vjp(lambda q, k, v: attend(q, k, v, scale, True), q, k, v)
+    return outputs, (q, k, pullback)
+
+
+def _with_lse_backward(scale, attend, residuals, cotangents):
+    q, k, pullback = residuals
+    dout, dlse = cotangents
+    if isinstance(dout, SymbolicZero):
+        dout = jnp.zeros(dout.aval.shape, dout.aval.dtype)
+    lse_shape = q.shape[:3]
+    dq, dk, dv = pullback((dout, jnp.zeros(lse_shape, jnp.float32)))
+    # In the NSA op the lse only feeds the (integer) top-n, so its cotangent is a symbolic
+    # zero and this costs nothing. Otherwise d lse_i = scale * sum_j p_ij (k_j dq_i + q_i dk_j):
+    # sum_j p_ij k_j is attention with K as the values, and sum_i p_ij w_i q_i is the value
+    # gradient of that attention for the cotangent w_i q_i.
+    if not isinstance(dlse, SymbolicZero):
+        weight = (scale * dlse.astype(jnp.float32))[..., None]
+        key_mean, key_pullback = jax.vjp(lambda values: attend(q, k, values, scale, False), k)
+        dq = dq + (weight * key_mean.astype(jnp.float32)).astype(dq.dtype)
+        (dk_from_lse,) = key_pullback((weight * q.astype(jnp.float32)).astype(q.dtype))
+        dk = dk + dk_from_lse
+    return dq, dk, dv
+
+
+_causal_attention_with_lse.defvjp(_with_lse_forward, _with_lse_backward, symbolic_zeros=True)
+
+
+def _row_shifts(block_length: int, block_stride: int) -> list[int]:
+    """``c_r = ceil((l - 1 - r) / d)`` for each residue ``r``: query ``(j + c_r) * d + r`` sees
+    compressed tokens ``0..j``."""
+    return [-(-(block_length - 1 - r) // block_stride) for r in range(block_stride)]
+
+
+def _shift_runs(shifts: list[int]) -> list[tuple[int, int, int]]:
+    """Maximal runs ``(r0, r1, shift)`` of residues with the same shift (two at most)."""
+    runs = []
+    for r, shift in enumerate(shifts):
+        if runs and runs[-1][2] == shift:
+            runs[-1] = (runs[-1][0], r + 1, shift)
+        else:
+            runs.append((r, r + 1, shift))
+    return runs
+
+
+def _to_class_rows(x: jax.Array, rows: int, shifts: list[int]) -> jax.Array:
+    """``[B, T, N, D]`` -> ``[B, rows, N * d, D]``: row ``j`` of head ``n * d + r`` holds
+    position ``(j + c_r) * d + r`` (zeros past ``T``)."""
+    batch, length, heads, dim = x.shape
+    stride, lead = len(shifts), max(shifts)
+    x = jnp.pad(x, ((0, 0), (0, (rows + lead) * stride - length), (0, 0), (0, 0)))
+    x = x.reshape(batch, rows + lead, stride, heads, dim)
+    x = jnp.concatenate([x[:, s : s + rows, r0:r1] for r0, r1, s in _shift_runs(shifts)], axis=2)
+    return x.transpose(0, 1, 3, 2, 4).reshape(batch, rows, heads * stride, dim)
+
+
+def _from_class_rows(y: jax.Array, length: int, shifts: list[int], fill: float) -> jax.Array:
+    """Inverse of :func:`_to_class_rows`: ``[B, rows, N * d, D]`` -> ``[B, T, N, D]``, ``fill``
+    at positions no row holds (those that see no compressed token)."""
+    batch, rows, _, dim = y.shape
+    stride, lead = len(shifts), max(shifts)
+    y = y.reshape(batch, rows, -1, stride, dim).transpose(0, 1, 3, 2, 4)
+    parts = [
+        jnp.pad(y[:, :, r0:r1], ((0, 0), (s, lead - s), (0, 0), (0, 0), (0, 0)), constant_values=fill)
+        for r0, r1, s in _shift_runs(shifts)
+    ]
+    out = jnp.concatenate(parts, axis=2)
+    return out.reshape(batch, (rows + lead) * stride, -1, dim)[:, :length]
+
+
+def _complete_tokens(length: int, block_length: int, block_stride: int) -> int:
+    """``floor((T - l) / d) + 1``: compressed tokens whose block ends inside ``T``."""
+    return max(0, (length - block_length) // block_stride + 1)
+
+
+def check_compressed(
+    q: jax.Array,
+    k_cmp: jax.Array,
+    v_cmp: jax.Array,
+    *,
+    block_length: int,
+    block_stride: int,
+    scale: float,
+    segment_ids: jax.Array | None = None,
+) -> None:
+    """Raises ``ValueError`` for compressed-attention arguments the cuDNN call cannot serve."""
+    del scale
+    _check_common(q, v_cmp, segment_ids, "compressed attention")
+    rows = _complete_tokens(q.shape[1], block_length, block_stride)
+    if rows == 0:
+        raise ValueError(
+            f"q's length T={q.shape[1]} must be at least block_length={block_length} for the cudnn "
+            "compressed attention (no compressed token is complete)"
+        )
+    if k_cmp.shape[1] < rows:
+        raise ValueError(
+            f"k_cmp must hold the floor((T - l) / d) + 1 = {rows} complete compressed tokens for the "
+            f"cudnn compressed attention, got {k_cmp.shape[1]}"
+        )
+
+
+def compressed_attention_by_classes(
+    q: jax.Array,
+    k_cmp: jax.Array,
+    v_cmp: jax.Array,
+    *,
+    block_length: int,
+    block_stride: int,
+    scale: float,
+    attend: CausalAttention,
+) -> tuple[jax.Array, jax.Array]:
+    """Compressed attention without segments as one causal call of ``attend`` over the
+    residue classes (module docstring).
+
+    Args:
+      q: ``[B, T, HQ, Dk]``; k_cmp: ``[B, Tc, H, Dk]``; v_cmp: ``[B, Tc, H, Dv]``: token ``i``
+        summarises raw keys ``[i*d, i*d + l)``; ``Tc >= floor((T - l) / d) + 1 >= 1``.
+      attend: the causal core (:data:`CausalAttention`).
+
+    Returns:
+      ``(out [B, T, HQ, Dv]`` in ``q.dtype``, ``lse`` float32 ``[B, T, HQ])``, 0 and ``-inf``
+      for ``t < l - 1``.
+    """
+    length = q.shape[1]
+    rows = _complete_tokens(length, block_length, block_stride)
+    shifts = _row_shifts(block_length, block_stride)
+    out, lse = _causal_attention_with_lse(
+        _to_class_rows(q, rows, shifts), k_cmp[:, :rows], v_cmp[:, :rows], scale, attend
     )
-    return out[..., :dv]
+    out = _from_class_rows(out, length, shifts, 0.0)
+    lse = _from_class_rows(lse[..., None], length, shifts, -jnp.inf)[..., 0]
+    return out, lse
+
+
+def compressed_attention(
+    q: jax.Array,
+    k_cmp: jax.Array,
+    v_cmp: jax.Array,
+    *,
+    block_length: int,
+    block_stride: int,
+    scale: float,
+    segment_ids: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """cuDNN compressed attention; arguments and results as :func:`nsa_jax.compressed_attention`
+    (float16/bfloat16, no segments: :func:`check_compressed`)."""
+    check_compressed(
+        q,
+        k_cmp,
+        v_cmp,
+        block_length=block_length,
+        block_stride=block_stride,
+        scale=scale,
+        segment_ids=segment_ids,
+    )
+    return compressed_attention_by_classes(
+        q,
+        k_cmp,
+        v_cmp,
+        block_length=block_length,
+        block_stride=block_stride,
+        scale=scale,
+        attend=cudnn_causal_attention,
+    )

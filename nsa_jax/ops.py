@@ -451,6 +451,20 @@ def _register_cudnn() -> None:
             check=cudnn.check,
         )
     )
+    registry.register(
+        registry.Implementation(
+            op="compressed_attention",
+            name="cudnn",
+            fn=cudnn.compressed_attention,
+            platforms=("gpu",),
+            # Above the Pallas kernel (10) where it serves (bf16/f16, unpacked). On the H200 at
+            # T=64K, paper config: 11.5 / 46.2 ms forward / forward+backward at Dk=192/Dv=128
+            # and 9.2 / 34.2 at Dk=Dv=128, against the Pallas kernel's 14.7 / 68.1 and 12.0 / 47.4
+            # (experiments/results/compression_h200.md).
+            priority=20,
+            check=cudnn.check_compressed,
+        )
+    )
 
 
 _register_references()

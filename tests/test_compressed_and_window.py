@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import nsa_jax
-from nsa_jax import registry
+from nsa_jax import cudnn, registry
 from nsa_jax.segments import num_compressed_slots
 from tests import oracle
 from tests.conftest import TOLERANCE, Inputs, packed_segment_ids
@@ -187,7 +187,7 @@ def test_window_covering_sequence_is_full_causal_attention(implementation, dtype
 
 
 def test_cudnn_window_refuses_what_it_cannot_serve():
-    inputs = Inputs(3, 1, 40, 4, 2, 16, 8, jnp.bfloat16)
+    inputs = Inputs(3, 1, 40, 4, 2, 16, 16, jnp.bfloat16)
     kwargs = dict(window=8, scale=0.25)
     check = registry.get("sliding_window_attention", "cudnn").check
     check(inputs.q, inputs.k, inputs.v, **kwargs)
@@ -197,16 +197,19 @@ def test_cudnn_window_refuses_what_it_cannot_serve():
     with pytest.raises(ValueError, match="q must be float16 or bfloat16"):
         check(*as_f32, **kwargs)
     wide = jnp.zeros((1, 40, 4, 264), jnp.bfloat16)
-    with pytest.raises(ValueError, match="head dims Dk=264, Dv=8 must be at most"):
+    with pytest.raises(ValueError, match="head dims Dk=264, Dv=16 must be multiples of 8 and at most"):
         check(wide, wide[:, :, :2], inputs.v, **kwargs)
+    # Off a GPU no compute capability is known, so cuDNN's Dv != Dk path counts as pre-Hopper.
+    with pytest.raises(ValueError, match="Dk=16 != Dv=8 need a Hopper"):
+        check(inputs.q, inputs.k, inputs.v[..., :8], **kwargs)
 
 
 def test_gpu_defaults(monkeypatch):
     # What implementation=None picks on a GPU backend, decided from the registry alone
-    # (no GPU needed): the Pallas compression and selection kernels, and the cuDNN window
-    # where it serves.
+    # (no GPU needed): the cuDNN window and compressed attention where they serve, else the
+    # Pallas compression kernel; the Pallas selection kernels.
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    inputs = Inputs(4, 1, 40, 4, 2, 16, 8, jnp.bfloat16)
+    inputs = Inputs(4, 1, 40, 4, 2, 16, 16, jnp.bfloat16)
     window = dict(window=8, scale=0.25)
     assert registry.default("sliding_window_attention", inputs.q, inputs.k, inputs.v, **window) == "cudnn"
     as_f32 = [x.astype(jnp.float32) for x in (inputs.q, inputs.k, inputs.v)]
@@ -219,10 +222,15 @@ def test_gpu_defaults(monkeypatch):
         == "xla"
     )
     k_cmp = inputs.k[:, :10]
+    compression = dict(block_length=8, block_stride=4, scale=0.25)
+    assert registry.default("compressed_attention", inputs.q, k_cmp, k_cmp, **compression) == "cudnn"
+    k_cmp_f32 = k_cmp.astype(jnp.float32)
     assert (
-        registry.default(
-            "compressed_attention", inputs.q, k_cmp, k_cmp, block_length=8, block_stride=4, scale=0.25
-        )
+        registry.default("compressed_attention", as_f32[0], k_cmp_f32, k_cmp_f32, **compression)
+        == "pallas_triton"
+    )
+    assert (
+        registry.default("compressed_attention", inputs.q, k_cmp, k_cmp, segment_ids=packed, **compression)
         == "pallas_triton"
     )
     indices = jnp.zeros((1, 40, 2, 2), jnp.int32)
@@ -253,3 +261,86 @@ def test_bad_inputs_raise_naming_the_argument():
         nsa_jax.sliding_window_attention(inputs.q, inputs.k[:, :8], inputs.v[:, :8], window=4)
     with pytest.raises(ValueError, match="scale must be a positive finite number"):
         nsa_jax.sliding_window_attention(inputs.q, inputs.k, inputs.v, window=4, scale=float("nan"))
+
+
+def _xla_causal_attention(q, k, v, scale, with_lse):
+    """A pure-JAX stand-in for cuDNN's causal call (``nsa_jax.cudnn.CausalAttention``): float32
+    math, and like cuDNN no gradient through the returned lse."""
+    group = q.shape[2] // k.shape[2]
+    hi = jax.lax.Precision.HIGHEST
+    keys = jnp.repeat(k.astype(jnp.float32), group, axis=2)
+    values = jnp.repeat(v.astype(jnp.float32), group, axis=2)
+    logits = jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), keys, precision=hi) * scale
+    causal = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
+    logits = jnp.where(causal, logits, -jnp.inf)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    out = jnp.einsum("bhts,bshd->bthd", jnp.exp(logits - lse[..., None]), values, precision=hi)
+    out = out.astype(q.dtype)
+    return (out, jax.lax.stop_gradient(jnp.swapaxes(lse, 1, 2))) if with_lse else out
+
+
+@pytest.mark.parametrize(("shape", "geometry"), list(zip(SHAPES, GEOMETRIES, strict=True)), ids=str)
+def test_compressed_by_residue_classes_matches_reference(shape, geometry, dtype):
+    # The cuDNN compressed attention's row mapping (one causal call over the d residue
+    # classes), run with a pure-JAX causal core: output, lse and the gradients of both
+    # against the reference, at T that is no multiple of l or d.
+    batch, length, q_heads, kv_heads, dk, dv = shape
+    block_length, block_stride = geometry
+    inputs = Inputs(hash((shape, geometry)) % 1000, batch, length, q_heads, kv_heads, dk, dv, dtype)
+    slots = num_compressed_slots(length, block_stride)
+    keys = jax.random.split(jax.random.key(length), 3)
+    k_cmp = jax.random.normal(keys[0], (batch, slots, kv_heads, dk)).astype(dtype)
+    v_cmp = jax.random.normal(keys[1], (batch, slots, kv_heads, dv)).astype(dtype)
+    dlse = jax.random.normal(keys[2], (batch, length, q_heads))
+    geometry_kw = dict(block_length=block_length, block_stride=block_stride, scale=dk**-0.5)
+
+    def ours(q, k, v):
+        return cudnn.compressed_attention_by_classes(q, k, v, **geometry_kw, attend=_xla_causal_attention)
+
+    def reference(q, k, v):
+        return registry.get("compressed_attention", "xla").fn(q, k, v, **geometry_kw)
+
+    (out, lse), vjp = jax.vjp(ours, inputs.q, k_cmp, v_cmp)
+    f32 = [x.astype(jnp.float32) for x in (inputs.q, k_cmp, v_cmp, inputs.cotangent)]
+    (ref, ref_lse), ref_vjp = jax.vjp(reference, *f32[:3])
+    tol = TOLERANCE[dtype]
+    assert out.dtype == dtype and lse.dtype == jnp.float32
+    assert oracle.relative_error(out, ref) < tol
+    seen = np.isfinite(np.asarray(ref_lse))
+    np.testing.assert_array_equal(np.isfinite(np.asarray(lse)), seen)
+    assert not seen[:, : block_length - 1].any() and seen[:, block_length - 1 :].all()
+    assert oracle.relative_error(lse[seen], ref_lse[seen]) < tol
+    dlse = jnp.where(jnp.asarray(seen), dlse, 0.0)
+    for name, grad, ref_grad in zip(
+        ("dq", "dk_cmp", "dv_cmp"), vjp((inputs.cotangent, dlse)), ref_vjp((f32[3], dlse)), strict=True
+    ):
+        assert oracle.relative_error(grad, ref_grad) < tol, name
+
+    # Through the lse alone (the output's cotangent a symbolic zero).
+    def lse_loss(attend, v):
+        return lambda q, k: jnp.sum(jnp.where(seen, attend(q, k, v)[1], 0.0) * dlse)
+
+    lse_grads = jax.grad(lse_loss(ours, v_cmp), (0, 1))(inputs.q, k_cmp)
+    ref_lse_grads = jax.grad(lse_loss(reference, f32[2]), (0, 1))(*f32[:2])
+    for grad, ref_grad in zip(lse_grads, ref_lse_grads, strict=True):
+        assert oracle.relative_error(grad, ref_grad) < tol
+
+
+def test_cudnn_compressed_refuses_what_it_cannot_serve():
+    inputs = Inputs(3, 1, 40, 4, 2, 16, 8, jnp.bfloat16)
+    geometry = dict(block_length=8, block_stride=4, scale=0.25)
+    k_cmp, v_cmp = inputs.k[:, :10], inputs.k[:, :10]
+    check = registry.get("compressed_attention", "cudnn").check
+    check(inputs.q, k_cmp, v_cmp, **geometry)
+    with pytest.raises(ValueError, match="segment_ids must be None"):
+        check(inputs.q, k_cmp, v_cmp, segment_ids=jnp.zeros((1, 40), jnp.int32), **geometry)
+    with pytest.raises(ValueError, match="q must be float16 or bfloat16"):
+        check(inputs.q.astype(jnp.float32), k_cmp, v_cmp, **geometry)
+    with pytest.raises(ValueError, match="must be multiples of 8"):
+        check(inputs.q[..., :12], k_cmp[..., :12], v_cmp, **geometry)
+    with pytest.raises(ValueError, match="Dk=16 != Dv=8 need a Hopper"):
+        check(inputs.q, k_cmp, inputs.v[:, :10], **geometry)
+    with pytest.raises(ValueError, match="at least block_length=8"):
+        check(inputs.q[:, :7], k_cmp[:, :2], v_cmp[:, :2], **geometry)
+    with pytest.raises(ValueError, match="the floor\\(\\(T - l\\) / d\\) \\+ 1 = 9 complete"):
+        check(inputs.q, k_cmp[:, :8], v_cmp[:, :8], **geometry)
