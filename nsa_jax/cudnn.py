@@ -28,7 +28,6 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from jax._src.cudnn import fused_attention_stablehlo as _fused_attention
 from jax.custom_derivatives import SymbolicZero
 
 _LANE_MULTIPLE = 8  # cuDNN's head dims are multiples of 8
@@ -81,17 +80,21 @@ def _attention(
     """Causal cuDNN attention, ``q [B, S, N, Dk]``, ``k [B, S, Nk, Dk]``, ``v [B, S, Nk, Dv]``:
     row ``j`` sees keys ``0..j`` (``j - window + 1 .. j`` with a window). Returns ``out`` or
     ``(out, lse [B, S, N] float32)``; the VJP ignores the lse cotangent."""
+    # A private module (see the module docstring), imported here so that importing nsa_jax on
+    # CPU or TPU never depends on it.
+    from jax._src.cudnn import fused_attention_stablehlo as fused_attention
+
     length = q.shape[1]
     if length % 2:
         # jax's cuDNN rule for training takes even lengths only; an extra last key is seen
         # only by the extra last query, which is dropped.
         q, k, v = (jnp.pad(x, ((0, 0), (0, 1), (0, 0), (0, 0))) for x in (q, k, v))
-    result = _fused_attention.dot_product_attention(
+    result = fused_attention.dot_product_attention(
         q,
         k,
         v,
         scale=scale,
-        mask_type=_fused_attention.MaskType.CAUSAL,
+        mask_type=fused_attention.MaskType.CAUSAL,
         qkv_layout="BTNH",
         sliding_window_length=window,
         return_residual=with_lse,
