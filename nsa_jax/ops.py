@@ -437,34 +437,27 @@ def _register_references() -> None:
         )
 
 
+# (op, cuDNN implementation, its check, priority); GPU only, not interpretable.
+_CUDNN_IMPLEMENTATIONS = (
+    # Default on GPU where it serves (bf16/f16, unpacked). On the H200 at T=16K, Dk=192/Dv=128,
+    # one run: 1.4 / 5.9 ms forward / forward+backward against the xla window's 18.3 / 99.7
+    # (experiments/results/layer_h200.md, session 4).
+    ("sliding_window_attention", cudnn.sliding_window_attention, cudnn.check, 5),
+    # Above the Pallas kernel (10) where it serves (bf16/f16, unpacked). On the H200 at T=64K,
+    # paper config: 11.5 / 46.2 ms forward / forward+backward at Dk=192/Dv=128 and 9.2 / 34.2
+    # at Dk=Dv=128, against the Pallas kernel's 14.7 / 68.1 and 12.0 / 47.4
+    # (experiments/results/compression_h200.md).
+    ("compressed_attention", cudnn.compressed_attention, cudnn.check_compressed, 20),
+)
+
+
 def _register_cudnn() -> None:
-    registry.register(
-        registry.Implementation(
-            op="sliding_window_attention",
-            name="cudnn",
-            fn=cudnn.sliding_window_attention,
-            platforms=("gpu",),
-            # Default on GPU where it serves (bf16/f16, unpacked). On the H200 at T=16K,
-            # Dk=192/Dv=128 (padded to 192), one run: 1.6 / 7.1 ms forward / forward+backward
-            # against the xla window's 18.4 / 99.8 (experiments/results/layer_h200.md).
-            priority=5,
-            check=cudnn.check,
+    for op, fn, check, priority in _CUDNN_IMPLEMENTATIONS:
+        registry.register(
+            registry.Implementation(
+                op=op, name="cudnn", fn=fn, platforms=("gpu",), priority=priority, check=check
+            )
         )
-    )
-    registry.register(
-        registry.Implementation(
-            op="compressed_attention",
-            name="cudnn",
-            fn=cudnn.compressed_attention,
-            platforms=("gpu",),
-            # Above the Pallas kernel (10) where it serves (bf16/f16, unpacked). On the H200 at
-            # T=64K, paper config: 11.5 / 46.2 ms forward / forward+backward at Dk=192/Dv=128
-            # and 9.2 / 34.2 at Dk=Dv=128, against the Pallas kernel's 14.7 / 68.1 and 12.0 / 47.4
-            # (experiments/results/compression_h200.md).
-            priority=20,
-            check=cudnn.check_compressed,
-        )
-    )
 
 
 _register_references()
