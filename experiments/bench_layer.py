@@ -16,9 +16,11 @@ Parts, run in this order:
 - ``check``: the layer's output and gradients (parameters and input) with the
   default implementations against all-``xla`` in float32 at T=``--check-length`` (4050
   on GPU, not a multiple of l, d, l'), float32 and bf16, unpacked and packed (bf16 also
-  reports the all-xla bf16 layer's error, see :func:`check_layer`); and the cuDNN window
-  op in bf16 against the float32 xla reference (Dk=192/Dv=128 and Dk=64/Dv=128, w=512);
-  with ``--override``, also ``nsa_attention`` with those implementations against all-xla.
+  reports the all-xla bf16 layer's error, see :func:`check_layer`); the cuDNN window
+  op in bf16 against the float32 xla reference (Dk=192/Dv=128 and Dk=64/Dv=128, w=512, odd
+  T), and the Pallas window (which serves packed rows and float32) packed in bf16 and
+  float32; with ``--override``, also ``nsa_attention`` with those implementations against
+  all-xla.
   Relative error ``||x - ref|| / ||ref||``, bounds float32 1e-3, bf16 1e-2.
 - ``fla``: fla-core 0.6.0 ``parallel_nsa`` (mean pooling, compression + top-16 +
   selection, l=l'=d=64, window 0) against ``nsa_attention`` at the same settings
@@ -32,6 +34,9 @@ Parts, run in this order:
   at ``--alternatives-at`` lengths (the priority decision); cuDNN dense causal
   attention at head dim max(Dk, Dv).
   Skips the remaining lengths once ``--budget-s`` has passed since the start.
+- ``window``: the window op alone on packed rows (four segments), Dk=192/Dv=128, w=512,
+  bf16, at ``--lengths``: every implementation that runs natively here and serves packed
+  rows (cuDNN does not), forward and forward+backward.
 
 Times: median of timed calls after two warm-up calls, each ended by
 ``block_until_ready`` (JAX), or ``triton.testing.do_bench`` median (fla-core). Inputs
@@ -66,7 +71,7 @@ from nsa_jax import registry
 from nsa_jax.ops import combine_branches
 from nsa_jax.segments import num_compressed_slots
 
-PARTS = ("memory", "check", "fla", "time")
+PARTS = ("memory", "check", "fla", "time", "window")
 OPS = ("compressed_attention", "select_blocks", "selected_attention", "sliding_window_attention")
 PAPER = dict(block_length=32, block_stride=16, selection_block_size=64, num_selected=16, window=512)
 FLA = dict(block_length=64, block_stride=64, selection_block_size=64, num_selected=16)
@@ -379,26 +384,38 @@ def check_layer(dtype, packed: bool, length: int, model_dim: int) -> dict:
     }
 
 
-def check_cudnn_window(length: int, dk: int, dv: int) -> dict:
-    x = op_inputs(length, dk, dv, PAPER)
+def packed_rows(length: int, segments: int = 4) -> jax.Array:
+    """int32 ``[1, T]``: ``segments`` segments whose boundaries fall inside tiles."""
+    cuts = jnp.asarray([length * i // segments + 7 * i for i in range(1, segments)])
+    return jnp.sum(jnp.arange(length)[:, None] >= cuts, axis=1).astype(jnp.int32)[None]
+
+
+def check_window(
+    length: int, dk: int, dv: int, implementation: str, dtype=jnp.bfloat16, packed=False
+) -> dict:
+    """The window op of ``implementation`` against the float32 xla reference."""
+    x = op_inputs(length, dk, dv, PAPER, dtype)
     window = PAPER["window"]
+    segment_ids = packed_rows(length) if packed else None
 
     def attend(implementation):
         return lambda q, k, v: nsa_jax.sliding_window_attention(
-            q, k, v, window=window, implementation=implementation
+            q, k, v, window=window, segment_ids=segment_ids, implementation=implementation
         )
 
-    out, grads = with_vjp(attend("cudnn"), 3)(x["q"], x["k_win"], x["v_win"], x["cotangent"])
+    out, grads = with_vjp(attend(implementation), 3)(x["q"], x["k_win"], x["v_win"], x["cotangent"])
     f32 = [x[n].astype(jnp.float32) for n in ("q", "k_win", "v_win", "cotangent")]
     ref, ref_grads = with_vjp(attend("xla"), 3)(*f32)
     errors = {"out": relative_error(out, ref)}
     errors.update({f"d{n}": relative_error(g, r) for n, g, r in zip("qkv", grads, ref_grads, strict=True)})
+    name = jnp.dtype(dtype).name
     return {
-        "what": f"cudnn window op, T={length}, Dk={dk}, Dv={dv}, w={window}, bf16 vs float32 xla",
+        "what": f"{implementation} window op, T={length}, Dk={dk}, Dv={dv}, w={window}, "
+        f"{'packed' if packed else 'unpacked'}, {name} vs float32 xla",
         "errors": errors,
         "max_error": max(errors.values()),
         "finite": all(bool(jnp.isfinite(g.astype(jnp.float32)).all()) for g in (out, *grads)),
-        "ok": max(errors.values()) < TOLERANCE["bfloat16"],
+        "ok": max(errors.values()) < TOLERANCE[name],
     }
 
 
@@ -440,12 +457,18 @@ def check_part(args) -> list[dict]:
     for dtype, packed in ((jnp.float32, False), (jnp.bfloat16, False), (jnp.bfloat16, True)):
         cases.append(check_layer(dtype, packed, args.check_length, args.check_model_dim))
         print("check:", json.dumps(cases[-1]), flush=True)
+    windows = [
+        (192, 128, "pallas_triton", jnp.bfloat16, True),
+        (192, 128, "pallas_triton", jnp.float32, False),
+    ]
     if ON_GPU:
-        for dk, dv in ((192, 128), (64, 128)):
-            cases.append(check_cudnn_window(args.check_length, dk, dv))
-            print("check:", json.dumps(cases[-1]), flush=True)
+        windows += [(192, 128, "cudnn", jnp.bfloat16, False), (64, 128, "cudnn", jnp.bfloat16, False)]
     else:
         print("check: cuDNN window skipped (not on a GPU)", flush=True)
+    for dk, dv, implementation, dtype, packed in windows:
+        # An odd length: cuDNN pads to even, the kernels mask a partial tile.
+        cases.append(check_window(args.check_length + 1, dk, dv, implementation, dtype, packed))
+        print("check:", json.dumps(cases[-1]), flush=True)
     return cases
 
 
@@ -669,6 +692,37 @@ def time_part(
     return rows
 
 
+def window_part(lengths: list[int], iters: int) -> list[dict]:
+    rows = []
+    for length in lengths:
+        x = op_inputs(length, *PAPER_DIMS, PAPER)
+        segment_ids = packed_rows(length)
+        args = (x["q"], x["k_win"], x["v_win"])
+        kwargs = dict(window=PAPER["window"], scale=PAPER_DIMS[0] ** -0.5, segment_ids=segment_ids)
+        row = {"T": length, "Dk": PAPER_DIMS[0], "Dv": PAPER_DIMS[1], "segments": 4, "implementations": {}}
+        for name in registry.implementations("sliding_window_attention"):
+            impl = registry.get("sliding_window_attention", name)
+            if jax.default_backend() not in impl.platforms:
+                continue
+            try:
+                registry.resolve("sliding_window_attention", name, *args, **kwargs)
+            except ValueError as err:
+                row["implementations"][name] = {"skipped": str(err)}
+                continue
+
+            def attend(q, k, v, segments, name=name):
+                return nsa_jax.sliding_window_attention(
+                    q, k, v, window=PAPER["window"], segment_ids=segments, implementation=name
+                )
+
+            row["implementations"][name] = time_pair(
+                attend, (*args, segment_ids), 3, x["cotangent"], iterations(length, iters)
+            )
+        rows.append(row)
+        print("window:", json.dumps(row), flush=True)
+    return rows
+
+
 # ---------------------------------------------------------------------------- report
 
 
@@ -729,6 +783,20 @@ def markdown(report: dict) -> str:
                 f"| {row['T']} | {fmt(o['fwd_ms'])} | {fmt(o['fwd_bwd_ms'])} | {fmt(f.get('fwd_ms'))} "
                 f"| {fmt(f.get('fwd_bwd_ms'))} | {ratio} | {fmt(f.get('rel_err_vs_ours'))} |"
             )
+        lines.append("")
+    if report.get("window"):
+        lines += [
+            "Window op alone on packed rows (4 segments), Dk/Dv 192/128, w=512, bf16, B=1, ms:",
+            "",
+            "| T | implementation | fwd | fwd+bwd |",
+            "|---|---|---|---|",
+        ]
+        for row in report["window"]:
+            for name, t in row["implementations"].items():
+                if "skipped" in t:
+                    lines.append(f"| {row['T']} | {name} | skipped: {t['skipped'][:60]} | |")
+                else:
+                    lines.append(f"| {row['T']} | {name} | {fmt(t['fwd_ms'])} | {fmt(t['fwd_bwd_ms'])} |")
         lines.append("")
     rows = sorted((r for r in report.get("time", []) if "skipped" not in r), key=lambda r: r["T"])
     if rows:
@@ -844,6 +912,9 @@ def main() -> int:
         save()
     if "time" in parts:
         report["time"] = time_part(args.lengths, args.iters, start, args.budget_s, args.alternatives_at)
+        save()
+    if "window" in parts:
+        report["window"] = window_part(args.lengths, args.iters)
     report["wall_s"] = time.perf_counter() - start
     save()
     text = markdown(report)

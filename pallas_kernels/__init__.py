@@ -4,26 +4,28 @@ import pallas_kernels.tpu.register  # noqa: F401  (registers the pallas_tpu impl
 from nsa_jax import registry
 from pallas_kernels.gpu import compressed, decode, decode_step, select_blocks, selection
 
-# (op, kernel, its input check or None); every entry is GPU-only, interpretable, priority 10
-# (above the xla references at 0).
+# (op, kernel, its input check or None, priority); every entry is GPU-only and interpretable.
+# 10 is above the xla references (0); the window kernel stays below cuDNN (5) and serves
+# what cuDNN does not: packed segments and float32.
 _TRITON_KERNELS = (
-    ("selected_attention", selection.selected_attention, selection.check),
-    ("decode_selected_window", decode.selected_and_window, None),
+    ("selected_attention", selection.selected_attention, selection.check, 10),
+    ("decode_selected_window", decode.selected_and_window, None, 10),
     # H200, T=64K: 26.4 ms (Dk=192) against the xla reference's 110.9 ms, and equal to it
     # on the GPU checks (experiments/results/layer_h200.md, compression_h200.md).
-    ("select_blocks", select_blocks.select_blocks, select_blocks.check),
-    ("decode_compressed_selection", decode_step.compressed_and_selection, decode_step.check),
-    ("compressed_attention", compressed.compressed_attention, compressed.check),
+    ("select_blocks", select_blocks.select_blocks, select_blocks.check, 10),
+    ("decode_compressed_selection", decode_step.compressed_and_selection, decode_step.check, 10),
+    ("compressed_attention", compressed.compressed_attention, compressed.check, 10),
+    ("sliding_window_attention", compressed.sliding_window_attention, compressed.check_window, 3),
 )
 
-for _op, _kernel, _check in _TRITON_KERNELS:
+for _op, _kernel, _check, _priority in _TRITON_KERNELS:
     registry.register(
         registry.Implementation(
             op=_op,
             name="pallas_triton",
             fn=_kernel,
             platforms=("gpu",),
-            priority=10,
+            priority=_priority,
             interpretable=True,
             check=_check,
         )

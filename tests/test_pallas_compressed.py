@@ -6,7 +6,8 @@ that a sequence spans many query and key tiles (the unmasked middle run, masked 
 key tiles straddling segments, a short ``Tc``), and differentiate through the
 log-sum-exp as well as the output, against the ``xla`` reference; one case splits each
 dK/dV key tile's query walk in six (float32 partials summed); the last key tile has fewer
-query tiles than splits.
+query tiles than splits. The same kernels as a sliding window (``l = d = 1``) are checked
+with windows that span several key tiles, packed and not.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 
 from nsa_jax.reference.compressed import compressed_attention as reference
+from nsa_jax.reference.window import sliding_window_attention as window_reference
 from pallas_kernels.gpu import compressed
 from tests import oracle
 from tests.conftest import packed_segment_ids
@@ -62,6 +64,29 @@ def test_many_tiles_and_lse_gradient(q_heads, kv_heads, packed, slots, splits):
         zip(vjp((cotangent, dlse)), ref_vjp((cotangent, dlse)), strict=True)
     ):
         assert oracle.relative_error(grad, ref_grad) < 2e-5, f"gradient {i}"
+
+
+@pytest.mark.parametrize(("window", "packed"), [(37, True), (20, False), (200, False)])
+def test_window_over_many_tiles(window, packed):
+    # Windows wider and narrower than a 16-token key tile, and one covering the sequence:
+    # the band's edges fall inside tiles, so every loop's masked and unmasked runs occur.
+    batch, length, q_heads, kv_heads, dk, dv = 2, 130, 4, 2, 24, 16
+    keys = jax.random.split(jax.random.key(window), 4)
+    q = jax.random.normal(keys[0], (batch, length, q_heads, dk))
+    k = jax.random.normal(keys[1], (batch, length, kv_heads, dk))
+    v = jax.random.normal(keys[2], (batch, length, kv_heads, dv))
+    segment_ids = jnp.asarray(packed_segment_ids(batch, length, 5)) if packed else None
+    kwargs = dict(window=window, scale=dk**-0.5, segment_ids=segment_ids)
+
+    def ours(q, k, v):
+        return compressed.sliding_window_attention(q, k, v, interpret=True, tuning=SMALL_TILES, **kwargs)
+
+    out, vjp = jax.vjp(ours, q, k, v)
+    ref, ref_vjp = jax.vjp(lambda q, k, v: window_reference(q, k, v, **kwargs), q, k, v)
+    assert oracle.relative_error(out, ref) < 2e-5
+    cotangent = jax.random.normal(keys[3], out.shape)
+    for grad, ref_grad in zip(vjp(cotangent), ref_vjp(cotangent), strict=True):
+        assert oracle.relative_error(grad, ref_grad) < 2e-5
 
 
 def test_tuning_rejects_bad_tiles():

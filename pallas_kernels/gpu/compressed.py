@@ -34,6 +34,11 @@ Three kernels, all with an online or recomputed softmax in float32 (base 2):
   so that the heavy (early) key tiles of every head start first: key-major order leaves
   a third of the SMs idle at the end once a head has only 64 key tiles.
 
+Sliding window (spec, "Sliding window"): with ``l = d = 1`` the slots are the raw
+positions and each row sees ``[s0, t]``; a ``window`` ``w`` raises the interval's start to
+``t - w + 1``, so the same three kernels compute :func:`sliding_window_attention`, for
+the inputs cuDNN does not serve (packed segments, float32).
+
 Heavy query tiles (late positions) are launched first. Rows and ``Dv`` are padded to
 powers of two (``tl.dot`` needs at least 16) with masked loads and stores; ``Dk`` is
 cut into power-of-two pieces (192 = 128 + 64) whose dots are summed, so any ``G``,
@@ -159,6 +164,7 @@ class _Geometry:
     block_stride: int
     scale: float
     segmented: bool
+    window: int | None
     dtype: str
     interpret: bool
     tuning: CompressedTuning
@@ -230,6 +236,8 @@ def _tile_rows(geo: _Geometry, starts_ref, tile: jax.Array, rows: int) -> _Rows:
     ended = position_c - s0 - (geo.block_length - 1)
     count = jnp.where(live & (ended >= 0), jax.lax.div(ended, geo.block_stride) + 1, 0)
     hi = jnp.maximum(jnp.minimum(lo + count, geo.slots), lo)
+    if geo.window is not None:
+        lo = jnp.minimum(jnp.maximum(lo, position_c - geo.window + 1), hi)
     return _Rows(
         position=position_c,
         head=jnp.where(live, head, 0),
@@ -482,7 +490,9 @@ def _dkv_kernel(
         tuple(jnp.zeros((keys, width), jnp.float32) for _, width in geo.dk_pieces),
         jnp.zeros((keys, geo.dv_padded), jnp.float32),
     )
-    if geo.segmented:
+    if geo.segmented or geo.window is not None:
+        # Some rows of every query tile may not see some tokens (another segment, or
+        # outside the window).
         dk, dv = _backwards_loop(first, last, step(True), carry)
     else:
         # Query tiles from this one on see every token of the key tile (their first
@@ -558,7 +568,8 @@ def _query_tile_ranges(starts: jax.Array, geo: _Geometry) -> tuple[jax.Array, ja
     token of each key tile.
 
     A token starting at ``st`` is seen from position ``st + l - 1`` to the end of its
-    segment; a key tile spans its valid tokens' union (empty: ``first = last = 0``).
+    segment (with a window, to ``st + w - 1`` at most); a key tile spans its valid tokens'
+    union (empty: ``first = last = 0``).
     """
     batch, length = starts.shape
     keys = geo.tuning.dkv_keys
@@ -574,6 +585,8 @@ def _query_tile_ranges(starts: jax.Array, geo: _Geometry) -> tuple[jax.Array, ja
     safe = jnp.maximum(token_start, 0)
     seen_from = jnp.where(valid, safe + geo.block_length - 1, length)
     seen_to = jnp.where(valid, jnp.take_along_axis(ends, safe, axis=1), 0)
+    if geo.window is not None:
+        seen_to = jnp.minimum(seen_to, safe + geo.window)
     pad = tiles * keys - geo.slots
     seen_from = jnp.pad(seen_from, ((0, 0), (0, pad)), constant_values=length).reshape(batch, tiles, keys)
     seen_to = jnp.pad(seen_to, ((0, 0), (0, pad))).reshape(batch, tiles, keys)
@@ -697,25 +710,69 @@ def compressed_attention(
       ``-inf`` for a query that sees no compressed token. Differentiable in ``q``,
       ``k_cmp`` and ``v_cmp`` through both outputs.
     """
+    return _banded_attention(
+        q, k_cmp, v_cmp, block_length, block_stride, None, scale, segment_ids, interpret, tuning
+    )
+
+
+def _banded_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    block_length: int,
+    block_stride: int,
+    window: int | None,
+    scale: float,
+    segment_ids: jax.Array | None,
+    interpret: bool,
+    tuning: CompressedTuning | None,
+) -> tuple[jax.Array, jax.Array]:
     batch, length, q_heads, dk = q.shape
     geo = _Geometry(
         batch=batch,
         length=length,
-        slots=k_cmp.shape[1],
-        heads=k_cmp.shape[2],
-        group=q_heads // k_cmp.shape[2],
+        slots=k.shape[1],
+        heads=k.shape[2],
+        group=q_heads // k.shape[2],
         dk=dk,
-        dv=v_cmp.shape[3],
+        dv=v.shape[3],
         block_length=block_length,
         block_stride=block_stride,
         scale=float(scale),
         segmented=segment_ids is not None,
+        window=window,
         dtype=jnp.dtype(q.dtype).name,
         interpret=interpret,
-        tuning=default_tuning(q.dtype, dk, v_cmp.shape[3]) if tuning is None else tuning,
+        tuning=default_tuning(q.dtype, dk, v.shape[3]) if tuning is None else tuning,
     )
     starts = segment_starts(segment_ids, batch, length)
-    return _attention(q, k_cmp, v_cmp, starts, geo)
+    return _attention(q, k, v, starts, geo)
+
+
+@functools.partial(jax.jit, static_argnames=("window", "scale", "interpret", "tuning"))
+def sliding_window_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    window: int,
+    scale: float,
+    segment_ids: jax.Array | None = None,
+    interpret: bool = False,
+    tuning: CompressedTuning | None = None,
+) -> jax.Array:
+    """Sliding-window attention with the compressed-attention kernels (``l = d = 1``, the
+    raw keys as slots); arguments as :func:`nsa_jax.sliding_window_attention`.
+
+    Args:
+      q: ``[B, T, HQ, Dk]``; k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]``; one float dtype.
+      window: ``w``; query ``t`` sees keys ``max(s0, t - w + 1) .. t``.
+      interpret, tuning: as :func:`compressed_attention`.
+
+    Returns:
+      ``[B, T, HQ, Dv]`` in ``q.dtype``.
+    """
+    return _banded_attention(q, k, v, 1, 1, window, scale, segment_ids, interpret, tuning)[0]
 
 
 def check(
@@ -733,3 +790,17 @@ def check(
     require_supported_dtype(q)
     if k_cmp.shape[1] == 0:
         raise ValueError("k_cmp must hold at least one compressed token (axis 1) for pallas_triton")
+
+
+def check_window(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    window: int,
+    scale: float,
+    segment_ids: jax.Array | None = None,
+) -> None:
+    """Raises ``ValueError`` for window inputs these kernels do not serve (other dtypes)."""
+    del k, v, window, scale, segment_ids
+    require_supported_dtype(q)
