@@ -206,20 +206,20 @@ def test_cudnn_window_refuses_what_it_cannot_serve():
 
 def test_gpu_defaults(monkeypatch):
     # What implementation=None picks on a GPU backend, decided from the registry alone
-    # (no GPU needed): the cuDNN window and compressed attention where they serve, else the
-    # Pallas compression kernel; the Pallas selection kernels.
+    # (no GPU needed): the cuDNN window and compressed attention where they serve (bf16,
+    # unpacked), else the Pallas kernels; the Pallas selection kernels.
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     inputs = Inputs(4, 1, 40, 4, 2, 16, 16, jnp.bfloat16)
     window = dict(window=8, scale=0.25)
     assert registry.default("sliding_window_attention", inputs.q, inputs.k, inputs.v, **window) == "cudnn"
     as_f32 = [x.astype(jnp.float32) for x in (inputs.q, inputs.k, inputs.v)]
-    assert registry.default("sliding_window_attention", *as_f32, **window) == "xla"
+    assert registry.default("sliding_window_attention", *as_f32, **window) == "pallas_triton"
     packed = jnp.zeros((1, 40), jnp.int32)
     assert (
         registry.default(
             "sliding_window_attention", inputs.q, inputs.k, inputs.v, segment_ids=packed, **window
         )
-        == "xla"
+        == "pallas_triton"
     )
     k_cmp = inputs.k[:, :10]
     compression = dict(block_length=8, block_stride=4, scale=0.25)
