@@ -727,6 +727,9 @@ def _banded_attention(
     interpret: bool,
     tuning: CompressedTuning | None,
 ) -> tuple[jax.Array, jax.Array]:
+    """The kernels over keys ``k [B, S, H, Dk]`` / ``v [B, S, H, Dv]`` as slots of width ``l``
+    and stride ``d``; ``window``: only the last ``w`` slots up to each query (``l = d = 1``).
+    Returns ``(out [B, T, HQ, Dv], lse [B, T, HQ])``."""
     batch, length, q_heads, dk = q.shape
     geo = _Geometry(
         batch=batch,
