@@ -1,10 +1,11 @@
-"""GPU check and timing of the compressed-attention and select_blocks Pallas kernels (Triton lowering).
+"""GPU check and timing of compressed attention (Pallas kernels or cuDNN) and the select_blocks Pallas kernel.
 
 Run on the H200 from the repo root::
 
     PYTHONPATH=$PWD python3 experiments/check_compression_gpu.py --out $OUT [--check-only]
         [--time-only] [--lengths 8192 65536] [--configs D192_128 D128] [--no-xla] [--iters 10]
         [--tuning fwd_rows=64 fwd_keys=64 ...] [--sweep] [--select-only]
+        [--implementation pallas_triton|cudnn]
 
 1. Correctness (spec, "Compression branch (Eqs. 7-8)" and "Selection scores"), fresh random
    inputs at odd sizes, G in {1, 4, 16}, packed segments, bf16 and float32: ``--implementation``
