@@ -425,17 +425,17 @@ def combine_branches(
     return combined.astype(compressed_out.dtype)
 
 
-def _register_references() -> None:
-    for op, fn in (
-        ("selected_attention", selected_ref.selected_attention),
-        ("compressed_attention", compressed_ref.compressed_attention),
-        ("select_blocks", selection_ref.select_blocks),
-        ("sliding_window_attention", window_ref.sliding_window_attention),
-    ):
-        registry.register(
-            registry.Implementation(op=op, name="xla", fn=fn, platforms=("cpu", "gpu", "tpu"), priority=0)
-        )
-
+# The pure-JAX references, on every backend and below every kernel.
+registry.register_all(
+    "xla",
+    ("cpu", "gpu", "tpu"),
+    (
+        ("selected_attention", selected_ref.selected_attention, None, 0),
+        ("compressed_attention", compressed_ref.compressed_attention, None, 0),
+        ("select_blocks", selection_ref.select_blocks, None, 0),
+        ("sliding_window_attention", window_ref.sliding_window_attention, None, 0),
+    ),
+)
 
 # (op, cuDNN implementation, its check, priority); GPU only, not interpretable.
 _CUDNN_IMPLEMENTATIONS = (
@@ -451,14 +451,4 @@ _CUDNN_IMPLEMENTATIONS = (
 )
 
 
-def _register_cudnn() -> None:
-    for op, fn, check, priority in _CUDNN_IMPLEMENTATIONS:
-        registry.register(
-            registry.Implementation(
-                op=op, name="cudnn", fn=fn, platforms=("gpu",), priority=priority, check=check
-            )
-        )
-
-
-_register_references()
-_register_cudnn()
+registry.register_all("cudnn", ("gpu",), _CUDNN_IMPLEMENTATIONS)

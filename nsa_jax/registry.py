@@ -67,6 +67,29 @@ def register(impl: Implementation) -> None:
     _REGISTRY[impl.op][impl.name] = impl
 
 
+def register_all(
+    name: str,
+    platforms: tuple[str, ...],
+    entries: tuple[tuple[str, Callable[..., Any], Callable[..., None] | None, int], ...],
+    *,
+    interpretable: bool = False,
+) -> None:
+    """Registers one backend's implementations, all named ``name``: ``entries`` holds
+    ``(op, fn, check or None, priority)``."""
+    for op, fn, check, priority in entries:
+        register(
+            Implementation(
+                op=op,
+                name=name,
+                fn=fn,
+                platforms=platforms,
+                priority=priority,
+                interpretable=interpretable,
+                check=check,
+            )
+        )
+
+
 def _load_plugins() -> None:
     global _plugins_loaded
     if _plugins_loaded:

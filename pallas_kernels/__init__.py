@@ -18,15 +18,4 @@ _TRITON_KERNELS = (
     ("sliding_window_attention", compressed.sliding_window_attention, compressed.check_window, 3),
 )
 
-for _op, _kernel, _check, _priority in _TRITON_KERNELS:
-    registry.register(
-        registry.Implementation(
-            op=_op,
-            name="pallas_triton",
-            fn=_kernel,
-            platforms=("gpu",),
-            priority=_priority,
-            interpretable=True,
-            check=_check,
-        )
-    )
+registry.register_all("pallas_triton", ("gpu",), _TRITON_KERNELS, interpretable=True)

@@ -7,19 +7,13 @@
 from nsa_jax import registry
 from pallas_kernels.tpu import dense, selection
 
-for _op, _fn, _check in (
-    ("selected_attention", selection.selected_attention, selection.check),
-    ("sliding_window_attention", dense.sliding_window_attention, dense.check),
-    ("compressed_attention", dense.compressed_attention, dense.check),
-):
-    registry.register(
-        registry.Implementation(
-            op=_op,
-            name="pallas_tpu",
-            fn=_fn,
-            platforms=("tpu",),
-            priority=10,
-            interpretable=True,
-            check=_check,
-        )
-    )
+registry.register_all(
+    "pallas_tpu",
+    ("tpu",),
+    (
+        ("selected_attention", selection.selected_attention, selection.check, 10),
+        ("sliding_window_attention", dense.sliding_window_attention, dense.check, 10),
+        ("compressed_attention", dense.compressed_attention, dense.check, 10),
+    ),
+    interpretable=True,
+)
