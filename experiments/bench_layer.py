@@ -316,6 +316,16 @@ def tree_errors(ours, ref) -> dict[str, float]:
     }
 
 
+def segments_at(length: int, cuts: list[int]) -> jax.Array:
+    """int32 ``[1, T]`` segment ids of one row, a new segment starting at each cut."""
+    return jnp.sum(jnp.arange(length)[:, None] >= jnp.asarray(cuts), axis=1).astype(jnp.int32)[None]
+
+
+def packed_rows(length: int, segments: int = 4) -> jax.Array:
+    """int32 ``[1, T]``: ``segments`` segments whose boundaries fall inside tiles."""
+    return segments_at(length, [length * i // segments + 7 * i for i in range(1, segments)])
+
+
 def check_layer(dtype, packed: bool, length: int, model_dim: int) -> dict:
     """The layer with the default implementations against all-xla in float32, forward and
     gradients (the same float32 parameters; inputs rounded to ``dtype`` first).
@@ -340,9 +350,7 @@ def check_layer(dtype, packed: bool, length: int, model_dim: int) -> dict:
     cotangent = jax.random.normal(keys[1], (batch, length, model_dim), jnp.float32).astype(dtype)
     segment_ids = None
     if packed:
-        cuts = jnp.asarray([length // 4 + 1, length // 2 + 75, 3 * length // 4 - 2])
-        segment_ids = jnp.sum(jnp.arange(length)[:, None] >= cuts, axis=1).astype(jnp.int32)
-        segment_ids = jnp.broadcast_to(segment_ids, (batch, length))
+        segment_ids = segments_at(length, [length // 4 + 1, length // 2 + 75, 3 * length // 4 - 2])
     runs = {"kernels": (None, dtype), "reference": ("xla", jnp.float32)}
     if dtype != jnp.float32:
         runs["xla_same_dtype"] = ("xla", dtype)
@@ -382,12 +390,6 @@ def check_layer(dtype, packed: bool, length: int, model_dim: int) -> dict:
         "finite": finite,
         "ok": finite and all(errors[k] <= bounds[k] for k in errors),
     }
-
-
-def packed_rows(length: int, segments: int = 4) -> jax.Array:
-    """int32 ``[1, T]``: ``segments`` segments whose boundaries fall inside tiles."""
-    cuts = jnp.asarray([length * i // segments + 7 * i for i in range(1, segments)])
-    return jnp.sum(jnp.arange(length)[:, None] >= cuts, axis=1).astype(jnp.int32)[None]
 
 
 def check_window(
@@ -661,14 +663,11 @@ def time_config(length: int, dk: int, dv: int, iters: int, alternatives: bool) -
         if dk != dv:
             # jax.nn.dot_product_attention needs Dv == Dk; cuDNN's own Dv != Dk path (through
             # jax's cuDNN module, as nsa_jax.cudnn) is the faster dense peer at these dims.
-            native = op_inputs(length, dk, dv, PAPER, seed=1)
-
             def cudnn_native(q, k, v):
                 return nsa_cudnn.cudnn_causal_attention(q, k, v, dk**-0.5, False)
 
-            row["cudnn_dense_native_dv"] = time_pair(
-                cudnn_native, (native["q"], native["k_slc"], native["v_slc"]), 3, native["cotangent"], n
-            )
+            narrow = (dense["q"][..., :dk], dense["k_slc"][..., :dk], dense["v_slc"][..., :dv])
+            row["cudnn_dense_native_dv"] = time_pair(cudnn_native, narrow, 3, dense["cotangent"][..., :dv], n)
     return row
 
 
