@@ -68,18 +68,19 @@ def _check_common(q: jax.Array, v: jax.Array, segment_ids: jax.Array | None, wha
         raise ValueError(f"head dims Dk={dk} != Dv={dv} need a Hopper or newer GPU for the cudnn {what}")
 
 
-def _attention(
+def cudnn_causal_attention(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
     scale: float,
+    with_lse: bool = False,
     *,
     window: int | None = None,
-    with_lse: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """Causal cuDNN attention, ``q [B, S, N, Dk]``, ``k [B, S, Nk, Dk]``, ``v [B, S, Nk, Dv]``:
-    row ``j`` sees keys ``0..j`` (``j - window + 1 .. j`` with a window). Returns ``out`` or
-    ``(out, lse [B, S, N] float32)``; the VJP ignores the lse cotangent."""
+    """Causal cuDNN attention (a :data:`CausalAttention`), ``q [B, S, N, Dk]``,
+    ``k [B, S, Nk, Dk]``, ``v [B, S, Nk, Dv]``: row ``j`` sees keys ``0..j`` (``j - window + 1
+    .. j`` with a window). Returns ``out`` or ``(out, lse [B, S, N] float32)``; the VJP ignores
+    the lse cotangent."""
     # A private module (see the module docstring), imported here so that importing nsa_jax on
     # CPU or TPU never depends on it.
     from jax._src.cudnn import fused_attention_stablehlo as fused_attention
@@ -141,17 +142,10 @@ def sliding_window_attention(
     """
     check(q, k, v, window=window, scale=scale, segment_ids=segment_ids)
     # A window covering the whole sequence is plain causal attention.
-    return _attention(q, k, v, scale, window=window if window < q.shape[1] else None)
+    return cudnn_causal_attention(q, k, v, scale, window=window if window < q.shape[1] else None)
 
 
 # ---------------------------------------------------------------------------- compressed
-
-
-def cudnn_causal_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, scale: float, with_lse: bool
-) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """cuDNN causal attention, a :data:`CausalAttention`."""
-    return _attention(q, k, v, scale, with_lse=with_lse)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
