@@ -210,12 +210,13 @@ def components(config: str, length: int, iters: int, first_block: bool) -> dict:
     timings["inverse_map_ms"] = time_jax(inverse, starts, iters=iters)
     del out
     kernel_args = (q, k, v, ct, starts, lse, delta, entries, offsets)
-    for label, changes in (("", {}), ("heavy_first_", {"bwd_heavy_first": True})):
+    variants = (("", {}), ("heavy_first_", {"bwd_heavy_first": True}), ("mosaic_", {"mosaic_backward": True}))
+    for label, changes in variants:
         kernel = jax.jit(
             functools.partial(selection._tile_backward, geo=geometry(dataclasses.replace(base, **changes)))
         )
         timings[f"{label}kernel_ms"] = time_jax(kernel, *kernel_args, iters=iters)
-    parts = kernel(*kernel_args)[2]
+    parts = jax.jit(functools.partial(selection._tile_backward, geo=geo))(*kernel_args)[2]
     for label, summed in (("xla", False), ("kernel", True)):
         finish = jax.jit(
             functools.partial(
@@ -272,29 +273,31 @@ def sweep_markdown(report: dict) -> str:
         + ("; block 0 always selected (spec Eq. 11)." if report["first_block"] else "."),
         "",
         "Stages alone (ms; default tuning of the head dims; heavy first: the same kernel launched "
-        "heaviest tiles first; dQ sum by XLA or by the Pallas kernel):",
+        "heaviest tiles first; the Mosaic GPU tile kernel with the default's splits and stages; dQ sum by "
+        "XLA or by the Pallas kernel):",
         "",
-        "| config | fwd | delta | inverse map | kernel | kernel heavy first | dQ sum XLA | dQ sum kernel |",
-        "|" + "---|" * 8,
+        "| config | fwd | delta | inverse map | kernel | kernel heavy first | Mosaic kernel | dQ sum XLA "
+        "| dQ sum kernel |",
+        "|" + "---|" * 9,
     ]
     for config, c in report["components"].items():
         keys = ("fwd_ms", "delta_ms", "inverse_map_ms", "kernel_ms", "heavy_first_kernel_ms")
-        keys += ("dq_sum_xla_ms", "dq_sum_kernel_ms")
+        keys += ("mosaic_kernel_ms", "dq_sum_xla_ms", "dq_sum_kernel_ms")
         lines.append(f"| {config} | " + " | ".join(fmt(c.get(key)) for key in keys) + " |")
     lines += [
         "",
         "Variants, forward+backward (ms); rel. diff: gradients against the config's first variant:",
         "",
         "| config | variant | warps | stages | rows | rows-major | split dims | dQ transposed | heavy first "
-        "| splits | dQ sum kernel | fwd+bwd | rel diff dq/dk/dv | error |",
-        "|" + "---|" * 14,
+        "| splits | dQ sum kernel | Mosaic | fwd+bwd | rel diff dq/dk/dv | error |",
+        "|" + "---|" * 15,
     ]
     for r in report["sweep"]:
         diffs = "/".join(f"{r[f'rel_diff_d{n}']:.1e}" for n in "qkv") if "rel_diff_dq" in r else "-"
         lines.append(
             f"| {r['config']} | {r['variant']} | {r['bwd_warps']} | {r['bwd_stages']} | {r['bwd_rows']} "
             f"| {r['bwd_rows_major']} | {r['split_head_dims']} | {r['dq_transposed']} "
-            f"| {r['bwd_heavy_first']} | {r['bwd_splits']} | {r['dq_sum_kernel']} "
+            f"| {r['bwd_heavy_first']} | {r['bwd_splits']} | {r['dq_sum_kernel']} | {r['mosaic_backward']} "
             f"| {fmt(r.get('fwd_bwd_ms'))} | {diffs} | {r.get('error', '')[:80]} |"
         )
     return "\n".join(lines) + "\n"

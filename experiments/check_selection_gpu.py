@@ -10,7 +10,10 @@ float32 1e-3 (the kernel asks for full-precision float32 dots, which Triton runs
 IEEE fp32; the bound also admits TF32), bf16 1e-2. Every case runs in bf16 and
 float32 through ``nsa_jax.selected_attention`` (the head-dim defaults of
 ``tuning_for``); the backward variants of ``experiments.selection_inputs.VARIANTS``
-run in float32 on the packed-segment case (D=128 variants) and on the Dk=192 case.
+run in both dtypes on the first case and the packed-segment case (D=128 variants) and on
+the Dk=192 case (the Mosaic variants run their Mosaic GPU tile kernel on the unpacked bf16 runs of
+G = 16 and the Triton one on the
+others).
 Prints one line per run and writes ``check_selection_gpu.json``; exits non-zero on any
 failure or NaN.
 """
@@ -42,8 +45,8 @@ CASES = [
     (2, 901, 16, 4, 128, 128, 64, 8, True),  # packed segments, G = 4
     (1, 301, 8, 2, 24, 16, 8, 4, True),  # block size 8, Dk = 24
 ]
-# Case index -> the VARIANTS config whose backward variants also run there (float32).
-VARIANT_CASES = {4: "G16_D128", 3: "G16_D192_128"}
+# Case index -> the VARIANTS config whose backward variants also run there.
+VARIANT_CASES = {0: "G16_D128", 4: "G16_D128", 3: "G16_D192_128"}
 
 
 def run_case(case: tuple, dtype, tunings: dict) -> list[dict]:
@@ -119,13 +122,16 @@ def main() -> int:
     parser.add_argument("--out", default=None, help="directory for check_selection_gpu.json")
     parser.add_argument("--cases", type=int, nargs="+", default=list(range(len(CASES))))
     parser.add_argument("--no-variants", action="store_true", help="skip the backward variants")
+    parser.add_argument("--variants", nargs="+", default=None, help="only these VARIANTS names")
     args = parser.parse_args()
     results = []
     for index in args.cases:
         for dtype in (jnp.bfloat16, jnp.float32):
             tunings = {"default": None}
-            if dtype == jnp.float32 and index in VARIANT_CASES and not args.no_variants:
-                tunings.update(VARIANTS[VARIANT_CASES[index]])
+            if index in VARIANT_CASES and not args.no_variants:
+                chosen = VARIANTS[VARIANT_CASES[index]]
+                wanted = chosen if args.variants is None else args.variants
+                tunings.update({name: chosen[name] for name in wanted if name in chosen})
             results += run_case(CASES[index], dtype, tunings)
     summary = {
         "device": str(jax.devices()[0]),

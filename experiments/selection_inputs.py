@@ -19,6 +19,13 @@ _D128 = SelectionTuning(bwd_warps=4, bwd_stages=3, bwd_rows=32, bwd_rows_major=F
 _D192 = SelectionTuning(bwd_warps=8, bwd_stages=2, bwd_rows=64, bwd_rows_major=True)
 _HEAVY_SUM = {"bwd_heavy_first": True, "dq_sum_kernel": True}
 _8W_128R_ROWS = SelectionTuning(bwd_warps=8, bwd_stages=2, bwd_rows=128, bwd_rows_major=True)
+
+
+def _mosaic_variants(default: SelectionTuning, stages: tuple[int, ...]) -> dict[str, SelectionTuning]:
+    """The Mosaic GPU tile kernel (the default's splits) with ``stages`` gather slots."""
+    return {f"mosaic_s{s}": dataclasses.replace(default, mosaic_backward=True, bwd_stages=s) for s in stages}
+
+
 VARIANTS = {
     "G16_D128": {
         "default": tuning_for(128, 128),
@@ -28,6 +35,7 @@ VARIANTS = {
         "4w_32r_keys_heavy_sumk": dataclasses.replace(_D128, **_HEAVY_SUM),
         "8w_128r_rows_dqT_heavy_sumk": dataclasses.replace(_8W_128R_ROWS, dq_transposed=True, **_HEAVY_SUM),
         "8w_128r_rows": _8W_128R_ROWS,
+        **_mosaic_variants(tuning_for(128, 128), (4, 3)),
     },
     "G16_D192_128": {
         "default": tuning_for(192, 128),
@@ -36,6 +44,7 @@ VARIANTS = {
         "8w_64r_rows": _D192,
         "8w_64r_rows_heavy_sumk": dataclasses.replace(_D192, **_HEAVY_SUM),
         "8w_64r_keys_dqT": dataclasses.replace(_D192, bwd_rows_major=False, dq_transposed=True),
+        **_mosaic_variants(tuning_for(192, 128), (2, 3)),
     },
 }
 

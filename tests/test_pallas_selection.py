@@ -7,6 +7,8 @@ variants, and shapes the shared tests leave out.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -202,6 +204,53 @@ def test_backward_variants_match_reference(tuning):
     indices = _indices(7, 1, 50, 2, 4, 8)
     segment_ids = jnp.asarray([[0] * 13 + [1] * 37])
     _compare(q, k, v, ct, indices, 8, 2e-5, segment_ids=segment_ids, tuning=tuning)
+
+
+_MOSAIC_D128 = dataclasses.replace(tuning_for(128, 128), mosaic_backward=True)
+
+
+@pytest.mark.parametrize(
+    ("dk", "tuning"),
+    [
+        (128, _MOSAIC_D128),
+        (192, SelectionTuning(mosaic_backward=True, bwd_stages=2, bwd_splits=2, bwd_heavy_first=True)),
+    ],
+    ids=["d128_four_splits", "dk192_two_splits"],
+)
+def test_mosaic_tile_kernel_matches_reference(dk, tuning):
+    # bf16, G = 16, 64-key blocks, no segments: what selection_mosaic serves; T = 150 is no
+    # multiple of 64, so the last key tile is partial and the last step has dead pairs.
+    q, k, v, ct = _inputs(9, 1, 150, 16, 1, dk, 128, jnp.bfloat16)
+    indices = _indices(9, 1, 150, 1, 3, 64)
+    assert selection._uses_mosaic(_geometry(q, v, tuning))
+    _compare(q, k, v, ct, indices, 64, 1.5e-2, tuning=tuning)
+
+
+def _geometry(q, v, tuning, aligned=True, block_size=64):
+    return selection._Geometry(
+        length=q.shape[1],
+        block_size=block_size,
+        slots=3,
+        group=16,
+        dk=q.shape[-1],
+        dv=v.shape[-1],
+        scale=1.0,
+        aligned=aligned,
+        dtype=jnp.dtype(q.dtype).name,
+        interpret=True,
+        tuning=tuning,
+    )
+
+
+def test_mosaic_tile_kernel_serves_only_its_shapes():
+    q, _, v, _ = _inputs(0, 1, 8, 16, 1, 128, 128, jnp.bfloat16)
+    mosaic = _MOSAIC_D128
+    assert selection._uses_mosaic(_geometry(q, v, mosaic))
+    assert not selection._uses_mosaic(_geometry(q, v, mosaic, aligned=False))  # packed segments
+    assert not selection._uses_mosaic(_geometry(q, v, mosaic, block_size=32))
+    assert not selection._uses_mosaic(_geometry(q.astype(jnp.float32), v, mosaic))
+    assert not selection._uses_mosaic(_geometry(q[..., :96], v, mosaic))  # Dk not a multiple of 64
+    assert not selection._uses_mosaic(_geometry(q, v, tuning_for(128, 128)))  # not asked for
 
 
 def test_tuning_table_and_bad_tuning():

@@ -42,6 +42,12 @@ class SelectionTuning:
         ``[rows, Dk] = dS K``, so that the MMA's first dimension is the head dim (128)
         and not the rows (32 with 4 warps, under the 64 of a Hopper warp-group MMA);
         stored through transposed index grids.
+      mosaic_backward: run the backward's tile kernel in Mosaic GPU
+        (:mod:`pallas_kernels.gpu.selection_mosaic`: TMA gathers by a memory warpgroup,
+        warpgroup MMAs) where it serves the shape, with ``bwd_stages`` gather slots
+        (fewer where shared memory is short) and ``bwd_splits`` and ``bwd_heavy_first`` as
+        for the Triton kernel (``bwd_warps``, ``bwd_rows`` and the Triton variants do not
+        apply); the Triton tile kernel otherwise.
       dq_sum_kernel: sum the dQ parts with a Pallas kernel (one program per query
         and KV head) that skips unlisted parts by a masked load and writes dQ in the
         input dtype, instead of the XLA masked sum to float32 and a cast.
@@ -58,6 +64,7 @@ class SelectionTuning:
     bwd_splits: int = 1
     dq_transposed: bool = False
     dq_sum_kernel: bool = False
+    mosaic_backward: bool = False
 
     def __post_init__(self) -> None:
         for name in ("fwd_warps", "fwd_stages", "bwd_warps", "bwd_stages", "bwd_rows", "bwd_splits"):
@@ -78,6 +85,11 @@ class SelectionTuning:
 # - Dk=192/Dv=128: 8 warps, 64 rows, rows-major, split head dims: 78.5-79.3 ms; transposed dQ
 #   71.5 ms; split 4 ways, heaviest first: 78.5 ms random, 78.2 ms with block 0 (unsplit 163.3).
 # The defaults combine transposed dQ with the 4-way split, heaviest first and the dQ-sum kernel.
+# The Mosaic GPU tile kernel (``mosaic_backward``, session 5, experiments/results/selection_h200.md)
+# stays opt-in: on random blocks at D=128 it is faster (tile kernel 17.8 against 20.7 ms, forward+
+# backward 39.0-39.8 against 41.8 ms), but inside the NSA op, whose selections always hold block 0
+# and the local blocks, the selected branch took 43.7 ms forward+backward against 42.1 ms in three
+# earlier runs; at Dk=192 it is slower on random blocks too (76.4 against 74.2 ms).
 _TUNING_BY_HEAD_DIMS: dict[tuple[int, int], SelectionTuning] = {
     (128, 128): SelectionTuning(
         bwd_warps=4,

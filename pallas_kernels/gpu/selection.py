@@ -39,6 +39,9 @@ map (XLA sort), the tile kernel, and the dQ reduction. Variants, chosen by
   more queries (about 5x the mean at 64K with random causal selections, and every
   query when the first block is always selected), so in tile order the last head's
   long lists start late and make the kernel's tail.
+- Mosaic GPU tile kernel (``mosaic_backward``, opt-in): the same tile kernel in Pallas
+  Mosaic GPU (:mod:`pallas_kernels.gpu.selection_mosaic`: TMA gathers by a memory
+  warpgroup, warpgroup MMAs) for bf16, unpacked, ``G = 16``, ``l' = 64``.
 - splits (``bwd_splits``): several programs per key tile, each on an equal share of
   its list, with float32 partial dK/dV summed afterwards. The spec's selection
   always keeps block 0 (Eq. 11), whose tile is then listed by all T queries: one
@@ -89,6 +92,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from nsa_jax.segments import segment_starts
+from pallas_kernels.gpu import selection_mosaic
 from pallas_kernels.gpu.block_sizes import SelectionTuning, tuning_for
 from pallas_kernels.gpu.inverse_map import build_inverse_map, key_tile_count, listed_parts, parts_per_slot
 from pallas_kernels.gpu.tiles import (
@@ -445,11 +449,36 @@ def _inverse_map(key_starts, geo: _Geometry) -> tuple[jax.Array, jax.Array]:
     return build_inverse_map(key_starts, block_size=geo.block_size, aligned=geo.aligned)
 
 
+def _uses_mosaic(geo: _Geometry) -> bool:
+    return geo.tuning.mosaic_backward and selection_mosaic.supports(
+        aligned=geo.aligned, group=geo.group, block_size=geo.block_size, dk=geo.dk, dv=geo.dv, dtype=geo.dtype
+    )
+
+
 def _tile_backward(q, k, v, dout, key_starts, lse, delta, entries, offsets, geo: _Geometry):
     """The backward kernel: dk, dv and dQ as parts ``[B, T, H, n*E, G, Dk]``."""
     batch, length, heads, _ = k.shape
     q5 = q.reshape(batch, length, heads, geo.group, geo.dk)
     do5 = dout.reshape(batch, length, heads, geo.group, geo.dv)
+    if _uses_mosaic(geo):
+        dk, dv, dq = selection_mosaic.tile_backward(
+            q5,
+            k,
+            v,
+            do5,
+            lse,
+            delta,
+            entries,
+            offsets,
+            _tile_order(offsets, geo),
+            slots=geo.slots,
+            scale=geo.scale,
+            splits=geo.tuning.bwd_splits,
+            stages=selection_mosaic.stages_for(geo.dk, geo.dv, geo.tuning.bwd_stages),
+            heavy_first=geo.tuning.bwd_heavy_first,
+            interpret=geo.interpret,
+        )
+        return jnp.sum(dk, axis=3).astype(k.dtype), jnp.sum(dv, axis=3).astype(v.dtype), dq
     num_tiles = key_tile_count(length, geo.block_size)
     head_axis = 1 - _rank_axis(geo)
     row = functools.partial(_per_head, geo, head_axis=head_axis)

@@ -1,0 +1,382 @@
+"""The selected-attention backward's key-tile kernel in Pallas Mosaic GPU (Hopper: TMA and wgmma).
+
+Same work and outputs as the Triton tile kernel of :mod:`pallas_kernels.gpu.selection`
+(spec, "Selected attention (Eq. 12)", "Kernel design"): one program per key tile of
+``l' = 64`` keys, KV head and split, looping over the (query, slot) pairs of the tile's
+inverse-map list (:mod:`pallas_kernels.gpu.inverse_map`), ``PAIRS`` pairs per step. It
+accumulates the tile's dK and dV and writes each pair's dQ part.
+
+Two warpgroups per program:
+
+- the memory warpgroup reads each pair's query from the inverse map and gathers the
+  pair's ``G = 16`` rows of ``q``, ``dout``, log-sum-exp and ``delta`` with bulk tensor
+  copies (TMA) into a ring of ``stages`` shared-memory slots, ``PAIRS * 16 = 64`` rows a
+  slot, ahead of the compute warpgroup;
+- the compute warpgroup computes, per step, with the key tile as the 64-row side of
+  every warpgroup MMA: ``S^T = K Q^T``, ``P^T = exp2(S^T - lse)`` (causal mask),
+  ``dV += P^T dO``, ``dP^T = V dO^T``, ``dS^T = P^T (dP^T - delta)``, ``dK += dS^T Q``,
+  and ``dQ = dS K`` from ``dS^T`` staged in shared memory (a transposed MMA operand);
+  it stores the ``16``-row dQ parts by TMA while the next step runs.
+
+Served: bf16 or float16, no segments (aligned blocks), ``G = 16``, ``l' = 64``, head dims
+multiples of 64 up to 256 (``supports``). The forward, ``delta``, the inverse map and
+the dQ-part sum stay those of the Triton path. Opt-in (``SelectionTuning.mosaic_backward``):
+on the H200 at T = 64K, D = 128 it beats the Triton tile kernel on random blocks (17.8 against
+20.7 ms) but not on the NSA op's own selections, nor at Dk = 192
+(experiments/results/selection_h200.md, session 5).
+
+Besides the Triton path's buffers it gathers each listed pair's lse and delta rows into list
+order (``2 * T * n * 16`` floats, 0.5 GB at T = 64K, H = 4): a step's rows are then one copy.
+The kernel runs in Mosaic GPU interpret mode on CPU (``interpret=True``) with two differences:
+the MMAs accumulate into fresh accumulators (``_accumulate``), and one warpgroup issues each
+step's copies itself before waiting for them, without the memory warpgroup and its ``consumed``
+barriers (the interpreter runs warpgroups as threads that block in barrier waits; on a 2-core
+CPU they can starve the CPU client's worker threads and hang). The copies, slots, masks and
+math are the GPU path's; the two warpgroups' hand-off is checked on the GPU
+(``experiments/check_selection_gpu.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+# (query, slot) pairs gathered per step: 4 pairs of 16 heads are the 64 columns of an MMA.
+PAIRS = 4
+_HEADS = 16
+_KEYS = 64
+_ROWS = PAIRS * _HEADS
+# Columns of dK/dV written out per float32 shared-memory piece.
+_OUT_COLUMNS = 64
+# TMA writes shared memory at 128-byte aligned addresses: a slot's entry ids take 32 ints.
+_ALIGNED_INTS = 32
+# Entry ids copied per step: from the 16-byte aligned id at or before the step's first, PAIRS more.
+_ID_WINDOW = 2 * PAIRS
+
+
+def _aligned(index: jax.Array) -> jax.Array:
+    """``index`` rounded down to a multiple of 4 int32s (16 bytes)."""
+    return jax.lax.div(index, 4) * 4
+
+
+# Shared memory of one H100/H200 block (227 KB) minus room for barriers and alignment.
+_SHARED_BYTES = 220 * 1024
+
+
+def supports(*, aligned: bool, group: int, block_size: int, dk: int, dv: int, dtype: str) -> bool:
+    """Whether this kernel serves the shape (else the Triton tile kernel does)."""
+    dims_ok = all(d % 64 == 0 and d <= 256 for d in (dk, dv))
+    shape_ok = aligned and group == _HEADS and block_size == _KEYS
+    return shape_ok and dims_ok and dtype in ("bfloat16", "float16")
+
+
+def _shared_bytes(dk: int, dv: int, stages: int) -> int:
+    """Shared memory of a program: the key/value tile, ``stages`` gather slots, the P/dS
+    operand, the dQ rows and a float32 output piece."""
+    two = 2
+    tile = _KEYS * (dk + dv) * two
+    slot = _ROWS * (dk + dv) * two + 2 * _ROWS * 4 + _ALIGNED_INTS * 4
+    return tile + stages * slot + _KEYS * _ROWS * two + _ROWS * dk * two + _KEYS * _OUT_COLUMNS * 4
+
+
+def stages_for(dk: int, dv: int, wanted: int) -> int:
+    """The deepest ring of gather slots, at most ``wanted``, that fits in shared memory."""
+    stages = wanted
+    while stages > 2 and _shared_bytes(dk, dv, stages) > _SHARED_BYTES:
+        stages -= 1
+    return stages
+
+
+def _accumulate(mmas, accumulators: tuple[jax.Array, ...], interpret: bool) -> tuple[jax.Array, ...]:
+    """The ``accumulators`` after the warpgroup MMAs that ``mmas(refs)`` issues into them.
+
+    On the GPU the MMAs accumulate in place (one wait for all of them); interpret mode cannot
+    run an MMA into an initialised accumulator, so there they go into zeroed ones, added after.
+    """
+    if not interpret:
+        return pl.run_state(mmas)(tuple(plgpu.ACC.init(acc) for acc in accumulators))
+
+    def fresh(*refs):
+        mmas(refs)
+        return tuple(ref[...] for ref in refs)
+
+    increments = pl.run_scoped(fresh, *(plgpu.ACC(acc.shape, jnp.float32) for acc in accumulators))
+    return tuple(acc + inc for acc, inc in zip(accumulators, increments, strict=True))
+
+
+def tile_backward(
+    q5: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    do5: jax.Array,
+    lse: jax.Array,
+    delta: jax.Array,
+    entries: jax.Array,
+    offsets: jax.Array,
+    order: jax.Array,
+    *,
+    slots: int,
+    scale: float,
+    splits: int,
+    stages: int,
+    heavy_first: bool,
+    interpret: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """dK, dV partials and dQ parts of selected attention.
+
+    Args:
+      q5: ``[B, T, H, 16, Dk]``; k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]``;
+        do5: ``[B, T, H, 16, Dv]``; lse (base 2) and delta: float32 ``[B, T, H, 16]``
+        (gathered here into list order).
+      entries, offsets: the inverse map (``[B, H, T * n]``, ``[B, H, num_tiles + 1]``);
+        order: int32 ``[B, H, num_tiles]``, the key tile of each program rank.
+      slots: ``n``; scale: logit scale; splits: programs per key tile, each on an equal
+        share of its list; stages: gather slots in the ring; heavy_first: the grid is
+        ``(H, rank, B)`` (heads interleaved at launch) instead of ``(rank, H, B)``.
+      interpret: run in Mosaic GPU interpret mode (CPU), one warpgroup (see the module notes).
+
+    Returns:
+      ``(dk, dv, dq)``: float32 ``[B, T, H, splits, Dk]`` and ``[B, T, H, splits, Dv]``
+      partial sums (scaled), and dQ parts ``[B, T, H, n, 16, Dk]`` in ``q5.dtype``
+      (rows of unlisted parts are left unwritten).
+    """
+    batch, length, heads, group, dk = q5.shape
+    dv = v.shape[-1]
+    num_tiles = offsets.shape[-1] - 1
+    padded_length = num_tiles * _KEYS
+    pad = ((0, 0), (0, padded_length - length), (0, 0), (0, 0))
+    k, v = jnp.pad(k, pad), jnp.pad(v, pad)
+    # Each listed pair's lse and delta rows in list order, so that a step's PAIRS rows are one
+    # 256-byte copy: a pair's own 64 bytes would break TMA's 128-byte shared-memory alignment.
+    queries = jax.lax.div(entries, slots)
+    by_entry = jax.vmap(jax.vmap(lambda table, rows: table[rows]))
+    lse, delta = (by_entry(jnp.swapaxes(x, 1, 2), queries).reshape(batch, heads, -1) for x in (lse, delta))
+    # The last step's copies read past its first entry (ID window, PAIRS lse rows): keep them in bounds.
+    entries = jnp.pad(entries, ((0, 0), (0, 0), (0, _ID_WINDOW)))
+    lse, delta = (jnp.pad(x, ((0, 0), (0, 0), (0, _ROWS))) for x in (lse, delta))
+    dtype = q5.dtype
+    log2_scale = scale * math.log2(math.e)
+    accumulate = functools.partial(_accumulate, interpret=interpret)
+    # Interpret mode runs one warpgroup that issues each step's copies itself: the interpreter's
+    # warpgroup threads block in barrier waits and can starve the CPU client's worker threads.
+    inline = interpret
+
+    def kernel(
+        entries_ref, offsets_ref, order_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+        dk_ref, dv_ref, dq_ref,
+        k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ids_smem, pds_smem, dq_smem, out_smem,
+        kv_barrier, loaded, consumed,
+    ):  # fmt: skip
+        wg = jax.lax.axis_index("wg")
+        rank = jax.lax.axis_index("rank")
+        head = jax.lax.axis_index("head")
+        b = jax.lax.axis_index("batch")
+        tile = order_ref[b, head, jax.lax.div(rank, splits)]
+        first, last = offsets_ref[b, head, tile], offsets_ref[b, head, tile + 1]
+        if splits > 1:
+            split = jax.lax.rem(rank, splits)
+            share = jax.lax.div(last - first + splits * PAIRS - 1, splits * PAIRS) * PAIRS
+            first = jnp.minimum(first + split * share, last)
+            last = jnp.minimum(first + share, last)
+        else:
+            split = 0
+        steps = jax.lax.div(last - first + PAIRS - 1, PAIRS)
+
+        def queries_of(step):
+            """The queries of a step's PAIRS pairs (the last listed one again past the list; the
+            first entry when the list is empty, never used then)."""
+            start = first + step * PAIRS
+            rows = [jnp.maximum(jnp.minimum(start + j, last - 1), 0) for j in range(PAIRS)]
+            ids = [entries_ref[b, head, row] for row in rows]
+            return tuple(jax.lax.div(ident, slots) for ident in ids)
+
+        def issue_copies(step, queries):
+            """Step ``step``'s gathers into its slot, completing on ``loaded``."""
+            slot = jax.lax.rem(step, stages)
+            start = first + step * PAIRS
+            # Bulk copies need 16-byte aligned global addresses: copy the aligned window.
+            plgpu.copy_gmem_to_smem(
+                entries_ref.at[b, head, pl.ds(_aligned(start), _ID_WINDOW)],
+                ids_smem.at[slot, pl.ds(0, _ID_WINDOW)],
+                loaded.at[slot],
+            )
+            for src, dst in ((lse_ref, lse_smem), (delta_ref, delta_smem)):
+                plgpu.copy_gmem_to_smem(
+                    src.at[b, head, pl.ds(start * _HEADS, _ROWS)], dst.at[slot], loaded.at[slot]
+                )
+            for j, t in enumerate(queries):
+                rows = pl.ds(j * _HEADS, _HEADS)
+                for src, dst in ((q_ref, q_smem), (do_ref, do_smem)):
+                    plgpu.copy_gmem_to_smem(src.at[b, t, head], dst.at[slot, rows], loaded.at[slot])
+
+        @pl.when(wg == 1)
+        def _memory():
+            plgpu.set_max_registers(40, action="decrease")
+
+            def gather(step, queries):
+                # The next step's queries are read now and used a step later: the scalar loads'
+                # latency overlaps this step's copies instead of delaying them.
+                upcoming = queries_of(step + 1)
+
+                @pl.when(step >= stages)
+                def _():
+                    plgpu.barrier_wait(consumed.at[jax.lax.rem(step, stages)])
+
+                issue_copies(step, queries)
+                return upcoming
+
+            jax.lax.fori_loop(0, steps, gather, queries_of(0))
+
+            # Observe the last slots' releases too, so that every barrier phase has been seen.
+            def drain(step, carry):
+                plgpu.barrier_wait(consumed.at[jax.lax.rem(step, stages)])
+                return carry
+
+            jax.lax.fori_loop(jnp.maximum(steps - stages, 0), steps, drain, None)
+
+        @pl.when(wg == 0)
+        def _compute():
+            if not inline:
+                plgpu.set_max_registers(232, action="increase")
+            keys = pl.ds(tile * _KEYS, _KEYS)
+            plgpu.copy_gmem_to_smem(k_ref.at[b, keys, head], k_smem, kv_barrier)
+            plgpu.copy_gmem_to_smem(v_ref.at[b, keys, head], v_smem, kv_barrier)
+            plgpu.barrier_wait(kv_barrier)
+            key_position = tile * _KEYS + plgpu.broadcasted_iota(
+                jnp.int32, (_KEYS, _ROWS), 0, layout=plgpu.Layout.WGMMA
+            )
+            column = plgpu.broadcasted_iota(jnp.int32, (_KEYS, _ROWS), 1, layout=plgpu.Layout.WGMMA)
+
+            def by_pair(values):
+                """``[KEYS, ROWS]`` holding ``values[j]`` in the 16 columns of pair ``j``."""
+                out = values[PAIRS - 1]
+                for j in range(PAIRS - 2, -1, -1):
+                    out = jnp.where(column < (j + 1) * _HEADS, values[j], out)
+                return out
+
+            def store_part(j, query, part, live):
+                """Pair ``j``'s 16 dQ rows to its (query, slot) part, if the pair is listed."""
+
+                @pl.when(live)
+                def _():
+                    rows = dq_smem.at[pl.ds(j * _HEADS, _HEADS)]
+                    plgpu.copy_smem_to_gmem(rows, dq_ref.at[b, query, head, part], commit_group=False)
+
+            def step_body(step, carry):
+                dk_acc, dv_acc = carry
+                slot = jax.lax.rem(step, stages)
+                if inline:
+                    issue_copies(step, queries_of(step))
+                plgpu.barrier_wait(loaded.at[slot])
+                start = first + step * PAIRS
+                ids = [ids_smem[slot, start - _aligned(start) + j] for j in range(PAIRS)]
+                queries = [jax.lax.div(i, slots) for i in ids]
+                live = [start + j < last for j in range(PAIRS)]
+                query_of_column = by_pair([jnp.where(ok, t, -1) for ok, t in zip(live, queries, strict=True)])
+                q_slot, do_slot = q_smem.at[slot], do_smem.at[slot]
+
+                def scores(acc_ref):
+                    plgpu.wgmma(acc_ref, k_smem, q_slot.T)
+                    return acc_ref[...]
+
+                s_t = pl.run_scoped(scores, plgpu.ACC((_KEYS, _ROWS), jnp.float32))
+                lse = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+                visible = key_position <= query_of_column
+                p_t = jnp.exp2(s_t * log2_scale - jax.lax.broadcast_in_dim(lse, (_KEYS, _ROWS), [1]))
+                p_t = jnp.where(visible, p_t, 0.0)
+
+                # MMA operands from registers go through shared memory (as interpret mode needs).
+                pds_smem[...] = p_t.astype(dtype)
+                plgpu.commit_smem()
+
+                def value_grads(refs):
+                    dv_ref_, dp_ref_ = refs
+                    plgpu.wgmma(dv_ref_, pds_smem, do_slot)
+                    plgpu.wgmma(dp_ref_, v_smem, do_slot.T)
+
+                zeros = plgpu.layout_cast(jnp.zeros((_KEYS, _ROWS), jnp.float32), plgpu.Layout.WGMMA)
+                dv_acc, dp_t = accumulate(value_grads, (dv_acc, zeros))
+                delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+                ds_t = p_t * (dp_t - jax.lax.broadcast_in_dim(delta, (_KEYS, _ROWS), [1]))
+                pds_smem[...] = ds_t.astype(dtype)
+                plgpu.commit_smem()
+
+                def query_key_grads(refs):
+                    dk_ref_, dq_ref_ = refs
+                    plgpu.wgmma(dk_ref_, pds_smem, q_slot)
+                    plgpu.wgmma(dq_ref_, pds_smem.T, k_smem)
+
+                dq_zeros = plgpu.layout_cast(jnp.zeros((_ROWS, dk), jnp.float32), plgpu.Layout.WGMMA)
+                dk_acc, dq = accumulate(query_key_grads, (dk_acc, dq_zeros))
+                if not inline:
+                    plgpu.barrier_arrive(consumed.at[slot])
+                # The last step's dQ stores must have read dq_smem before it is overwritten.
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                dq_smem[...] = (dq * scale).astype(dtype)
+                plgpu.commit_smem()
+                for j in range(PAIRS):
+                    store_part(j, queries[j], ids[j] - queries[j] * slots, live[j])
+                plgpu.commit_smem_to_gmem_group()
+                return dk_acc, dv_acc
+
+            init = (
+                plgpu.layout_cast(jnp.zeros((_KEYS, dk), jnp.float32), plgpu.Layout.WGMMA),
+                plgpu.layout_cast(jnp.zeros((_KEYS, dv), jnp.float32), plgpu.Layout.WGMMA),
+            )
+            dk_acc, dv_acc = jax.lax.fori_loop(0, steps, step_body, init)
+            # Out through one [64, 64] float32 buffer, a column piece at a time.
+            for acc, ref, width in ((dk_acc * scale, dk_ref, dk), (dv_acc, dv_ref, dv)):
+                for column in range(0, width, _OUT_COLUMNS):
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    out_smem[...] = acc[:, column : column + _OUT_COLUMNS]
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(
+                        out_smem, ref.at[b, keys, head, split, pl.ds(column, _OUT_COLUMNS)]
+                    )
+
+            plgpu.wait_smem_to_gmem(0)
+
+    tiling = plgpu.TilingTransform((8, 64))
+    swizzle = plgpu.SwizzleTransform(128)
+    transforms = (tiling, swizzle)
+    scratch = [
+        plgpu.SMEM((_KEYS, dk), dtype, transforms=transforms),
+        plgpu.SMEM((_KEYS, dv), dtype, transforms=transforms),
+        plgpu.SMEM((stages, _ROWS, dk), dtype, transforms=transforms),
+        plgpu.SMEM((stages, _ROWS, dv), dtype, transforms=transforms),
+        plgpu.SMEM((stages, _ROWS), jnp.float32),
+        plgpu.SMEM((stages, _ROWS), jnp.float32),
+        plgpu.SMEM((stages, _ALIGNED_INTS), jnp.int32),
+        plgpu.SMEM((_KEYS, _ROWS), dtype, transforms=transforms),
+        plgpu.SMEM((_ROWS, dk), dtype, transforms=transforms),
+        plgpu.SMEM((_KEYS, _OUT_COLUMNS), jnp.float32),
+        plgpu.Barrier(num_arrivals=2),
+        plgpu.Barrier(num_arrivals=3 + 2 * PAIRS, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+    ]
+    ranks = num_tiles * splits
+    grid, names = ((heads, ranks, batch), ("head", "rank", "batch")) if heavy_first else (
+        (ranks, heads, batch), ("rank", "head", "batch"))  # fmt: skip
+    out_type = [
+        jax.ShapeDtypeStruct((batch, padded_length, heads, splits, dk), jnp.float32),
+        jax.ShapeDtypeStruct((batch, padded_length, heads, splits, dv), jnp.float32),
+        jax.ShapeDtypeStruct((batch, length, heads, slots, group, dk), dtype),
+    ]
+    dk_out, dv_out, dq = plgpu.kernel(
+        kernel,
+        out_type=out_type,
+        scratch_types=scratch,
+        grid=grid,
+        grid_names=names,
+        num_threads=1 if inline else 2,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        kernel_name="nsa_selected_bwd_mosaic",
+    )(entries, offsets, order, q5, k, v, do5, lse, delta)
+    return dk_out[:, :length], dv_out[:, :length], dq
