@@ -11,9 +11,8 @@ IEEE fp32; the bound also admits TF32), bf16 1e-2. Every case runs in bf16 and
 float32 through ``nsa_jax.selected_attention`` (the head-dim defaults of
 ``tuning_for``); the backward variants of ``experiments.selection_inputs.VARIANTS``
 run in both dtypes on the first case and the packed-segment case (D=128 variants) and on
-the Dk=192 case (the Mosaic variants run their Mosaic GPU tile kernel on the unpacked bf16 runs of
-G = 16 and the Triton one on the
-others).
+the Dk=192 case (the Mosaic variants run their Mosaic GPU tile kernel on the unpacked bf16
+runs of G = 16 and the Triton one on the others).
 Prints one line per run and writes ``check_selection_gpu.json``; exits non-zero on any
 failure or NaN.
 """
