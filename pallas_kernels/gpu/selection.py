@@ -478,7 +478,7 @@ def _tile_backward(q, k, v, dout, key_starts, lse, delta, entries, offsets, geo:
             heavy_first=geo.tuning.bwd_heavy_first,
             interpret=geo.interpret,
         )
-        return jnp.sum(dk, axis=3).astype(k.dtype), jnp.sum(dv, axis=3).astype(v.dtype), dq
+        return *_summed_splits(dk, dv, k, v), dq
     num_tiles = key_tile_count(length, geo.block_size)
     head_axis = 1 - _rank_axis(geo)
     row = functools.partial(_per_head, geo, head_axis=head_axis)
@@ -521,8 +521,13 @@ def _tile_backward(q, k, v, dout, key_starts, lse, delta, entries, offsets, geo:
         name="nsa_selected_bwd",
     )(*inputs)
     if splits > 1:
-        dk, dv = jnp.sum(dk, axis=3).astype(k.dtype), jnp.sum(dv, axis=3).astype(v.dtype)
+        dk, dv = _summed_splits(dk, dv, k, v)
     return dk, dv, dq
+
+
+def _summed_splits(dk, dv, k, v) -> tuple[jax.Array, jax.Array]:
+    """Float32 partials ``[B, T, H, splits, D]`` summed to dK, dV in the dtypes of ``k``, ``v``."""
+    return jnp.sum(dk, axis=3).astype(k.dtype), jnp.sum(dv, axis=3).astype(v.dtype)
 
 
 def _finish_dq(dq, key_starts, geo: _Geometry) -> jax.Array:

@@ -8,10 +8,11 @@ accumulates the tile's dK and dV and writes each pair's dQ part.
 
 Two warpgroups per program:
 
-- the memory warpgroup reads each pair's query from the inverse map and gathers the
-  pair's ``G = 16`` rows of ``q``, ``dout``, log-sum-exp and ``delta`` with bulk tensor
-  copies (TMA) into a ring of ``stages`` shared-memory slots, ``PAIRS * 16 = 64`` rows a
-  slot, ahead of the compute warpgroup;
+- the memory warpgroup reads each pair's query from the inverse map (a step ahead) and
+  gathers the pair's ``G = 16`` rows of ``q`` and ``dout`` with bulk tensor copies (TMA),
+  plus the step's entry ids and its pairs' log-sum-exp and ``delta`` rows (one copy each,
+  from list order), into a ring of ``stages`` shared-memory slots, ``PAIRS * 16 = 64`` rows
+  a slot, ahead of the compute warpgroup;
 - the compute warpgroup computes, per step, with the key tile as the 64-row side of
   every warpgroup MMA: ``S^T = K Q^T``, ``P^T = exp2(S^T - lse)`` (causal mask),
   ``dV += P^T dO``, ``dP^T = V dO^T``, ``dS^T = P^T (dP^T - delta)``, ``dK += dS^T Q``,
