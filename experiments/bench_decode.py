@@ -321,13 +321,21 @@ def component_split(q, cache, dk: int, steps: int, repeats: int, num_sets: int, 
 LAUNCHES = ((128, 4, 2, 264), (128, 8, 2, 264), (64, 4, 2, 264), (64, 4, 4, 132), (32, 4, 4, 264))
 # Kernel 2 launches (num_warps, target programs) tried by --tune, timed as kernels 1 + 2: the
 # default first (4 parts of 256 blocks per (sequence, KV head) at B=16, H=4, S=64K); 2 or 8
-# parts; a target of 1 gives one program per (sequence, KV head), the previous kernel 2. (4, 132)
-# spills (48 bytes of stack at sm_90a), so it is left out.
-SELECT_LAUNCHES = ((4, 264), (8, 264), (8, 132), (4, 528), (8, 1))
+# parts, two warps; a target of 1 gives one program per (sequence, KV head), the previous kernel 2.
+# (4, 132) spills (48 bytes of stack at sm_90a), so it is left out.
+SELECT_LAUNCHES = ((4, 264), (2, 264), (8, 264), (8, 132), (4, 528), (8, 1))
 # Kernel 3 launches (num_warps, num_stages, target programs, items per step) tried by --tune:
-# the default first (48 KB of shared memory at Dk=192: four programs per SM), 528 programs
-# (4 items per program at B=16), three stages (88 KB: two programs per SM), two items per step.
-SELECTED_LAUNCHES = ((4, 2, 396, 1), (4, 2, 528, 1), (4, 3, 264, 1), (4, 2, 264, 2), (8, 2, 264, 2))
+# the default first (three stages, two programs per SM), two stages on 396 programs (5 items per
+# program at B=16), eight warps (ncu, session 6: four warps leave 1.85 warps per scheduler, each
+# instruction waiting 7.5 cycles), 528 programs (4 items per program), two items per step.
+SELECTED_LAUNCHES = (
+    (4, 3, 264, 1),
+    (4, 2, 396, 1),
+    (8, 3, 264, 1),
+    (8, 2, 396, 1),
+    (4, 2, 528, 1),
+    (4, 2, 264, 2),
+)
 
 
 def launched_step(dk: int, launch, select_launch, reads_launch, interpret: bool | None = None):

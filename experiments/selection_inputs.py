@@ -22,20 +22,30 @@ _8W_128R_ROWS = SelectionTuning(bwd_warps=8, bwd_stages=2, bwd_rows=128, bwd_row
 
 
 def _mosaic_variants(default: SelectionTuning, stages: tuple[int, ...]) -> dict[str, SelectionTuning]:
-    """The Mosaic GPU tile kernel (the default's splits) with ``stages`` gather slots."""
+    """The Mosaic GPU tile kernel (``mosaic_splits`` as the field's default) with ``stages`` gather slots."""
     return {f"mosaic_s{s}": dataclasses.replace(default, mosaic_backward=True, bwd_stages=s) for s in stages}
 
 
+# D=128: the default is the Mosaic GPU tile kernel with 8 splits (session 6); ``triton`` is the
+# Triton tile kernel of sessions 2-5 (4 splits). Block 0's tile holds every query when block 0 is
+# forced (--first-block): the split count decides how long its programs' chain is.
+_D128_DEFAULT = tuning_for(128, 128)
+_D128_TRITON = dataclasses.replace(_D128_DEFAULT, mosaic_backward=False)
+
 VARIANTS = {
     "G16_D128": {
-        "default": tuning_for(128, 128),
+        "default": _D128_DEFAULT,
+        "triton": _D128_TRITON,
+        "triton_split8": dataclasses.replace(_D128_TRITON, bwd_splits=8),
+        "mosaic_split4": dataclasses.replace(_D128_DEFAULT, mosaic_splits=4),
+        "mosaic_split16": dataclasses.replace(_D128_DEFAULT, mosaic_splits=16),
+        "mosaic_s4": dataclasses.replace(_D128_DEFAULT, bwd_stages=4),
         "4w_32r_keys_dqT": dataclasses.replace(_D128, dq_transposed=True),
         "4w_32r_keys_heavy_sumk_split4": dataclasses.replace(_D128, bwd_splits=4, **_HEAVY_SUM),
         "4w_32r_keys": _D128,
         "4w_32r_keys_heavy_sumk": dataclasses.replace(_D128, **_HEAVY_SUM),
         "8w_128r_rows_dqT_heavy_sumk": dataclasses.replace(_8W_128R_ROWS, dq_transposed=True, **_HEAVY_SUM),
         "8w_128r_rows": _8W_128R_ROWS,
-        **_mosaic_variants(tuning_for(128, 128), (4, 3)),
     },
     "G16_D192_128": {
         "default": tuning_for(192, 128),

@@ -16,7 +16,7 @@ import pytest
 
 import nsa_jax
 from pallas_kernels.gpu import selection
-from pallas_kernels.gpu.block_sizes import SelectionTuning, tuning_for
+from pallas_kernels.gpu.block_sizes import DEFAULT_TUNING, SelectionTuning, tuning_for
 from pallas_kernels.gpu.inverse_map import build_inverse_map, key_tile_count, listed_parts
 
 
@@ -206,16 +206,14 @@ def test_backward_variants_match_reference(tuning):
     _compare(q, k, v, ct, indices, 8, 2e-5, segment_ids=segment_ids, tuning=tuning)
 
 
-_MOSAIC_D128 = dataclasses.replace(tuning_for(128, 128), mosaic_backward=True)
-
-
 @pytest.mark.parametrize(
     ("dk", "tuning"),
     [
-        (128, _MOSAIC_D128),
-        (192, SelectionTuning(mosaic_backward=True, bwd_stages=2, bwd_splits=2, bwd_heavy_first=True)),
+        (128, tuning_for(128, 128)),
+        (128, dataclasses.replace(tuning_for(128, 128), mosaic_splits=3, bwd_heavy_first=False)),
+        (192, SelectionTuning(mosaic_backward=True, bwd_stages=2, mosaic_splits=2, bwd_heavy_first=True)),
     ],
-    ids=["d128_four_splits", "dk192_two_splits"],
+    ids=["d128_default_eight_splits", "d128_three_splits_tile_order", "dk192_two_splits"],
 )
 def test_mosaic_tile_kernel_matches_reference(dk, tuning):
     # bf16, G = 16, 64-key blocks, no segments: what selection_mosaic serves; T = 150 is no
@@ -226,7 +224,7 @@ def test_mosaic_tile_kernel_matches_reference(dk, tuning):
     _compare(q, k, v, ct, indices, 64, 1.5e-2, tuning=tuning)
 
 
-def _geometry(q, v, tuning, aligned=True, block_size=64):
+def _geometry(q, v, tuning, aligned=True, block_size=64, interpret=True):
     return selection._Geometry(
         length=q.shape[1],
         block_size=block_size,
@@ -237,20 +235,24 @@ def _geometry(q, v, tuning, aligned=True, block_size=64):
         scale=1.0,
         aligned=aligned,
         dtype=jnp.dtype(q.dtype).name,
-        interpret=True,
+        interpret=interpret,
         tuning=tuning,
     )
 
 
 def test_mosaic_tile_kernel_serves_only_its_shapes():
     q, _, v, _ = _inputs(0, 1, 8, 16, 1, 128, 128, jnp.bfloat16)
-    mosaic = _MOSAIC_D128
+    mosaic = tuning_for(128, 128)  # the default at Dk = Dv = 128
+    assert mosaic.mosaic_backward and not tuning_for(192, 128).mosaic_backward
+    assert not DEFAULT_TUNING.mosaic_backward  # untuned head dims keep the Triton kernel
     assert selection._uses_mosaic(_geometry(q, v, mosaic))
     assert not selection._uses_mosaic(_geometry(q, v, mosaic, aligned=False))  # packed segments
     assert not selection._uses_mosaic(_geometry(q, v, mosaic, block_size=32))
     assert not selection._uses_mosaic(_geometry(q.astype(jnp.float32), v, mosaic))
     assert not selection._uses_mosaic(_geometry(q[..., :96], v, mosaic))  # Dk not a multiple of 64
-    assert not selection._uses_mosaic(_geometry(q, v, tuning_for(128, 128)))  # not asked for
+    assert not selection._uses_mosaic(_geometry(q, v, dataclasses.replace(mosaic, mosaic_backward=False)))
+    # Compiled (not interpreted) it needs a Hopper GPU or newer: not this CPU.
+    assert not selection._uses_mosaic(_geometry(q, v, mosaic, interpret=False))
 
 
 def test_tuning_table_and_bad_tuning():

@@ -44,10 +44,14 @@ class SelectionTuning:
         stored through transposed index grids.
       mosaic_backward: run the backward's tile kernel in Mosaic GPU
         (:mod:`pallas_kernels.gpu.selection_mosaic`: TMA gathers by a memory warpgroup,
-        warpgroup MMAs) where it serves the shape, with ``bwd_stages`` gather slots
-        (fewer where shared memory is short) and ``bwd_splits`` and ``bwd_heavy_first`` as
-        for the Triton kernel (``bwd_warps``, ``bwd_rows`` and the Triton variants do not
-        apply); the Triton tile kernel otherwise.
+        warpgroup MMAs) where it serves the shape and the device (a Hopper GPU or newer,
+        or interpret mode), with ``bwd_stages`` gather slots (fewer where shared memory
+        is short), ``mosaic_splits`` programs per key tile and ``bwd_heavy_first`` as for
+        the Triton kernel (``bwd_warps``, ``bwd_rows``, ``bwd_splits`` and the Triton
+        variants do not apply); the Triton tile kernel otherwise.
+      mosaic_splits: ``bwd_splits`` of the Mosaic tile kernel. Its programs take longer
+        per (query, slot) pair than the Triton kernel's, so block 0's tile (every query)
+        needs more of them to stay off the kernel's tail.
       dq_sum_kernel: sum the dQ parts with a Pallas kernel (one program per query
         and KV head) that skips unlisted parts by a masked load and writes dQ in the
         input dtype, instead of the XLA masked sum to float32 and a cast.
@@ -65,9 +69,19 @@ class SelectionTuning:
     dq_transposed: bool = False
     dq_sum_kernel: bool = False
     mosaic_backward: bool = False
+    mosaic_splits: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("fwd_warps", "fwd_stages", "bwd_warps", "bwd_stages", "bwd_rows", "bwd_splits"):
+        names = (
+            "fwd_warps",
+            "fwd_stages",
+            "bwd_warps",
+            "bwd_stages",
+            "bwd_rows",
+            "bwd_splits",
+            "mosaic_splits",
+        )
+        for name in names:
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"{name} must be positive, got {value}")
@@ -85,23 +99,25 @@ class SelectionTuning:
 # - Dk=192/Dv=128: 8 warps, 64 rows, rows-major, split head dims: 78.5-79.3 ms; transposed dQ
 #   71.5 ms; split 4 ways, heaviest first: 78.5 ms random, 78.2 ms with block 0 (unsplit 163.3).
 # The defaults combine transposed dQ with the 4-way split, heaviest first and the dQ-sum kernel.
-# The Mosaic GPU tile kernel (``mosaic_backward``, session 5, experiments/results/selection_h200.md)
-# stays opt-in: on random blocks at D=128 it is faster (tile kernel 17.8 against 20.7 ms, forward+
-# backward 39.0-39.8 against 41.8 ms), but inside the NSA op, whose selections always hold block 0
-# and the local blocks, the selected branch took 43.7 ms forward+backward against 42.1 ms in three
-# earlier runs; at Dk=192 it is slower on random blocks too (76.4 against 74.2 ms).
+# - D=128 backward tile kernel: Mosaic GPU (``mosaic_backward``) with 8 splits, session 6
+#   (experiments/results/selection_h200.md): 39.5 ms forward+backward on random blocks and 39.7
+#   with block 0 in every selection, against 41.9 / 42.2 for the Triton kernel in the same runs.
+#   With 4 splits (session 5) it lost with block 0 always selected (42.9 ms; inside the NSA op
+#   43.7 against 42.1): block 0's tile, split 4 ways, then made the kernel's tail. At Dk=192 it
+#   is slower on random blocks (76.4 against 74.2 ms), so that entry keeps the Triton kernel.
+_D128_TRITON = SelectionTuning(
+    bwd_warps=4,
+    bwd_stages=3,
+    bwd_rows=32,
+    bwd_rows_major=False,
+    split_head_dims=False,
+    dq_transposed=True,
+    bwd_splits=4,
+    bwd_heavy_first=True,
+    dq_sum_kernel=True,
+)
 _TUNING_BY_HEAD_DIMS: dict[tuple[int, int], SelectionTuning] = {
-    (128, 128): SelectionTuning(
-        bwd_warps=4,
-        bwd_stages=3,
-        bwd_rows=32,
-        bwd_rows_major=False,
-        split_head_dims=False,
-        dq_transposed=True,
-        bwd_splits=4,
-        bwd_heavy_first=True,
-        dq_sum_kernel=True,
-    ),
+    (128, 128): dataclasses.replace(_D128_TRITON, mosaic_backward=True, mosaic_splits=8),
     (256, 128): SelectionTuning(
         bwd_warps=8,
         bwd_stages=2,
@@ -113,8 +129,9 @@ _TUNING_BY_HEAD_DIMS: dict[tuple[int, int], SelectionTuning] = {
         dq_sum_kernel=True,
     ),
 }
-# Other head dims take the D=128 entry (smaller ones need fewer registers; larger ones are untuned).
-DEFAULT_TUNING = _TUNING_BY_HEAD_DIMS[(128, 128)]
+# Other head dims take the D=128 Triton tuning (smaller ones need fewer registers; larger ones are
+# untuned; the Mosaic kernel was measured at D=128 and Dk=192/Dv=128 only).
+DEFAULT_TUNING = _D128_TRITON
 
 
 def tuning_for(dk: int, dv: int) -> SelectionTuning:

@@ -39,9 +39,10 @@ map (XLA sort), the tile kernel, and the dQ reduction. Variants, chosen by
   more queries (about 5x the mean at 64K with random causal selections, and every
   query when the first block is always selected), so in tile order the last head's
   long lists start late and make the kernel's tail.
-- Mosaic GPU tile kernel (``mosaic_backward``, opt-in): the same tile kernel in Pallas
-  Mosaic GPU (:mod:`pallas_kernels.gpu.selection_mosaic`: TMA gathers by a memory
-  warpgroup, warpgroup MMAs) for bf16, unpacked, ``G = 16``, ``l' = 64``.
+- Mosaic GPU tile kernel (``mosaic_backward``, the default at Dk = Dv = 128): the same tile
+  kernel in Pallas Mosaic GPU (:mod:`pallas_kernels.gpu.selection_mosaic`: TMA gathers by a
+  memory warpgroup, warpgroup MMAs) for bf16, unpacked, ``G = 16``, ``l' = 64`` on Hopper or
+  newer, with its own split count (``mosaic_splits``).
 - splits (``bwd_splits``): several programs per key tile, each on an equal share of
   its list, with float32 partial dK/dV summed afterwards. The spec's selection
   always keeps block 0 (Eq. 11), whose tile is then listed by all T queries: one
@@ -451,7 +452,13 @@ def _inverse_map(key_starts, geo: _Geometry) -> tuple[jax.Array, jax.Array]:
 
 def _uses_mosaic(geo: _Geometry) -> bool:
     return geo.tuning.mosaic_backward and selection_mosaic.supports(
-        aligned=geo.aligned, group=geo.group, block_size=geo.block_size, dk=geo.dk, dv=geo.dv, dtype=geo.dtype
+        aligned=geo.aligned,
+        group=geo.group,
+        block_size=geo.block_size,
+        dk=geo.dk,
+        dv=geo.dv,
+        dtype=geo.dtype,
+        interpret=geo.interpret,
     )
 
 
@@ -473,7 +480,7 @@ def _tile_backward(q, k, v, dout, key_starts, lse, delta, entries, offsets, geo:
             _tile_order(offsets, geo),
             slots=geo.slots,
             scale=geo.scale,
-            splits=geo.tuning.bwd_splits,
+            splits=geo.tuning.mosaic_splits,
             stages=selection_mosaic.stages_for(geo.dk, geo.dv, geo.tuning.bwd_stages),
             heavy_first=geo.tuning.bwd_heavy_first,
             interpret=geo.interpret,

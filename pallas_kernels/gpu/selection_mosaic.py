@@ -20,11 +20,12 @@ Two warpgroups per program:
   it stores the ``16``-row dQ parts by TMA while the next step runs.
 
 Served: bf16 or float16, no segments (aligned blocks), ``G = 16``, ``l' = 64``, head dims
-multiples of 64 up to 256 (``supports``). The forward, ``delta``, the inverse map and
-the dQ-part sum stay those of the Triton path. Opt-in (``SelectionTuning.mosaic_backward``):
-on the H200 at T = 64K, D = 128 it beats the Triton tile kernel on random blocks (17.8 against
-20.7 ms) but not on the NSA op's own selections, nor at Dk = 192
-(experiments/results/selection_h200.md, session 5).
+multiples of 64 up to 256, on a Hopper GPU or newer or in interpret mode (``supports``). The
+forward, ``delta``, the inverse map and the dQ-part sum stay those of the Triton path. The
+default at Dk = Dv = 128 (``SelectionTuning.mosaic_backward``, 8 splits): on the H200 at
+T = 64K it takes 39.5 ms forward+backward on random blocks and 39.7 with block 0 in every
+selection, against 41.9 / 42.2 with the Triton tile kernel; at Dk = 192 it is slower
+(experiments/results/selection_h200.md, sessions 5 and 6).
 
 Besides the Triton path's buffers it gathers each listed pair's lse and delta rows into list
 order (``2 * T * n * 16`` floats, 0.5 GB at T = 64K, H = 4): a step's rows are then one copy.
@@ -69,11 +70,22 @@ def _aligned(index: jax.Array) -> jax.Array:
 _SHARED_BYTES = 220 * 1024
 
 
-def supports(*, aligned: bool, group: int, block_size: int, dk: int, dv: int, dtype: str) -> bool:
-    """Whether this kernel serves the shape (else the Triton tile kernel does)."""
+def supports(
+    *, aligned: bool, group: int, block_size: int, dk: int, dv: int, dtype: str, interpret: bool
+) -> bool:
+    """Whether this kernel serves the shape here (else the Triton tile kernel does): warpgroup
+    MMAs and TMA need a Hopper GPU or newer, unless the kernel is interpreted."""
     dims_ok = all(d % 64 == 0 and d <= 256 for d in (dk, dv))
     shape_ok = aligned and group == _HEADS and block_size == _KEYS
-    return shape_ok and dims_ok and dtype in ("bfloat16", "float16")
+    return shape_ok and dims_ok and dtype in ("bfloat16", "float16") and (interpret or _hopper_or_newer())
+
+
+def _hopper_or_newer() -> bool:
+    device = jax.devices()[0]
+    capability = getattr(device, "compute_capability", None)
+    if device.platform != "gpu" or capability is None:
+        return False
+    return tuple(int(x) for x in str(capability).split(".")) >= (9, 0)
 
 
 def _shared_bytes(dk: int, dv: int, stages: int) -> int:
