@@ -251,7 +251,7 @@ def test_mosaic_tile_kernel_serves_only_its_shapes():
     assert not selection._uses_mosaic(_geometry(q.astype(jnp.float32), v, mosaic))
     assert not selection._uses_mosaic(_geometry(q[..., :96], v, mosaic))  # Dk not a multiple of 64
     assert not selection._uses_mosaic(_geometry(q, v, dataclasses.replace(mosaic, mosaic_backward=False)))
-    # Compiled (not interpreted) it needs a Hopper GPU or newer: not this CPU.
+    # Compiled (not interpreted) it needs a Hopper GPU: not this CPU.
     assert not selection._uses_mosaic(_geometry(q, v, mosaic, interpret=False))
 
 

@@ -44,8 +44,8 @@ class SelectionTuning:
         stored through transposed index grids.
       mosaic_backward: run the backward's tile kernel in Mosaic GPU
         (:mod:`pallas_kernels.gpu.selection_mosaic`: TMA gathers by a memory warpgroup,
-        warpgroup MMAs) where it serves the shape and the device (a Hopper GPU or newer,
-        or interpret mode), with ``bwd_stages`` gather slots (fewer where shared memory
+        warpgroup MMAs) where it serves the shape and the device (a Hopper GPU, or
+        interpret mode), with ``bwd_stages`` gather slots (fewer where shared memory
         is short), ``mosaic_splits`` programs per key tile and ``bwd_heavy_first`` as for
         the Triton kernel (``bwd_warps``, ``bwd_rows``, ``bwd_splits`` and the Triton
         variants do not apply); the Triton tile kernel otherwise.

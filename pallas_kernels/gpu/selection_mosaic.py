@@ -20,7 +20,7 @@ Two warpgroups per program:
   it stores the ``16``-row dQ parts by TMA while the next step runs.
 
 Served: bf16 or float16, no segments (aligned blocks), ``G = 16``, ``l' = 64``, head dims
-multiples of 64 up to 256, on a Hopper GPU or newer or in interpret mode (``supports``). The
+multiples of 64 up to 256, on a Hopper GPU (sm_90) or in interpret mode (``supports``). The
 forward, ``delta``, the inverse map and the dQ-part sum stay those of the Triton path. The
 default at Dk = Dv = 128 (``SelectionTuning.mosaic_backward``, 8 splits): on the H200 at
 T = 64K it takes 39.5 ms forward+backward on random blocks and 39.7 with block 0 in every
@@ -73,19 +73,18 @@ _SHARED_BYTES = 220 * 1024
 def supports(
     *, aligned: bool, group: int, block_size: int, dk: int, dv: int, dtype: str, interpret: bool
 ) -> bool:
-    """Whether this kernel serves the shape here (else the Triton tile kernel does): warpgroup
-    MMAs and TMA need a Hopper GPU or newer, unless the kernel is interpreted."""
+    """Whether this kernel serves the shape here (else the Triton tile kernel does): its
+    warpgroup MMAs are Hopper's (sm_90; Blackwell has other MMA instructions), so compiled it
+    needs a Hopper GPU."""
     dims_ok = all(d % 64 == 0 and d <= 256 for d in (dk, dv))
     shape_ok = aligned and group == _HEADS and block_size == _KEYS
-    return shape_ok and dims_ok and dtype in ("bfloat16", "float16") and (interpret or _hopper_or_newer())
+    return shape_ok and dims_ok and dtype in ("bfloat16", "float16") and (interpret or _on_hopper())
 
 
-def _hopper_or_newer() -> bool:
+def _on_hopper() -> bool:
     device = jax.devices()[0]
     capability = getattr(device, "compute_capability", None)
-    if device.platform != "gpu" or capability is None:
-        return False
-    return tuple(int(x) for x in str(capability).split(".")) >= (9, 0)
+    return device.platform == "gpu" and capability is not None and str(capability).split(".")[0] == "9"
 
 
 def _shared_bytes(dk: int, dv: int, stages: int) -> int:
