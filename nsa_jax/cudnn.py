@@ -39,7 +39,8 @@ _LANE_MULTIPLE = 8  # cuDNN's head dims are multiples of 8
 CausalAttention = Callable[..., jax.Array | tuple[jax.Array, jax.Array]]
 
 
-def _compute_capability() -> tuple[int, int]:
+def compute_capability() -> tuple[int, int]:
+    """``(major, minor)`` of the default device's CUDA compute capability; ``(0, 0)`` off GPU."""
     if jax.default_backend() != "gpu":
         return (0, 0)
     capability = getattr(jax.devices()[0], "compute_capability", "0.0")
@@ -49,7 +50,7 @@ def _compute_capability() -> tuple[int, int]:
 
 def _max_head_dim() -> int:
     """cuDNN's flash attention takes head dims up to 256 on Hopper and newer, 128 before."""
-    return 256 if _compute_capability() >= (9, 0) else 128
+    return 256 if compute_capability() >= (9, 0) else 128
 
 
 def _check_common(q: jax.Array, v: jax.Array, segment_ids: jax.Array | None, what: str) -> None:
@@ -64,7 +65,7 @@ def _check_common(q: jax.Array, v: jax.Array, segment_ids: jax.Array | None, wha
             f"head dims Dk={dk}, Dv={dv} must be multiples of {_LANE_MULTIPLE} and at most {limit} "
             f"for the cudnn {what}"
         )
-    if dk != dv and _compute_capability() < (9, 0):
+    if dk != dv and compute_capability() < (9, 0):
         raise ValueError(f"head dims Dk={dk} != Dv={dv} need a Hopper or newer GPU for the cudnn {what}")
 
 

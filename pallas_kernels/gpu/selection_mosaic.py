@@ -48,6 +48,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from nsa_jax.cudnn import compute_capability
+
 # (query, slot) pairs gathered per step: 4 pairs of 16 heads are the 64 columns of an MMA.
 PAIRS = 4
 _HEADS = 16
@@ -82,9 +84,7 @@ def supports(
 
 
 def _on_hopper() -> bool:
-    device = jax.devices()[0]
-    capability = getattr(device, "compute_capability", None)
-    return device.platform == "gpu" and capability is not None and str(capability).split(".")[0] == "9"
+    return compute_capability()[0] == 9
 
 
 def _shared_bytes(dk: int, dv: int, stages: int) -> int:
