@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -57,13 +58,22 @@ GEOMETRY = dict(
     num_local_blocks=2,
 )
 
+
+def tuned(overrides: dict, q: jax.Array) -> kernel.SelectTuning:
+    """The bf16 default tuning for ``q``'s ``Dk`` and ``T`` with ``overrides`` (a :data:`VARIANTS` entry)."""
+    return dataclasses.replace(kernel.default_tuning(jnp.bfloat16, q.shape[-1], q.shape[1]), **overrides)
+
+
 # SelectTuning overrides of the default. Registers for sm_90a at T = 64K, Dk = 192 / 128
 # (experiments/kernel_resources.py, no spills), shared memory, and the CTAs an SM then holds.
 # Every entry spells out the tiles it was measured with (experiments/results/select_blocks_h200.md);
 # registers at Dk = 192 / 128 (kernel_resources), shared memory and programs an SM.
 _WIDE = dict(rows=128, warps=8)
 VARIANTS = {
-    "default": {},  # 64 rows, 4 warps: 137 / 119, 72 / 48 KB: 3 / 4 CTAs of 4 warps; P = 4
+    # The default of the head dim and length: 64 rows, 4 warps (119 registers at Dk = 128, 48 KB: 4
+    # CTAs of 4 warps; P = 4); at Dk = 192 past T = 32K since session 7 32 rows, 2 warps (P = 2).
+    "default": {},
+    "rows64_warps4": dict(rows=64, warps=4),  # 137 / 119, 72 / 48 KB: 3 / 4 CTAs; Dk = 192's until session 7
     "first_kernel": dict(_WIDE, quads=False, top_n="argmax"),  # 185 / 176: the session-2 kernel
     "rows128_warps8": dict(_WIDE),  # 128 / 121, 96 / 64 KB: 2 / 2 CTAs of 8 warps; P = 8
     "rows256_warps16": dict(rows=256, warps=16, state=16384),  # 114 / 108, 144 / 96 KB: 1 CTA of 16
@@ -78,6 +88,13 @@ VARIANTS = {
     "quads_argmax": dict(_WIDE, top_n="argmax"),  # 128 / 115: new Eq. 9, the first kernel's top-n
     "by_token_lanes": dict(_WIDE, quads=False, top_n="lanes"),  # 145 / 114: first Eq. 9, new top-n
     "by_token_lanes_rows64": dict(rows=64, warps=4, quads=False, top_n="lanes"),  # not yet timed
+    # Session 7, around the 64-row default (registers not read):
+    "rows64_keys128": dict(rows=64, warps=4, keys=128),
+    "rows64_keys32": dict(rows=64, warps=4, keys=32),
+    "rows64_stages3": dict(rows=64, warps=4, stages=3),
+    "rows64_warps8": dict(rows=64, warps=8),
+    "rows32_warps2": dict(rows=32, warps=2),
+    "rows32_warps4": dict(rows=32, warps=4),
 }
 
 
@@ -112,8 +129,9 @@ def _one_sum(p, previous, geo):
 
 
 # Default tuning with stages replaced (module attribute -> stand-in): T(default) - T(ablation)
-# is the time of what was removed. All keep the default's occupancy (registers at Dk = 192 / 128:
-# top_n 128 / 121, back_terms 124 / 113, exp 128 / 123, exp_eq9 128 / 124, dot_loop_only 122 / 118).
+# is the time of what was removed. On the session-3 base (128-row tiles) all kept its occupancy
+# (registers at Dk = 192 / 128: top_n 128 / 121, back_terms 124 / 113, exp 128 / 123, exp_eq9
+# 128 / 124, dot_loop_only 122 / 118).
 ABLATIONS = {
     "ablate_top_n": {"_top_n_direct": _no_top_n},
     "ablate_back_terms": {"_shifted_quads": _own_only},
@@ -163,6 +181,26 @@ PLAN = {
         (_64K, 128, "rows64_warps4_masked_only"),
         (_64K, 128, "rows256_warps16_masked_only"),
     ],
+    # Where the 64-row default's time goes now, and tiles around it.
+    "session7": [
+        (_64K, 128, "default"),
+        *[(_64K, 128, name) for name in ABLATIONS],
+        (_64K, 192, "default"),
+        *[
+            (_64K, dk, name)
+            for name in (
+                "rows64_keys128",
+                "rows64_keys32",
+                "rows64_stages3",
+                "rows64_warps8",
+                "rows32_warps2",
+                "rows32_warps4",
+            )
+            for dk in (128, 192)
+        ],
+    ],
+    # The Dk = 192 default against the 64-row tiles it replaced.
+    "dk192": [(_64K, 192, "default"), (_64K, 192, "rows64_warps4"), (_64K, 128, "default")],
     "quick": [
         (_64K, 192, "default"),
         (_64K, 192, "first_kernel"),
@@ -179,6 +217,7 @@ CHECKS = [
     (3, jnp.bfloat16, False, "default"),  # G = 1, l=16, d=8, l'=32
     (0, jnp.bfloat16, True, "default"),  # exact ties
     (1, jnp.float32, True, "default"),  # exact ties, packed
+    (1, jnp.bfloat16, True, "default"),  # exact ties, packed, the Dk = 192 tiles
     (0, jnp.bfloat16, True, "rows256_warps16"),
     (0, jnp.bfloat16, True, "masked_only"),
     (0, jnp.bfloat16, True, "rows128_warps8"),
@@ -213,7 +252,7 @@ def inputs(length: int, dk: int):
 def compiled_select(name: str, q, k, lse):
     """``(compiled fn(q, k, lse), compile seconds)`` of a variant or ablation."""
     overrides, patches = VARIANTS.get(name), ABLATIONS.get(name, {})
-    tuning = kernel.SelectTuning(**(overrides or {}))
+    tuning = tuned(overrides or {}, q)
     raw = getattr(kernel.select_blocks, "__wrapped__", kernel.select_blocks)
 
     def fn(q, k, lse):
@@ -280,7 +319,6 @@ def near_tie_rows(q, k, lse, ours: np.ndarray, ref: np.ndarray, limit: int = 256
 def variant_selection(name: str):
     """``check_compression_gpu.selection`` with the kernel of variant ``name`` for ``pallas_triton``."""
     original = cc.selection
-    tuning = kernel.SelectTuning(**VARIANTS[name])
 
     def selection(implementation: str, geometry: dict, segment_ids):
         if implementation != "pallas_triton" or name == "default":
@@ -296,7 +334,7 @@ def variant_selection(name: str):
                 num_local_blocks=2,
                 scale=q.shape[-1] ** -0.5,
                 segment_ids=segment_ids,
-                tuning=tuning,
+                tuning=tuned(VARIANTS[name], q),
                 interpret=jax.default_backend() != "gpu",
             )
 
@@ -312,7 +350,7 @@ def run_checks(long_length: int) -> list[dict]:
         with contextlib.ExitStack() as stack:
             stack.callback(setattr, cc, "selection", cc.selection)
             cc.selection = variant_selection(name)
-            r = cc.run_case(cc.CASES[index], dtype, ties, with_compressed=False)
+            r = cc.run_case(cc.CASES[index], dtype, ties, implementation=None)
         r["variant"] = name
         r["seconds"] = time.perf_counter() - start
         sel = r["select_blocks"]

@@ -21,16 +21,13 @@ _HEAVY_SUM = {"bwd_heavy_first": True, "dq_sum_kernel": True}
 _8W_128R_ROWS = SelectionTuning(bwd_warps=8, bwd_stages=2, bwd_rows=128, bwd_rows_major=True)
 
 
-def _mosaic_variants(default: SelectionTuning, stages: tuple[int, ...]) -> dict[str, SelectionTuning]:
-    """The Mosaic GPU tile kernel (``mosaic_splits`` as the field's default) with ``stages`` gather slots."""
-    return {f"mosaic_s{s}": dataclasses.replace(default, mosaic_backward=True, bwd_stages=s) for s in stages}
-
-
-# D=128: the default is the Mosaic GPU tile kernel with 8 splits (session 6); ``triton`` is the
-# Triton tile kernel of sessions 2-5 (4 splits). Block 0's tile holds every query when block 0 is
-# forced (--first-block): the split count decides how long its programs' chain is.
+# The defaults are the Mosaic GPU tile kernel with 8 splits (D=128 since session 6, Dk=192 since
+# session 7); ``triton`` is the Triton tile kernel of the sessions before (4 splits). Block 0's tile
+# holds every query when block 0 is forced (--first-block): the split count decides how long its
+# programs' chain is.
 _D128_DEFAULT = tuning_for(128, 128)
 _D128_TRITON = dataclasses.replace(_D128_DEFAULT, mosaic_backward=False)
+_D192_DEFAULT = tuning_for(192, 128)
 
 VARIANTS = {
     "G16_D128": {
@@ -48,13 +45,16 @@ VARIANTS = {
         "8w_128r_rows": _8W_128R_ROWS,
     },
     "G16_D192_128": {
-        "default": tuning_for(192, 128),
+        "default": _D192_DEFAULT,
+        "triton": dataclasses.replace(_D192_DEFAULT, mosaic_backward=False),
+        "mosaic_s3": dataclasses.replace(_D192_DEFAULT, bwd_stages=3),
+        "mosaic_split4": dataclasses.replace(_D192_DEFAULT, mosaic_splits=4),
+        "dq_sum_kernel": dataclasses.replace(_D192_DEFAULT, dq_sum_kernel=True),
         "8w_64r_rows_dqT": dataclasses.replace(_D192, dq_transposed=True),
         "8w_64r_rows_heavy_sumk_split4": dataclasses.replace(_D192, bwd_splits=4, **_HEAVY_SUM),
         "8w_64r_rows": _D192,
         "8w_64r_rows_heavy_sumk": dataclasses.replace(_D192, **_HEAVY_SUM),
         "8w_64r_keys_dqT": dataclasses.replace(_D192, bwd_rows_major=False, dq_transposed=True),
-        **_mosaic_variants(tuning_for(192, 128), (2, 3)),
     },
 }
 

@@ -104,6 +104,7 @@ _TUNINGS = {
     "default": {},
     "masked_only": dict(unmasked=False),
     "rows32_keys16": dict(rows=32, keys=16),
+    "rows32_warps2": dict(rows=32, warps=2),  # the bf16 default at Dk = 192 past T = 32K
     "first_kernel": dict(quads=False, top_n="argmax"),
     "by_token_flat": dict(quads=False),
     "lanes": dict(top_n="lanes"),
@@ -132,6 +133,16 @@ def _select_with_tuning(q, k_cmp, tuning: dict, num_selected: int, segment_ids=N
     ours = select_blocks.select_blocks(q, k_cmp, lse, **kwargs, interpret=True, tuning=chosen)
     reference = nsa_jax.select_blocks(q, k_cmp, lse, implementation="xla", **kwargs)
     return np.asarray(ours), np.asarray(reference)
+
+
+def test_default_tuning_by_dtype_and_head_dim():
+    from pallas_kernels.gpu import select_blocks
+
+    long_dk192 = select_blocks.SelectTuning(**_TUNINGS["rows32_warps2"])
+    assert select_blocks.default_tuning(jnp.bfloat16, 192, 65536) == long_dk192
+    assert select_blocks.default_tuning(jnp.bfloat16, 192, 32768) == select_blocks.DEFAULT_TUNING
+    assert select_blocks.default_tuning(jnp.bfloat16, 128, 65536) == select_blocks.DEFAULT_TUNING
+    assert select_blocks.default_tuning(jnp.float32, 192, 65536) == select_blocks.FLOAT32_TUNING
 
 
 @pytest.mark.parametrize("tuning", list(_TUNINGS))

@@ -211,7 +211,7 @@ def test_backward_variants_match_reference(tuning):
     [
         (128, tuning_for(128, 128)),
         (128, dataclasses.replace(tuning_for(128, 128), mosaic_splits=3, bwd_heavy_first=False)),
-        (192, SelectionTuning(mosaic_backward=True, bwd_stages=2, mosaic_splits=2, bwd_heavy_first=True)),
+        (192, dataclasses.replace(tuning_for(192, 128), mosaic_splits=2)),
     ],
     ids=["d128_default_eight_splits", "d128_three_splits_tile_order", "dk192_two_splits"],
 )
@@ -242,8 +242,8 @@ def _geometry(q, v, tuning, aligned=True, block_size=64, interpret=True):
 
 def test_mosaic_tile_kernel_serves_only_its_shapes():
     q, _, v, _ = _inputs(0, 1, 8, 16, 1, 128, 128, jnp.bfloat16)
-    mosaic = tuning_for(128, 128)  # the default at Dk = Dv = 128
-    assert mosaic.mosaic_backward and not tuning_for(192, 128).mosaic_backward
+    mosaic = tuning_for(128, 128)  # the default at Dk = Dv = 128, as at Dk = 192 / Dv = 128
+    assert mosaic.mosaic_backward and tuning_for(192, 128).mosaic_backward
     assert not DEFAULT_TUNING.mosaic_backward  # untuned head dims keep the Triton kernel
     assert selection._uses_mosaic(_geometry(q, v, mosaic))
     assert not selection._uses_mosaic(_geometry(q, v, mosaic, aligned=False))  # packed segments

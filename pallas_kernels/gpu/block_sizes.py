@@ -103,8 +103,12 @@ class SelectionTuning:
 #   (experiments/results/selection_h200.md): 39.5 ms forward+backward on random blocks and 39.7
 #   with block 0 in every selection, against 41.9 / 42.2 for the Triton kernel in the same runs.
 #   With 4 splits (session 5) it lost with block 0 always selected (42.9 ms; inside the NSA op
-#   43.7 against 42.1): block 0's tile, split 4 ways, then made the kernel's tail. At Dk=192 it
-#   is slower on random blocks (76.4 against 74.2 ms), so that entry keeps the Triton kernel.
+#   43.7 against 42.1): block 0's tile, split 4 ways, then made the kernel's tail.
+# - Dk=192/Dv=128 backward tile kernel: Mosaic GPU with 8 splits and 2 gather slots, session 7,
+#   once its dQ went in 64-column pieces (a whole [64, 192] float32 dQ spilled 1128 B a thread):
+#   57.0 / 57.2 ms forward+backward on random blocks / with block 0 in every selection, against
+#   74.4 / 74.4 for the Triton kernel in the same runs; the XLA dQ-part sum (7.0 ms) beats the
+#   dQ-sum kernel (8.5 ms; it loads 256 lanes masked to 192) there: 55.1 / 56.1 ms.
 _D128_TRITON = SelectionTuning(
     bwd_warps=4,
     bwd_stages=3,
@@ -116,18 +120,18 @@ _D128_TRITON = SelectionTuning(
     bwd_heavy_first=True,
     dq_sum_kernel=True,
 )
+_D192_TRITON = SelectionTuning(
+    bwd_warps=8,
+    bwd_stages=2,
+    bwd_rows=64,
+    bwd_rows_major=True,
+    dq_transposed=True,
+    bwd_splits=4,
+    bwd_heavy_first=True,
+)
 _TUNING_BY_HEAD_DIMS: dict[tuple[int, int], SelectionTuning] = {
     (128, 128): dataclasses.replace(_D128_TRITON, mosaic_backward=True, mosaic_splits=8),
-    (256, 128): SelectionTuning(
-        bwd_warps=8,
-        bwd_stages=2,
-        bwd_rows=64,
-        bwd_rows_major=True,
-        dq_transposed=True,
-        bwd_splits=4,
-        bwd_heavy_first=True,
-        dq_sum_kernel=True,
-    ),
+    (256, 128): dataclasses.replace(_D192_TRITON, mosaic_backward=True, mosaic_splits=8),
 }
 # Other head dims take the D=128 Triton tuning (smaller ones need fewer registers; larger ones are
 # untuned; the Mosaic kernel was measured at D=128 and Dk=192/Dv=128 only).

@@ -114,13 +114,24 @@ class SelectTuning:
 # programs an SM), 22.3 / 15.8 ms against 26.0 / 23.8 for the first kernel (quads=False,
 # top_n="argmax", 128 rows, 8 warps) and 28.9 / 25.9 for 128 rows of 8 warps with quads.
 DEFAULT_TUNING = SelectTuning(rows=64, warps=4)
+# Dk = 192 (bf16) past T = 32K: 32-row tiles of 2 warps (P = 2), 20.0-20.3 ms at T = 64K against
+# 22.5-22.7 for the 64-row tiles, with the same picks (session 7). Shorter rows keep the 64-row
+# tiles: inside the NSA op the 32-row ones took 1.98 / 5.84 ms at 16K / 32K, where the 64-row
+# ones took 1.68-1.83 / 5.04-5.09 in sessions 3 and 4. At Dk = 128 they are slower at 64K too
+# (18.0 against 16.1 ms).
+LONG_DK192_TUNING = SelectTuning(rows=32, warps=2)
+_LONG_FROM = 32768
 # float32 (its dots run on FMA units, for checks): smaller tiles than the 16-bit ones, which
 # spill more; these still spill a little at some T (up to ~450 bytes of stack, as before quads).
 FLOAT32_TUNING = SelectTuning(rows=64, keys=32)
 
 
-def default_tuning(dtype: jnp.dtype) -> SelectTuning:
-    return FLOAT32_TUNING if jnp.dtype(dtype) == jnp.float32 else DEFAULT_TUNING
+def default_tuning(dtype: jnp.dtype, dk: int, length: int) -> SelectTuning:
+    """float32: :data:`FLOAT32_TUNING`; 16-bit: :data:`LONG_DK192_TUNING` for ``129 <= dk <= 256``
+    past ``T = 32K`` query positions, else :data:`DEFAULT_TUNING`."""
+    if jnp.dtype(dtype) == jnp.float32:
+        return FLOAT32_TUNING
+    return LONG_DK192_TUNING if padded(dk) == 256 and length > _LONG_FROM else DEFAULT_TUNING
 
 
 @dataclasses.dataclass(frozen=True)
@@ -624,7 +635,7 @@ def select_blocks(
       num_selected, num_initial_blocks, num_local_blocks: ``n`` and the forced blocks.
       scale: logit scale; segment_ids: int ``[B, T]`` or ``None``.
       interpret: run the kernel in Pallas interpret mode (CPU).
-      tuning: tile sizes, warps and stages; ``None``: :func:`default_tuning` of the dtype.
+      tuning: tile sizes, warps and stages; ``None``: :func:`default_tuning` of the dtype, ``Dk`` and ``T``.
 
     Returns:
       int32 ``[B, T, H, n]``: blocks counted from the segment start, ascending, ``-1``
@@ -646,7 +657,7 @@ def select_blocks(
         scale=float(scale),
         segmented=segment_ids is not None,
         dtype=jnp.dtype(q.dtype).name,
-        tuning=default_tuning(q.dtype) if tuning is None else tuning,
+        tuning=default_tuning(q.dtype, dk, length) if tuning is None else tuning,
     )
     q5 = jax.lax.stop_gradient(q).reshape(batch, length, kv_heads, geo.group, dk)
     lse4 = jax.lax.stop_gradient(lse).astype(jnp.float32).reshape(batch, length, kv_heads, geo.group)

@@ -39,10 +39,11 @@ map (XLA sort), the tile kernel, and the dQ reduction. Variants, chosen by
   more queries (about 5x the mean at 64K with random causal selections, and every
   query when the first block is always selected), so in tile order the last head's
   long lists start late and make the kernel's tail.
-- Mosaic GPU tile kernel (``mosaic_backward``, the default at Dk = Dv = 128): the same tile
-  kernel in Pallas Mosaic GPU (:mod:`pallas_kernels.gpu.selection_mosaic`: TMA gathers by a
-  memory warpgroup, warpgroup MMAs) for bf16, unpacked, ``G = 16``, ``l' = 64`` on Hopper or
-  newer, with its own split count (``mosaic_splits``).
+- Mosaic GPU tile kernel (``mosaic_backward``, the default at Dk = Dv = 128 and at
+  Dk = 192 / Dv = 128): the same tile kernel in Pallas Mosaic GPU
+  (:mod:`pallas_kernels.gpu.selection_mosaic`: TMA gathers by a memory warpgroup, warpgroup
+  MMAs) for bf16, unpacked, ``G = 16``, ``l' = 64`` on Hopper, with its own split count
+  (``mosaic_splits``).
 - splits (``bwd_splits``): several programs per key tile, each on an equal share of
   its list, with float32 partial dK/dV summed afterwards. The spec's selection
   always keeps block 0 (Eq. 11), whose tile is then listed by all T queries: one
@@ -70,9 +71,10 @@ D = 128, bf16; P = T*H*n = 4.2M (query, slot) pairs of G rows):
 Registers per thread / stack bytes (spills) / shared memory of the backward for
 sm_90a at T = 64K, G = 16, l' = 64 (``experiments/kernel_resources.py``; every
 variant of ``experiments/selection_inputs.VARIANTS`` is listed in
-experiments/results/selection_h200.md): the D=128 default (4 warps, 3 stages, 32
-rows, keys-major) 255 / 232 B / 87 KB, yet the fastest measured; the Dk=192/Dv=128
-default (8 warps, 2 stages, 64 rows, rows-major, split) 255 / 232 B / 140 KB. Four
+experiments/results/selection_h200.md): the D=128 Triton tuning (4 warps, 3 stages, 32
+rows, keys-major) 255 / 232 B / 87 KB, yet the fastest Triton variant measured; the
+Dk=192/Dv=128 Triton tuning (8 warps, 2 stages, 64 rows, rows-major, split) 255 / 232 B /
+140 KB. Four
 warps cannot hold the float32 dK and dV accumulators of a 64-key tile (128 registers
 at D = 128) next to the step's tiles without spilling.
 

@@ -22,10 +22,12 @@ Two warpgroups per program:
 Served: bf16 or float16, no segments (aligned blocks), ``G = 16``, ``l' = 64``, head dims
 multiples of 64 up to 256, on a Hopper GPU (sm_90) or in interpret mode (``supports``). The
 forward, ``delta``, the inverse map and the dQ-part sum stay those of the Triton path. The
-default at Dk = Dv = 128 (``SelectionTuning.mosaic_backward``, 8 splits): on the H200 at
-T = 64K it takes 39.5 ms forward+backward on random blocks and 39.7 with block 0 in every
-selection, against 41.9 / 42.2 with the Triton tile kernel; at Dk = 192 it is slower
-(experiments/results/selection_h200.md, sessions 5 and 6).
+default at Dk = Dv = 128 and Dk = 192 / Dv = 128 (``SelectionTuning.mosaic_backward``, 8
+splits): on the H200 at T = 64K forward+backward takes 39.5 ms on random blocks and 39.7 with
+block 0 in every selection at D = 128, against 41.9 / 42.2 with the Triton tile kernel, and
+55.1 / 56.1 at Dk = 192 against 74.4 / 74.4 (experiments/results/selection_h200.md, sessions
+5-7). At Dk = 192 dQ goes in 64-column pieces (see ``dq_columns``); the kernel still spills
+~300 B a thread there.
 
 Besides the Triton path's buffers it gathers each listed pair's lse and delta rows into list
 order (``2 * T * n * 16`` floats, 0.5 GB at T = 64K, H = 4): a step's rows are then one copy.
@@ -177,6 +179,10 @@ def tile_backward(
     # Interpret mode runs one warpgroup that issues each step's copies itself: the interpreter's
     # warpgroup threads block in barrier waits and can starve the CPU client's worker threads.
     inline = interpret
+    # dQ's float32 accumulator beside dK's and dV's: at Dk = 192 a whole one would take the compute
+    # warpgroup past its 232 registers, so there dQ goes in 64-column pieces (one MMA and store each).
+    width = dk if dk <= 128 else 64
+    dq_columns = [pl.ds(start, width) for start in range(0, dk, width)]
 
     def kernel(
         entries_ref, offsets_ref, order_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
@@ -318,18 +324,30 @@ def tile_backward(
                 pds_smem[...] = ds_t.astype(dtype)
                 plgpu.commit_smem()
 
+                def dq_piece(columns):
+                    """``dQ = dS K`` for the key tile's ``columns``, into a fresh accumulator."""
+                    zeros = plgpu.layout_cast(
+                        jnp.zeros((_ROWS, columns.size), jnp.float32), plgpu.Layout.WGMMA
+                    )
+                    return zeros, lambda ref: plgpu.wgmma(ref, pds_smem.T, k_smem.at[:, columns])
+
+                first_zeros, first_dq = dq_piece(dq_columns[0])
+
                 def query_key_grads(refs):
                     dk_ref_, dq_ref_ = refs
                     plgpu.wgmma(dk_ref_, pds_smem, q_slot)
-                    plgpu.wgmma(dq_ref_, pds_smem.T, k_smem)
+                    first_dq(dq_ref_)
 
-                dq_zeros = plgpu.layout_cast(jnp.zeros((_ROWS, dk), jnp.float32), plgpu.Layout.WGMMA)
-                dk_acc, dq = accumulate(query_key_grads, (dk_acc, dq_zeros))
+                dk_acc, dq = accumulate(query_key_grads, (dk_acc, first_zeros))
                 if not inline:
                     plgpu.barrier_arrive(consumed.at[slot])
                 # The last step's dQ stores must have read dq_smem before it is overwritten.
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                dq_smem[...] = (dq * scale).astype(dtype)
+                dq_smem[:, dq_columns[0]] = (dq * scale).astype(dtype)
+                for columns in dq_columns[1:]:
+                    zeros, mma = dq_piece(columns)
+                    (dq,) = accumulate(lambda refs, mma=mma: mma(refs[0]), (zeros,))
+                    dq_smem[:, columns] = (dq * scale).astype(dtype)
                 plgpu.commit_smem()
                 for j in range(PAIRS):
                     store_part(j, queries[j], ids[j] - queries[j] * slots, live[j])
