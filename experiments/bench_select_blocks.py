@@ -95,6 +95,8 @@ VARIANTS = {
     "rows64_warps8": dict(rows=64, warps=8),
     "rows32_warps2": dict(rows=32, warps=2),
     "rows32_warps4": dict(rows=32, warps=4),
+    # Eq. 9's back terms from a second dot instead of a shifted second group sum (untimed so far).
+    "back_dot": dict(back_dot=True),
 }
 
 
@@ -199,6 +201,14 @@ PLAN = {
             for dk in (128, 192)
         ],
     ],
+    # The back_dot variant against the defaults, and the stage it should remove.
+    "back_dot": [
+        (_64K, 128, "default"),
+        (_64K, 128, "back_dot"),
+        (_64K, 128, "ablate_back_terms"),
+        (_64K, 192, "default"),
+        (_64K, 192, "back_dot"),
+    ],
     # The Dk = 192 default against the 64-row tiles it replaced.
     "dk192": [(_64K, 192, "default"), (_64K, 192, "rows64_warps4"), (_64K, 128, "default")],
     "quick": [
@@ -222,6 +232,8 @@ CHECKS = [
     (0, jnp.bfloat16, True, "masked_only"),
     (0, jnp.bfloat16, True, "rows128_warps8"),
     (0, jnp.bfloat16, True, "first_kernel"),
+    (0, jnp.bfloat16, True, "back_dot"),
+    (1, jnp.bfloat16, False, "back_dot"),
 ]
 
 

@@ -105,6 +105,8 @@ _TUNINGS = {
     "masked_only": dict(unmasked=False),
     "rows32_keys16": dict(rows=32, keys=16),
     "rows32_warps2": dict(rows=32, warps=2),  # the bf16 default at Dk = 192 past T = 32K
+    "back_dot": dict(back_dot=True),
+    "back_dot_rows64": dict(back_dot=True, rows=64, warps=4),
     "first_kernel": dict(quads=False, top_n="argmax"),
     "by_token_flat": dict(quads=False),
     "lanes": dict(top_n="lanes"),
@@ -113,16 +115,17 @@ _TUNINGS = {
 }
 
 
-def _select_with_tuning(q, k_cmp, tuning: dict, num_selected: int, segment_ids=None):
-    """``(kernel with the tuning overrides, xla)`` at l=32, d=16, l'=64, lse from the xla compression."""
+def _select_with_tuning(q, k_cmp, tuning: dict, num_selected: int, segment_ids=None, geometry=(32, 16, 64)):
+    """``(kernel with the tuning overrides, xla)`` at ``geometry`` = (l, d, l'), lse by xla."""
     from pallas_kernels.gpu import select_blocks
 
+    l, d, lsel = geometry
     seg = None if segment_ids is None else jnp.asarray(segment_ids)
-    _, lse = nsa_jax.compressed_attention(q, k_cmp, k_cmp, block_length=32, block_stride=16, segment_ids=seg)
+    _, lse = nsa_jax.compressed_attention(q, k_cmp, k_cmp, block_length=l, block_stride=d, segment_ids=seg)
     kwargs = dict(
-        block_length=32,
-        block_stride=16,
-        selection_block_size=64,
+        block_length=l,
+        block_stride=d,
+        selection_block_size=lsel,
         num_selected=num_selected,
         num_initial_blocks=1,
         num_local_blocks=2,
@@ -145,6 +148,33 @@ def test_default_tuning_by_dtype_and_head_dim():
     assert select_blocks.default_tuning(jnp.float32, 192, 65536) == select_blocks.FLOAT32_TUNING
 
 
+@pytest.mark.parametrize(
+    ("geometry", "length"),
+    [
+        ((64, 16, 64), 700),  # three tokens of the block before feed each block (b' = 4)
+        ((8, 4, 12), 500),  # r = 3 tokens a block, padded to 4 in the key tile
+    ],
+    ids=str,
+)
+def test_back_dot_other_geometries_equal_xla(geometry, length):
+    q, k_cmp = _random_inputs(21, 1, length, 16, 1, 16, geometry[1])
+    ours, reference = _select_with_tuning(
+        q, k_cmp, dict(back_dot=True, rows=64, warps=4), 5, _packed(1, length, 3), geometry=geometry
+    )
+    np.testing.assert_array_equal(ours, reference)
+
+
+def test_back_dot_rejects_what_it_cannot_tile():
+    from pallas_kernels.gpu import select_blocks
+
+    with pytest.raises(ValueError, match="back_dot needs quads"):
+        select_blocks.SelectTuning(back_dot=True, quads=False)
+    q, k_cmp = _random_inputs(3, 1, 200, 16, 1, 16, 16)
+    # 16 keys of 4 tokens a block: 4 blocks a key tile, one back token each: 4 back-dot columns.
+    with pytest.raises(ValueError, match="back-dot columns"):
+        _select_with_tuning(q, k_cmp, dict(back_dot=True, keys=16), 4)
+
+
 @pytest.mark.parametrize("tuning", list(_TUNINGS))
 @pytest.mark.parametrize("length", [1100, 301])
 def test_tilings_equal_xla(tuning, length):
@@ -157,7 +187,9 @@ def test_tilings_equal_xla(tuning, length):
     np.testing.assert_array_equal(ours, reference)
 
 
-@pytest.mark.parametrize("tuning", ["default", "lanes", "keys128_rows64", "rows256_state16k", "first_kernel"])
+@pytest.mark.parametrize(
+    "tuning", ["default", "lanes", "keys128_rows64", "rows256_state16k", "first_kernel", "back_dot"]
+)
 def test_tilings_keep_exact_ties(tuning):
     # Periodic compressed keys: every selection block sees the same Eq. 9 tokens, so the
     # importances of all blocks with all five terms tie exactly (across key tiles, quarters of a
@@ -221,7 +253,8 @@ def test_carries_no_gradient():
 
 
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
-def test_kernel_lowers_to_triton_ir(monkeypatch):
+@pytest.mark.parametrize("tuning", [None, {"back_dot": True}], ids=["default", "back_dot"])
+def test_kernel_lowers_to_triton_ir(monkeypatch, tuning):
     # Cross-platform export runs the Pallas Triton lowering (kernel to Triton IR) without a
     # GPU once the lowering is told which GPU to target (private API, hence the guard);
     # Triton's own compilation to PTX happens on a GPU only.
@@ -252,6 +285,7 @@ def test_kernel_lowers_to_triton_ir(monkeypatch):
         num_local_blocks=2,
         scale=0.1,
         segment_ids=segment_ids,
+        tuning=None if tuning is None else select_blocks.SelectTuning(**tuning),
     )
     triton_call = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
     exported = jax.export.export(jax.jit(select), platforms=["cuda"], disabled_checks=[triton_call])(

@@ -25,7 +25,8 @@ block are padding), counted from the segment start of the rows. Per key tile:
    in-thread but for one value a lane. Otherwise (the first kernel) ``p`` is summed over the
    heads first, then each token ``m`` is taken out and shifted separately.
    Blocks with equal inputs get equal importance (exact ties): every block goes through the
-   same float32 operations, and picking and shifting add exact zeros only.
+   same float32 operations, and picking and shifting add exact zeros only. ``back_dot`` (opt-in,
+   untimed) computes each block's ``back`` tokens again in a second dot instead, with no shift.
 3. The ``Bk`` importances are written into a ``[P, Nb' / Bk, Bk]`` register tile holding
    every selection block of the ``P`` positions (``Nb' = next_pow2(ceil(T / l'))``).
 
@@ -87,6 +88,11 @@ class SelectTuning:
     ``top_n``: ``"flat"``, ``"lanes"`` or ``"argmax"`` (the first kernel), see the module notes.
     ``state``: upper bound on the register tile of importances, ``P * Nb'`` floats (8192: 32
     registers a thread at 8 warps); ``P`` shrinks below ``rows / G'`` to respect it.
+    ``back_dot`` (with ``quads``): the Eq. 9 terms a block takes from tokens of the block before
+    come from a second, ``Bk * b'``-column dot over those tokens' keys (``b`` of them a block, for
+    every block of the tile), summed with the block's own tokens before the one group sum, instead
+    of a second group sum shifted one block on; more dot and exp work (``b / r``), no shift and no
+    carry between key tiles. Not yet timed on a GPU.
     ``SelectTuning(quads=False, top_n="argmax")`` is the first kernel."""
 
     rows: int = 128
@@ -97,6 +103,7 @@ class SelectTuning:
     unmasked: bool = True
     quads: bool = True
     top_n: str = "flat"
+    back_dot: bool = False
 
     def __post_init__(self) -> None:
         if self.top_n not in ("flat", "lanes", "argmax"):
@@ -107,6 +114,8 @@ class SelectTuning:
                 raise ValueError(f"{name} must be positive, got {value}")
             if name in ("rows", "keys") and (value < 16 or value & (value - 1)):
                 raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+        if self.back_dot and not self.quads:
+            raise ValueError("back_dot needs quads=True (it sums in the quads layout)")
 
 
 # bf16: the fastest of the H200 sweep at T = 64K, G = 16 (experiments/results/select_blocks_h200.md):
@@ -243,6 +252,16 @@ class _Geometry:
         return self._weights(0)
 
     @property
+    def back_tokens(self) -> tuple[tuple[int, int], ...]:
+        """``(weight, m)`` of the Eq. 9 terms from token ``m`` of the block before."""
+        return tuple((weight, m) for weight, m, back in self.terms if back == 1)
+
+    @property
+    def back_columns(self) -> int:
+        """Columns of the ``back_dot`` tile: ``Bk`` blocks of ``b'`` back tokens."""
+        return self.tile_blocks * pl.next_power_of_2(max(1, len(self.back_tokens)))
+
+    @property
     def back_weights(self) -> tuple[int, ...]:
         """Eq. 9 weight of token ``m`` of a block in the next block's importance (``l <= l'``:
         no term reaches further back)."""
@@ -354,6 +373,34 @@ def _importance_by_quarter(p: jax.Array | None, previous: jax.Array, geo: _Geome
         return own, previous
     shifted, last = _shifted_quads(back, previous)
     return own + shifted, last
+
+
+def _quads_order(columns: int) -> jax.Array:
+    """Tile slot of each dot column in the quads order (``SelectTuning.quads``): column
+    ``8j + 2q + e`` holds slot ``q * columns/4 + 2j + e``."""
+    column = jnp.arange(columns)
+    return (column // 2) % 4 * (columns // 4) + column // 8 * 2 + column % 2
+
+
+def _by_block(p: jax.Array, blocks: int) -> list[jax.Array]:
+    """``p [rows, columns]`` loaded in the quads order, as the ``columns / blocks`` token planes
+    ``[rows, blocks]`` (a reshape and transpose that move no data on the wgmma accumulator)."""
+    rows, columns = p.shape
+    p = p.reshape(rows, columns // 8, 4, 2).transpose(0, 2, 1, 3)
+    return _split_last(p.reshape(rows, blocks, columns // blocks))
+
+
+def _importance_with_back_dot(p: jax.Array, p_back: jax.Array, geo: _Geometry) -> jax.Array:
+    """Eq. 9 with ``back_dot``: each block's own tokens (``p [rows, keys]``) and the tokens of the
+    block before that feed it (``p_back [rows, back_columns]``, the ``back_tokens`` in order, for
+    the same blocks) weighted and summed per row, then one group sum: ``[P, Bk]``."""
+    P, blocks = geo.positions, geo.tile_blocks
+    own = _weighted_sum(_by_block(p, blocks), geo.own_weights)
+    back_planes = _by_block(p_back, blocks)
+    back_weights = [weight for weight, _ in geo.back_tokens]
+    back_weights += [0] * (len(back_planes) - len(back_weights))
+    total = own + _weighted_sum(back_planes, tuple(back_weights))
+    return jnp.sum(total.reshape(P, geo.heads_pow2, blocks), axis=1)
 
 
 def _ascending_unused_last(picks: jax.Array, unused: int) -> jax.Array:
@@ -481,11 +528,19 @@ def _kernel(starts_ref, q_ref, lse_ref, k_ref, out_ref, *, geo: _Geometry):
 
     step = jnp.arange(geo.steps)[None, :, None]
     # Tile slot of each key row (dot column): in order, or in the quads order.
-    key_row = jnp.arange(keys)
-    if geo.tuning.quads:
-        key_row = (key_row // 2) % 4 * (keys // 4) + key_row // 8 * 2 + key_row % 2
+    key_row = _quads_order(keys) if geo.tuning.quads else jnp.arange(keys)
     key_block, key_token = key_row // geo.ratio_pow2, key_row % geo.ratio_pow2
     token_in_tile = key_block * geo.ratio + key_token
+    if geo.tuning.back_dot:
+        # Back-dot column -> (block, back term): the term's token, counted from the tile's start.
+        back_row = _quads_order(geo.back_columns)
+        per_block = geo.back_columns // blocks
+        back_block, back_term = back_row // per_block, back_row % per_block
+        back_m = jnp.zeros_like(back_term)
+        for term, (_, m) in enumerate(geo.back_tokens):
+            back_m = jnp.where(back_term == term, m, back_m)
+        back_in_tile = (back_block - 1) * geo.ratio + back_m
+        back_used = back_term < len(geo.back_tokens)
     log2_scale = geo.scale * LOG2E
     importance_of = _importance_by_quarter if geo.tuning.quads else _importance_by_token
 
@@ -512,31 +567,45 @@ def _kernel(starts_ref, q_ref, lse_ref, k_ref, out_ref, *, geo: _Geometry):
         position_count = jnp.clip(position_count, 0, jnp.maximum(geo.slots - base, 0))
         block_tiles = jax.lax.div(jnp.max(jnp.where(in_positions, current + blocks, 0)), blocks)
 
+        def probabilities(token: jax.Array, valid: jax.Array, masked: bool) -> jax.Array:
+            """``p [rows, columns]`` of the pass's tokens ``token [columns]``; zero where not
+            ``valid`` if ``masked``, and where a row's position does not see the token."""
+            slot = jnp.where(valid, base + token, 0)
+            logits = None
+            for piece, (offset, width) in zip(q, geo.dk_pieces, strict=True):
+                lane = offset + jnp.arange(width)
+                k = plt.load(
+                    k_ref.at[slot[:, None], lane[None, :]],
+                    mask=valid[:, None] & (lane < geo.dk)[None, :],
+                    other=0,
+                )
+                s = dot_nt(piece, k, geo.precision)
+                logits = s if logits is None else logits + s
+            p = _probabilities(logits, log2_scale, row_offset)
+            if masked:
+                # Visibility per position (its rows share it; dead rows have p = 0).
+                columns = token.shape[0]
+                seen = (token[None, :] < position_count[:, None]) & valid[None, :]
+                seen = jnp.broadcast_to(seen[:, None, :], (P, gq, columns)).reshape(geo.rows, columns)
+                p = jnp.where(seen, p, 0.0)
+            return p
+
         def tile_step(with_keys: bool, masked: bool = False):
             def body(tile, carry):
                 state, previous = carry
                 p = None
+                first_token = tile * (blocks * geo.ratio)
                 if with_keys:
-                    token = tile * (blocks * geo.ratio) + token_in_tile
+                    token = first_token + token_in_tile
                     valid = (key_token < geo.ratio) & (token < geo.slots - base)
-                    slot = jnp.where(valid, base + token, 0)
-                    logits = None
-                    for piece, (offset, width) in zip(q, geo.dk_pieces, strict=True):
-                        lane = offset + jnp.arange(width)
-                        k = plt.load(
-                            k_ref.at[slot[:, None], lane[None, :]],
-                            mask=valid[:, None] & (lane < geo.dk)[None, :],
-                            other=0,
-                        )
-                        s = dot_nt(piece, k, geo.precision)
-                        logits = s if logits is None else logits + s
-                    p = _probabilities(logits, log2_scale, row_offset)
-                    if masked:
-                        # Visibility per position (its rows share it; dead rows have p = 0).
-                        seen = (token[None, :] < position_count[:, None]) & valid[None, :]
-                        seen = jnp.broadcast_to(seen[:, None, :], (P, gq, keys)).reshape(geo.rows, keys)
-                        p = jnp.where(seen, p, 0.0)
-                importance, previous = importance_of(p, previous, geo)
+                    p = probabilities(token, valid, masked)
+                if geo.tuning.back_dot:
+                    token = first_token + back_in_tile
+                    valid = back_used & (token >= 0) & (token < geo.slots - base)
+                    # Always masked: block 0's back tokens precede the pass's first token.
+                    importance = _importance_with_back_dot(p, probabilities(token, valid, True), geo)
+                else:
+                    importance, previous = importance_of(p, previous, geo)
                 write = in_positions[:, None, None] & (step == tile)
                 return jnp.where(write, importance[:, None, :], state), previous
 
@@ -552,9 +621,13 @@ def _kernel(starts_ref, q_ref, lse_ref, k_ref, out_ref, *, geo: _Geometry):
         else:
             full_tiles = 0
         state, previous = jax.lax.fori_loop(full_tiles, key_tiles, tile_step(True, masked=True), carry)
-        # A block just past the last visible token can still take a carried term.
+        # A block just past the last visible token can still take a carried term (with back_dot
+        # from its back tokens; the tile's own tokens are all past the visible ones, masked).
         state, _ = jax.lax.fori_loop(
-            key_tiles, jnp.minimum(key_tiles + 1, block_tiles), tile_step(False), (state, previous)
+            key_tiles,
+            jnp.minimum(key_tiles + 1, block_tiles),
+            tile_step(geo.tuning.back_dot, masked=True),
+            (state, previous),
         )
         return state
 
@@ -659,6 +732,11 @@ def select_blocks(
         dtype=jnp.dtype(q.dtype).name,
         tuning=default_tuning(q.dtype, dk, length) if tuning is None else tuning,
     )
+    if geo.tuning.back_dot and geo.back_columns < 16:
+        raise ValueError(
+            "tuning.back_dot needs >= 16 back-dot columns (key-tile blocks times the next power of "
+            f"two >= the back tokens of a block), got {geo.back_columns}: use more keys"
+        )
     q5 = jax.lax.stop_gradient(q).reshape(batch, length, kv_heads, geo.group, dk)
     lse4 = jax.lax.stop_gradient(lse).astype(jnp.float32).reshape(batch, length, kv_heads, geo.group)
     k_cmp = jax.lax.stop_gradient(k_cmp)
