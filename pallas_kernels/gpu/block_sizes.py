@@ -98,7 +98,7 @@ class SelectionTuning:
 #   block) where the unsplit kernel takes 111.0 ms (one program walks all T queries of tile 0).
 # - Dk=192/Dv=128: 8 warps, 64 rows, rows-major, split head dims: 78.5-79.3 ms; transposed dQ
 #   71.5 ms; split 4 ways, heaviest first: 78.5 ms random, 78.2 ms with block 0 (unsplit 163.3).
-# The defaults combine transposed dQ with the 4-way split, heaviest first and the dQ-sum kernel.
+# The defaults combine transposed dQ with the 4-way split, heaviest first and (D=128) the dQ-sum kernel.
 # - D=128 backward tile kernel: Mosaic GPU (``mosaic_backward``) with 8 splits, session 6
 #   (experiments/results/selection_h200.md): 39.5 ms forward+backward on random blocks and 39.7
 #   with block 0 in every selection, against 41.9 / 42.2 for the Triton kernel in the same runs.
