@@ -351,30 +351,6 @@ def _importance_by_token(p: jax.Array | None, previous: tuple[jax.Array, ...], g
     return importance, tuple(tokens[m] for m in geo.carried)
 
 
-def _importance_by_quarter(p: jax.Array | None, previous: jax.Array, geo: _Geometry):
-    """Eq. 9 on a key tile loaded in ``quads`` order, ``p [rows, keys]`` (``None``: no tokens):
-    back in tile-slot order (a reshape and transpose that move no data on the wgmma accumulator),
-    each block's tokens summed with their weights (``own``, and ``back`` for the next block), then
-    the group sums; ``own`` plus ``back`` one block later (``previous [P]``: the last block's
-    ``back`` of the last key tile). Returns ``(importance [P, Bk], this tile's last back [P])``."""
-    P, blocks = geo.positions, geo.tile_blocks
-    if p is None:
-        own = back = jnp.zeros((P, blocks), jnp.float32)
-    else:
-        p = p.reshape(geo.rows, geo.keys // 8, 4, 2).transpose(0, 2, 1, 3)
-        tokens = _split_last(p.reshape(geo.rows, blocks, geo.ratio_pow2))
-
-        def group_sum(weights):
-            return jnp.sum(_weighted_sum(tokens, weights).reshape(P, geo.heads_pow2, blocks), axis=1)
-
-        own = group_sum(geo.own_weights)
-        back = group_sum(geo.back_weights) if any(geo.back_weights) else None
-    if not any(geo.back_weights):
-        return own, previous
-    shifted, last = _shifted_quads(back, previous)
-    return own + shifted, last
-
-
 def _quads_order(columns: int) -> jax.Array:
     """Tile slot of each dot column in the quads order (``SelectTuning.quads``): column
     ``8j + 2q + e`` holds slot ``q * columns/4 + 2j + e``."""
@@ -390,17 +366,39 @@ def _by_block(p: jax.Array, blocks: int) -> list[jax.Array]:
     return _split_last(p.reshape(rows, blocks, columns // blocks))
 
 
+def _group_sum(x: jax.Array, geo: _Geometry) -> jax.Array:
+    """``x [rows, Bk]`` summed over the ``G'`` heads of each position (Eq. 10): ``[P, Bk]``."""
+    return jnp.sum(x.reshape(geo.positions, geo.heads_pow2, geo.tile_blocks), axis=1)
+
+
+def _importance_by_quarter(p: jax.Array | None, previous: jax.Array, geo: _Geometry):
+    """Eq. 9 on a key tile loaded in ``quads`` order, ``p [rows, keys]`` (``None``: no tokens):
+    back in tile-slot order (a reshape and transpose that move no data on the wgmma accumulator),
+    each block's tokens summed with their weights (``own``, and ``back`` for the next block), then
+    the group sums; ``own`` plus ``back`` one block later (``previous [P]``: the last block's
+    ``back`` of the last key tile). Returns ``(importance [P, Bk], this tile's last back [P])``."""
+    P, blocks = geo.positions, geo.tile_blocks
+    if p is None:
+        own = back = jnp.zeros((P, blocks), jnp.float32)
+    else:
+        tokens = _by_block(p, blocks)
+        own = _group_sum(_weighted_sum(tokens, geo.own_weights), geo)
+        back = _group_sum(_weighted_sum(tokens, geo.back_weights), geo) if any(geo.back_weights) else None
+    if not any(geo.back_weights):
+        return own, previous
+    shifted, last = _shifted_quads(back, previous)
+    return own + shifted, last
+
+
 def _importance_with_back_dot(p: jax.Array, p_back: jax.Array, geo: _Geometry) -> jax.Array:
     """Eq. 9 with ``back_dot``: each block's own tokens (``p [rows, keys]``) and the tokens of the
     block before that feed it (``p_back [rows, back_columns]``, the ``back_tokens`` in order, for
     the same blocks) weighted and summed per row, then one group sum: ``[P, Bk]``."""
-    P, blocks = geo.positions, geo.tile_blocks
-    own = _weighted_sum(_by_block(p, blocks), geo.own_weights)
-    back_planes = _by_block(p_back, blocks)
+    own = _weighted_sum(_by_block(p, geo.tile_blocks), geo.own_weights)
+    back_planes = _by_block(p_back, geo.tile_blocks)
     back_weights = [weight for weight, _ in geo.back_tokens]
     back_weights += [0] * (len(back_planes) - len(back_weights))
-    total = own + _weighted_sum(back_planes, tuple(back_weights))
-    return jnp.sum(total.reshape(P, geo.heads_pow2, blocks), axis=1)
+    return _group_sum(own + _weighted_sum(back_planes, tuple(back_weights)), geo)
 
 
 def _ascending_unused_last(picks: jax.Array, unused: int) -> jax.Array:
