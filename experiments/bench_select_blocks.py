@@ -15,9 +15,10 @@ Run on the H200 from the repo root (about 3-4 minutes)::
    median ms of ``--iters`` calls after two warm-ups, per :data:`PLAN` entry ``(T, Dk, name)``,
    most informative first; entries past ``--budget`` seconds (timing part) are skipped and marked.
    A name is a :data:`VARIANTS` tuning (``first_kernel`` is the kernel before this change) or an
-   :data:`ABLATIONS` entry (the default tuning with one stage replaced, by patching the kernel
-   module while tracing; its output is meaningless). Every variant's picks are compared with the
-   default's at the same size: ``mismatched_rows`` must be 0 or a few near ties.
+   :data:`ABLATIONS` entry (the default tuning without ``back_dot`` with one stage replaced, by
+   patching the kernel module while tracing; its output is meaningless). Every variant's picks
+   are compared with the default's at the same size: ``mismatched_rows`` must be 0 or a few near
+   ties.
 
 Writes ``select_blocks_bench.json`` (and ``.md``) into ``--out`` after every entry and prints a
 Markdown table last. Exits non-zero when a check fails (timing still runs). ``--smoke`` runs it
@@ -60,8 +61,8 @@ GEOMETRY = dict(
 
 
 def tuned(overrides: dict, q: jax.Array) -> kernel.SelectTuning:
-    """The bf16 default tuning for ``q``'s ``Dk`` and ``T`` with ``overrides`` (a :data:`VARIANTS` entry)."""
-    return dataclasses.replace(kernel.default_tuning(jnp.bfloat16, q.shape[-1], q.shape[1]), **overrides)
+    """The bf16 default tuning for ``q``'s ``Dk`` with ``overrides`` (a :data:`VARIANTS` entry)."""
+    return dataclasses.replace(kernel.default_tuning(jnp.bfloat16, q.shape[-1]), **overrides)
 
 
 # SelectTuning overrides of the default. Registers for sm_90a at T = 64K, Dk = 192 / 128
@@ -70,11 +71,12 @@ def tuned(overrides: dict, q: jax.Array) -> kernel.SelectTuning:
 # registers at Dk = 192 / 128 (kernel_resources), shared memory and programs an SM.
 _WIDE = dict(rows=128, warps=8)
 VARIANTS = {
-    # The default of the head dim and length: 64 rows, 4 warps (119 registers at Dk = 128, 48 KB: 4
-    # CTAs of 4 warps; P = 4); at Dk = 192 past T = 32K since session 7 32 rows, 2 warps (P = 2).
+    # The kernel's default: 64 rows, 4 warps, back_dot since session 8 (before it, 119 registers at
+    # Dk = 128, 48 KB: 4 CTAs of 4 warps; P = 4). The other entries inherit back_dot unless they say.
     "default": {},
-    "rows64_warps4": dict(rows=64, warps=4),  # 137 / 119, 72 / 48 KB: 3 / 4 CTAs; Dk = 192's until session 7
-    "first_kernel": dict(_WIDE, quads=False, top_n="argmax"),  # 185 / 176: the session-2 kernel
+    # 137 / 119, 72 / 48 KB: 3 / 4 CTAs; the default until session 8 (at Dk = 192 up to T = 32K)
+    "rows64_warps4": dict(rows=64, warps=4, back_dot=False),
+    "first_kernel": dict(_WIDE, quads=False, top_n="argmax", back_dot=False),  # 185 / 176: session 2
     "rows128_warps8": dict(_WIDE),  # 128 / 121, 96 / 64 KB: 2 / 2 CTAs of 8 warps; P = 8
     "rows256_warps16": dict(rows=256, warps=16, state=16384),  # 114 / 108, 144 / 96 KB: 1 CTA of 16
     "masked_only": dict(_WIDE, unmasked=False),  # 111 / 110: 2 / 2 CTAs of 8 warps
@@ -86,8 +88,8 @@ VARIANTS = {
     "stages3": dict(_WIDE, stages=3),  # 147 / 123, 120 / 80 KB: 1 / 2
     "top_n_lanes": dict(_WIDE, top_n="lanes"),  # 121 / 113: top-n on an [A, P, 32] view
     "quads_argmax": dict(_WIDE, top_n="argmax"),  # 128 / 115: new Eq. 9, the first kernel's top-n
-    "by_token_lanes": dict(_WIDE, quads=False, top_n="lanes"),  # 145 / 114: first Eq. 9, new top-n
-    "by_token_lanes_rows64": dict(rows=64, warps=4, quads=False, top_n="lanes"),  # not yet timed
+    "by_token_lanes": dict(_WIDE, quads=False, top_n="lanes", back_dot=False),  # 145 / 114: first Eq. 9
+    "by_token_lanes_rows64": dict(rows=64, warps=4, quads=False, top_n="lanes", back_dot=False),
     # Session 7, around the 64-row default (registers not read):
     "rows64_keys128": dict(rows=64, warps=4, keys=128),
     "rows64_keys32": dict(rows=64, warps=4, keys=32),
@@ -95,8 +97,11 @@ VARIANTS = {
     "rows64_warps8": dict(rows=64, warps=8),
     "rows32_warps2": dict(rows=32, warps=2),
     "rows32_warps4": dict(rows=32, warps=4),
-    # Eq. 9's back terms from a second dot instead of a shifted second group sum (untimed so far).
+    # Eq. 9's back terms from a second dot instead of a shifted second group sum: part of the
+    # default since session 8 (Dk = 128: 12.1 against 16.3 ms at 64K; Dk = 192: 14.3 against 19.8).
     "back_dot": dict(back_dot=True),
+    "no_back_dot": dict(back_dot=False),
+    "rows64_back_dot": dict(rows=64, warps=4, back_dot=True),
 }
 
 
@@ -147,7 +152,7 @@ ABLATIONS = {
 }
 
 # (T, Dk, name), most informative first.
-_64K, _16K = 65536, 16384
+_64K, _32K, _16K = 65536, 32768, 16384
 PLAN = {
     "full": [
         (_64K, 192, "default"),
@@ -209,6 +214,18 @@ PLAN = {
         (_64K, 192, "default"),
         (_64K, 192, "back_dot"),
     ],
+    # back_dot at Dk = 192 on the 64-row tiles (where it removed 4 ms at Dk = 128), and at 16K-32K.
+    "session8": [
+        (_64K, 192, "default"),
+        (_64K, 192, "rows64_back_dot"),
+        (_64K, 192, "rows64_warps4"),
+        (_32K, 192, "default"),
+        (_32K, 192, "back_dot"),
+        (_16K, 192, "default"),
+        (_16K, 192, "back_dot"),
+        (_64K, 128, "default"),
+        (_64K, 128, "no_back_dot"),
+    ],
     # The Dk = 192 default against the 64-row tiles it replaced.
     "dk192": [(_64K, 192, "default"), (_64K, 192, "rows64_warps4"), (_64K, 128, "default")],
     "quick": [
@@ -264,7 +281,8 @@ def inputs(length: int, dk: int):
 def compiled_select(name: str, q, k, lse):
     """``(compiled fn(q, k, lse), compile seconds)`` of a variant or ablation."""
     overrides, patches = VARIANTS.get(name), ABLATIONS.get(name, {})
-    tuning = tuned(overrides or {}, q)
+    # The ablations replace stages of the kernel without back_dot (session 7's stage split).
+    tuning = tuned(overrides if overrides is not None else {"back_dot": False}, q)
     raw = getattr(kernel.select_blocks, "__wrapped__", kernel.select_blocks)
 
     def fn(q, k, lse):

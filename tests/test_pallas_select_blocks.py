@@ -104,7 +104,7 @@ _TUNINGS = {
     "default": {},
     "masked_only": dict(unmasked=False),
     "rows32_keys16": dict(rows=32, keys=16),
-    "rows32_warps2": dict(rows=32, warps=2),  # the bf16 default at Dk = 192 past T = 32K
+    "rows32_warps2": dict(rows=32, warps=2),  # the bf16 default at Dk = 192 past T = 32K in session 7
     "back_dot": dict(back_dot=True),
     "back_dot_rows64": dict(back_dot=True, rows=64, warps=4),
     "first_kernel": dict(quads=False, top_n="argmax"),
@@ -141,11 +141,11 @@ def _select_with_tuning(q, k_cmp, tuning: dict, num_selected: int, segment_ids=N
 def test_default_tuning_by_dtype_and_head_dim():
     from pallas_kernels.gpu import select_blocks
 
-    long_dk192 = select_blocks.SelectTuning(**_TUNINGS["rows32_warps2"])
-    assert select_blocks.default_tuning(jnp.bfloat16, 192, 65536) == long_dk192
-    assert select_blocks.default_tuning(jnp.bfloat16, 192, 32768) == select_blocks.DEFAULT_TUNING
-    assert select_blocks.default_tuning(jnp.bfloat16, 128, 65536) == select_blocks.DEFAULT_TUNING
-    assert select_blocks.default_tuning(jnp.float32, 192, 65536) == select_blocks.FLOAT32_TUNING
+    for dk in (64, 128, 192, 256):
+        assert select_blocks.default_tuning(jnp.bfloat16, dk) == select_blocks.DEFAULT_TUNING
+    assert select_blocks.DEFAULT_TUNING.back_dot and select_blocks.DEFAULT_TUNING.rows == 64
+    assert not select_blocks.default_tuning(jnp.bfloat16, 320).back_dot
+    assert select_blocks.default_tuning(jnp.float32, 192) == select_blocks.FLOAT32_TUNING
 
 
 @pytest.mark.parametrize(
@@ -160,6 +160,17 @@ def test_back_dot_other_geometries_equal_xla(geometry, length):
     q, k_cmp = _random_inputs(21, 1, length, 16, 1, 16, geometry[1])
     ours, reference = _select_with_tuning(
         q, k_cmp, dict(back_dot=True, rows=64, warps=4), 5, _packed(1, length, 3), geometry=geometry
+    )
+    np.testing.assert_array_equal(ours, reference)
+
+
+@pytest.mark.parametrize("geometry", [(32, 16, 64), (16, 16, 32)], ids=["back_dot", "no_back_terms"])
+def test_bf16_default_equals_xla(geometry):
+    # The bf16 default takes back_dot; with l = d no block has back terms, and the
+    # kernel runs without it rather than rejecting its own default.
+    q, k_cmp = _random_inputs(17, 1, 400, 16, 1, 64, geometry[1], jnp.bfloat16)
+    ours, reference = _select_both(
+        q, k_cmp, geometry=geometry, num_selected=5, segment_ids=_packed(1, 400, 4)
     )
     np.testing.assert_array_equal(ours, reference)
 

@@ -25,8 +25,9 @@ block are padding), counted from the segment start of the rows. Per key tile:
    in-thread but for one value a lane. Otherwise (the first kernel) ``p`` is summed over the
    heads first, then each token ``m`` is taken out and shifted separately.
    Blocks with equal inputs get equal importance (exact ties): every block goes through the
-   same float32 operations, and picking and shifting add exact zeros only. ``back_dot`` (opt-in,
-   untimed) computes each block's ``back`` tokens again in a second dot instead, with no shift.
+   same float32 operations, and picking and shifting add exact zeros only. ``back_dot`` (the
+   16-bit default up to ``Dk = 256``) computes each block's ``back`` tokens again in a second dot instead,
+   with no shift.
 3. The ``Bk`` importances are written into a ``[P, Nb' / Bk, Bk]`` register tile holding
    every selection block of the ``P`` positions (``Nb' = next_pow2(ceil(T / l'))``).
 
@@ -92,7 +93,7 @@ class SelectTuning:
     come from a second, ``Bk * b'``-column dot over those tokens' keys (``b`` of them a block, for
     every block of the tile), summed with the block's own tokens before the one group sum, instead
     of a second group sum shifted one block on; more dot and exp work (``b / r``), no shift and no
-    carry between key tiles. Not yet timed on a GPU.
+    carry between key tiles. The 16-bit default up to ``Dk = 256`` (:func:`default_tuning`).
     ``SelectTuning(quads=False, top_n="argmax")`` is the first kernel."""
 
     rows: int = 128
@@ -118,29 +119,26 @@ class SelectTuning:
             raise ValueError("back_dot needs quads=True (it sums in the quads layout)")
 
 
-# bf16: the fastest of the H200 sweep at T = 64K, G = 16 (experiments/results/select_blocks_h200.md):
-# 64-row tiles of 4 warps (P = 4 positions, 137 / 119 registers at Dk = 192 / 128, three or four
-# programs an SM), 22.3 / 15.8 ms against 26.0 / 23.8 for the first kernel (quads=False,
-# top_n="argmax", 128 rows, 8 warps) and 28.9 / 25.9 for 128 rows of 8 warps with quads.
-DEFAULT_TUNING = SelectTuning(rows=64, warps=4)
-# Dk = 192 (bf16) past T = 32K: 32-row tiles of 2 warps (P = 2), 20.0-20.3 ms at T = 64K against
-# 22.5-22.7 for the 64-row tiles, with the same picks (session 7). Shorter rows keep the 64-row
-# tiles: inside the NSA op the 32-row ones took 1.98 / 5.84 ms at 16K / 32K, where the 64-row
-# ones took 1.68-1.83 / 5.04-5.09 in sessions 3 and 4. At Dk = 128 they are slower at 64K too
-# (18.0 against 16.1 ms).
-LONG_DK192_TUNING = SelectTuning(rows=32, warps=2)
-_LONG_FROM = 32768
+# 16-bit, Dk <= 256: 64-row tiles of 4 warps (P = 4 positions) with back_dot, session 8 on the H200
+# at T = 64K, G = 16 (experiments/results/select_blocks_h200.md): 12.1-12.3 ms at Dk = 128 against
+# 15.8-16.3 without back_dot, and 14.3 at Dk = 192 against 22.3 without it and 19.8 for the 32-row
+# tiles of 2 warps (session 7's default there past 32K); 4.2 / 1.4 ms against 4.9 / 1.6 at Dk = 192,
+# T = 32K / 16K. The first kernel (quads=False, top_n="argmax", 128 rows, 8 warps) took 26.0 / 23.8.
+DEFAULT_TUNING = SelectTuning(rows=64, warps=4, back_dot=True)
+# 16-bit, Dk > 256 (never timed): the same tiles without back_dot, whose second dot adds registers.
+LARGE_DK_TUNING = dataclasses.replace(DEFAULT_TUNING, back_dot=False)
 # float32 (its dots run on FMA units, for checks): smaller tiles than the 16-bit ones, which
 # spill more; these still spill a little at some T (up to ~450 bytes of stack, as before quads).
 FLOAT32_TUNING = SelectTuning(rows=64, keys=32)
 
 
-def default_tuning(dtype: jnp.dtype, dk: int, length: int) -> SelectTuning:
-    """float32: :data:`FLOAT32_TUNING`; 16-bit: :data:`LONG_DK192_TUNING` for ``129 <= dk <= 256``
-    past ``T = 32K`` query positions, else :data:`DEFAULT_TUNING`."""
+def default_tuning(dtype: jnp.dtype, dk: int) -> SelectTuning:
+    """float32: :data:`FLOAT32_TUNING`; 16-bit: :data:`DEFAULT_TUNING` for ``dk <= 256`` (the
+    kernel drops its ``back_dot`` where the geometry has no back terms or too few of them for a
+    dot, see :func:`select_blocks`), else :data:`LARGE_DK_TUNING`."""
     if jnp.dtype(dtype) == jnp.float32:
         return FLOAT32_TUNING
-    return LONG_DK192_TUNING if padded(dk) == 256 and length > _LONG_FROM else DEFAULT_TUNING
+    return DEFAULT_TUNING if padded(dk) <= 256 else LARGE_DK_TUNING
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,6 +258,11 @@ class _Geometry:
     def back_columns(self) -> int:
         """Columns of the ``back_dot`` tile: ``Bk`` blocks of ``b'`` back tokens."""
         return self.tile_blocks * pl.next_power_of_2(max(1, len(self.back_tokens)))
+
+    @property
+    def back_dot_fits(self) -> bool:
+        """Whether ``back_dot`` has work here: back terms (``l > d``) and a dot of >= 16 columns."""
+        return bool(self.back_tokens) and self.back_columns >= 16
 
     @property
     def back_weights(self) -> tuple[int, ...]:
@@ -706,7 +709,7 @@ def select_blocks(
       num_selected, num_initial_blocks, num_local_blocks: ``n`` and the forced blocks.
       scale: logit scale; segment_ids: int ``[B, T]`` or ``None``.
       interpret: run the kernel in Pallas interpret mode (CPU).
-      tuning: tile sizes, warps and stages; ``None``: :func:`default_tuning` of the dtype, ``Dk`` and ``T``.
+      tuning: tile sizes, warps and stages; ``None``: :func:`default_tuning` of the dtype and ``Dk``.
 
     Returns:
       int32 ``[B, T, H, n]``: blocks counted from the segment start, ascending, ``-1``
@@ -728,8 +731,10 @@ def select_blocks(
         scale=float(scale),
         segmented=segment_ids is not None,
         dtype=jnp.dtype(q.dtype).name,
-        tuning=default_tuning(q.dtype, dk, length) if tuning is None else tuning,
+        tuning=default_tuning(q.dtype, dk) if tuning is None else tuning,
     )
+    if tuning is None and geo.tuning.back_dot and not geo.back_dot_fits:
+        geo = dataclasses.replace(geo, tuning=dataclasses.replace(geo.tuning, back_dot=False))
     if geo.tuning.back_dot and geo.back_columns < 16:
         raise ValueError(
             "tuning.back_dot needs >= 16 back-dot columns (key-tile blocks times the next power of "
