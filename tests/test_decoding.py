@@ -284,13 +284,18 @@ def test_decode_attention_equals_the_xla_step(implementation):
         assert oracle.relative_error(out, ref) < 1e-5
 
 
-@pytest.mark.parametrize("select_launch", [(4, 1), (8, 4), (4, 264)], ids=["one", "four", "many"])
-def test_compressed_kernels_with_many_chunks_and_block_steps_equal_xla(select_launch):
+@pytest.mark.parametrize(
+    ("select_launch", "num_selected"),
+    [((4, 1), 40), ((8, 4), 12), ((4, 264), 12)],
+    ids=["two", "four", "many"],
+)
+def test_compressed_kernels_with_many_chunks_and_parts_equal_xla(select_launch, num_selected):
     # l = d = l' = 4 over 300 compressed tokens: 300 selection blocks (512 padded). Kernel 2
-    # splits them into 1 part of two 256-block steps (40 picks reach into both), 4 parts of 128
-    # or 32 parts of 16, those past the query's block (299) scoring nothing. A 16-token tile
+    # splits them into 2 parts of 256 blocks (at most 256 a part; 40 picks: 64 candidates a
+    # part), 4 parts of 128 or 8 parts of 64 (12 picks: 16 candidates a part; at most 128
+    # candidates a row), those past the query's block (299) scoring nothing. A 16-token tile
     # splits the tokens over 32 chunks; their partials are merged 16 of Dv = 48 (64 padded)
-    # columns at a time: 4 slices in the one part, or one slice in each of 4 parts.
+    # columns at a time: 2 slices in each of 2 parts, or one slice in each of the first 4 parts.
     from pallas_kernels.gpu import decode_step
     from tests import oracle
 
@@ -299,7 +304,7 @@ def test_compressed_kernels_with_many_chunks_and_block_steps_equal_xla(select_la
     k_cmp = jax.random.normal(keys[1], (1, 300, 1, 16))
     v_cmp = jax.random.normal(keys[2], (1, 300, 1, 48))
     lengths = jnp.asarray([1197], jnp.int32)
-    geometry = dict(block_length=4, block_stride=4, selection_block_size=4, num_selected=40)
+    geometry = dict(block_length=4, block_stride=4, selection_block_size=4, num_selected=num_selected)
     kwargs = dict(geometry, num_initial_blocks=1, num_local_blocks=2, scale=0.25)
     out, indices = decode_step.compressed_and_selection(
         q,
@@ -314,3 +319,15 @@ def test_compressed_kernels_with_many_chunks_and_block_steps_equal_xla(select_la
     ref_out, ref_indices = _compressed_selection("xla", q, k_cmp, v_cmp, lengths, **geometry)
     assert oracle.relative_error(out, ref_out) < 1e-5
     np.testing.assert_array_equal(np.asarray(indices), ref_indices)
+
+
+def test_decode_kernels_reject_selection_blocks_not_a_power_of_two_of_tokens():
+    # Kernel 1's tiles hold whole selection blocks: l' / d = 48 / 16 = 3 tokens a block is refused
+    # (and the registry's default then takes the xla step).
+    from pallas_kernels.gpu import decode_step
+
+    q, k_cmp, v_cmp, lengths = _step_inputs(3, 4, 16, 16, jnp.float32)
+    kwargs = dict(block_length=32, block_stride=16, selection_block_size=48, num_selected=4)
+    with pytest.raises(ValueError, match="power of two"):
+        decode_step.check(q, k_cmp, v_cmp, lengths, **kwargs)
+    decode_step.check(q, k_cmp, v_cmp, lengths, **dict(kwargs, selection_block_size=64))

@@ -9,34 +9,43 @@ of a (sequence, KV head) are split into ``P`` chunks (flash-decoding style) so t
 ``P * H * B`` programs fill the GPU even at batch 1. A program loads the ``G`` query
 heads of its group as one ``[G', Dk]`` tile (``Dk`` in power-of-two column pieces,
 192 = 128 + 64, whose dots are summed), streams its chunk ``tile`` tokens at a time and
-writes an unnormalised partial ``(max, sum, acc)`` of the compressed attention plus the
-scaled logits ``q . k_cmp * scale`` of its tokens (float32 ``[B, H, G', P*chunk]``,
-``Tc * G`` floats per row: 1/4 (Dk=128) to 1/6 (Dk=192) of the compressed keys' bytes).
-It also zeroes kernel 2's per-(sequence, KV head) counter.
+writes an unnormalised partial ``(max, sum, acc)`` of the compressed attention. It also
+applies Eq. 9 to each tile's probabilities, relative to the running maximum ``m`` after
+the tile (``exp2(s - m)``, the factors the online softmax computes anyway): a tile of
+``tile`` tokens holds ``tile / (l'/d)`` whole selection blocks, and per head it writes
+each block's weighted sum over its own tokens (``own``) and over its last tokens that
+Eq. 9 also gives the next block (``back``; none when ``l = d``), with ``m`` per tile.
+That is ``2 / (l'/d)`` floats per token and head (1/2 of the logits at ``l'/d = 4``),
+instead of every logit. It also zeroes kernel 2's per-(sequence, KV head) counter.
 
 Kernel 2 (``nsa_decode_select``), grid ``(Q, H, B)``: the ``Nb`` selection blocks of a
-(sequence, KV head) are split into ``Q`` parts of ``K`` blocks (``Q * H * B`` programs
-near a target, as in kernel 1, instead of one program per (sequence, KV head) doing it
-all in sequence). Every program merges the ``P`` (max, sum) partials into the per-head
-log-sum-exp; the first ``min(Q, Dv' / W)`` programs each write an equal column slice of
-the merged compressed output, ``W`` columns (one ``[P, G', W]`` load) at a time; and
-every program scores its ``K`` blocks from the stored logits exactly as
-:mod:`pallas_kernels.gpu.select_blocks`
-does from recomputed ones (``p = exp(s - lse)``, Eq. 9 weights, group sum of Eq. 10)
-into a float32 ``[B, H, Nb']`` importance row. It then takes a ticket from the counter
-(an acquire-release atomic after a block barrier, so the row's other parts are visible
-to the last one); the program that draws the last ticket picks the top ``n`` of the
-whole row with the forced blocks (Eq. 11; one argmax reduction per pick, lowest index on
-ties, as ``lax.top_k``) and writes them sorted ascending with the unused slots (``-1``)
-last (rank by pairwise comparison of ``n'`` picks). Each block's importance is a function of its own logits
-and the per-head ``lse`` only (every part computes the same ``lse`` from the same
-partials), so exact ties stay exact. With ``Q = 1`` this is one program per (sequence,
-KV head) that does all of it (the previous kernel 2).
+(sequence, KV head) are split into ``Q`` parts of ``K <= 256`` blocks. Every program
+merges the ``P`` (max, sum) partials into the per-head log-sum-exp; the first
+``min(Q, Dv' / W)`` programs each write an equal column slice of the merged compressed
+output, ``W`` columns (one ``[P, G', W]`` load) at a time. Every program scores its
+``K`` blocks, block ``j``'s importance being (Eqs. 9-10)
+``sum_h exp2(m_h(tile(j)) - lse_h) * own_h[j] + sum_h exp2(m_h(tile(j-1)) - lse_h) * back_h[j-1]``,
+into a float32 ``[B, H, Nb']`` importance row, and writes its best ``c = min(n', K)``
+blocks as candidates (forced blocks of Eq. 11 first, then by importance, lowest block on
+ties, as ``lax.top_k``; ``c`` argmax reductions over its ``K`` blocks). It then takes a
+ticket from the counter (an acquire-release atomic after a block barrier, so the row's
+other importances and candidates are visible to the last one); the program that draws
+the last ticket ranks the row's ``Q * c`` candidates by pairwise comparison (the same
+order; ``Q`` is capped so that ``Q * c <= max(128, n')`` up to ``Nb = 256 * 128 / c``
+blocks, 128K tokens at the paper's ``n = 16``, ``l' = 64``), keeps the first ``n`` and
+writes them sorted ascending with the unused slots (``-1``) last. The row's top ``n`` are
+among its parts' top ``n``, so the ``n`` sequential reductions run over a part, in
+parallel, not over the row.
+
+Every block's score has the same form, so blocks with equal logits tie exactly where
+their tiles' running maxima are equal (as in constant or periodic inputs); where those
+differ, the two float32 products may differ in the last bit, below the reference's own
+rounding.
 
 Two launches and no host sync (with :mod:`pallas_kernels.gpu.decode` for the selected
 and window reads, three kernels make a decode step). Besides the inputs, HBM traffic is
-the logits (written once, read at most ``len(weights) / (l'/d) < 2`` times per visible
-token), the ``[B, H, P, G', Dv']`` partials and the ``[B, H, Nb']`` importance rows.
+the ``own``/``back`` sums (written and read once), the
+``[B, H, P, G', Dv']`` partials and the ``[B, H, Nb']`` importance rows.
 In Pallas interpret mode the programs run one after another, so the last ticket goes
 to the last program and the barrier (a GPU-only primitive) is left out.
 """
@@ -72,14 +81,23 @@ from pallas_kernels.gpu.tiles import (
 # (Dk=192) / 72 KB (Dk=128) of shared memory and 140 / 128 registers (kernel_resources), two
 # programs per SM, so 264 programs are one wave on the 132 SMs of an H100/H200.
 _LAUNCH = (64, 4, 3, 264)
-# Kernel 2's launch: warps and the programs to aim for (one wave, as kernel 1).
-_SELECT_LAUNCH = (4, 264)
-# Selection blocks scored per step in kernel 2: few steps, so few L2 round trips in sequence.
-_BLOCKS_PER_STEP = 256
-# Floats of kernel 1's partials that kernel 2 loads at once when merging (64 a thread at 4 warps).
+# Kernel 2's launch: warps and the programs to aim for (one wave, as kernel 1). Eight warps: kernels
+# 1 + 2 took 61.95 / 72.09 us at B=16, S=64K, Dk=128 / 192 against 63.65 / 72.77 with four, in an
+# earlier form of kernel 2 (every part ranked by pairwise comparison); in this form (argmax per part,
+# timed with eight warps only) 58.08 / 67.37 (experiments/results/decode_h200.md, session 8).
+_SELECT_LAUNCH = (8, 264)
+# Most selection blocks a kernel-2 program scores (in one step) and picks candidates from.
+_PART_BLOCKS = 256
+# Candidates the last program of a row ranks, at most (or n', if larger): it compares every pair.
+_CANDIDATES = 128
+# Columns of the [rows, columns] comparison tile per ranking step.
+_RANK_COLUMNS = 32
+# Floats of kernel 1's partials that kernel 2 loads at once when merging (32 a thread at 8 warps).
 _MERGE_ELEMENTS = 8192
 # Score of a block that cannot be picked: below every importance (those are >= 0).
 _UNAVAILABLE = -1.0
+# Score of a block already picked: below every other.
+_TAKEN = -2.0
 
 
 def _largest_power_of_two(n: int) -> int:
@@ -134,8 +152,39 @@ class _StepGeometry:
         return self.tiles_per_chunk * self.tile
 
     @property
-    def logits_length(self) -> int:
-        return self.chunks * self.chunk
+    def ratio(self) -> int:
+        """Compressed tokens per selection block, ``l' / d``."""
+        return self.selection_block_size // self.block_stride
+
+    @property
+    def blocks_per_tile(self) -> int:
+        return self.tile // self.ratio
+
+    @property
+    def num_tiles(self) -> int:
+        return self.chunks * self.tiles_per_chunk
+
+    @property
+    def block_columns(self) -> int:
+        """Selection blocks of kernel 1's ``own``/``back`` rows: every block of every tile."""
+        return self.num_tiles * self.blocks_per_tile
+
+    @property
+    def eq9_weights(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Eq. 9 weights by a token's offset in its selection block (``l'/d`` each): in the
+        block itself (``own``) and in the next block (``back``, zero where it has none)."""
+        first, weights = overlap_weights(self.block_length, self.block_stride, self.selection_block_size)
+        own = tuple(weights[offset - first] for offset in range(self.ratio))
+        back = tuple(
+            weights[offset - self.ratio - first] if offset >= self.ratio + first else 0
+            for offset in range(self.ratio)
+        )
+        return own, back
+
+    @property
+    def has_back(self) -> bool:
+        """Whether Eq. 9 gives a block tokens of the block before (``l > d``)."""
+        return any(self.eq9_weights[1])
 
     @property
     def num_blocks(self) -> int:
@@ -147,8 +196,12 @@ class _StepGeometry:
         return padded(self.num_blocks) // self.parts
 
     @property
-    def blocks_per_step(self) -> int:
-        return min(_BLOCKS_PER_STEP, self.blocks_per_part)
+    def candidates_per_part(self) -> int:
+        return min(self.picks_padded, self.blocks_per_part)
+
+    @property
+    def candidates(self) -> int:
+        return self.parts * self.candidates_per_part
 
     @property
     def merge_width(self) -> int:
@@ -177,12 +230,22 @@ def _visible_tokens(position: jax.Array, geo: _StepGeometry) -> jax.Array:
     return jnp.where(ended >= 0, jax.lax.div(ended, geo.block_stride) + 1, 0)
 
 
+def _offset_weights(weights: tuple[int, ...]) -> jax.Array:
+    """float32 ``[l'/d]`` of static ``weights`` (a kernel may not capture array constants)."""
+    offset = jnp.arange(len(weights))
+    out = jnp.zeros((len(weights),), jnp.float32)
+    for index, weight in enumerate(weights):
+        out = jnp.where(offset == index, float(weight), out)
+    return out
+
+
 def _compressed_kernel(
-    length_ref, q_ref, k_ref, v_ref, max_ref, sum_ref, acc_ref, logits_ref, count_ref, *, geo
+    length_ref, q_ref, k_ref, v_ref, max_ref, sum_ref, acc_ref, tile_max_ref, count_ref, *sum_refs, geo
 ):
     """One (chunk, KV head, sequence): ``q_ref [G', Dk']``, ``k_ref [Tc, Dk']``,
     ``v_ref [Tc, Dv']``; writes ``max_ref``/``sum_ref [G']`` (log2 units),
-    ``acc_ref [G', Dv']``, ``logits_ref [G', chunk]`` and a zero to ``count_ref [1]``."""
+    ``acc_ref [G', Dv']``, ``tile_max_ref [tiles, G']``, a zero to ``count_ref [1]`` and
+    ``sum_refs``: ``own`` (and ``back`` where ``l > d``) ``[G', tiles * tile / (l'/d)]``."""
     chunk = pl.program_id(0)
     visible = jnp.minimum(_visible_tokens(length_ref[0] - 1, geo), geo.slots)
     dv_cols = lanes(geo.dv, geo.dv_padded)
@@ -208,17 +271,21 @@ def _compressed_kernel(
         s = dot_nt(q[0], k[0], geo.precision)
         for q_piece, k_piece in zip(q[1:], k[1:], strict=True):
             s = s + dot_nt(q_piece, k_piece, geo.precision)
-        s = s * geo.scale
-        logits_ref[:, pl.ds(i * geo.tile, geo.tile)] = s
-        s2 = jnp.where(valid[None, :], s * LOG2E, MASKED)
+        s2 = jnp.where(valid[None, :], s * (geo.scale * LOG2E), MASKED)
         new_max = jnp.maximum(row_max, jnp.max(s2, axis=1))
         p = jnp.where(valid[None, :], jnp.exp2(s2 - new_max[:, None]), 0.0)
+        # Eq. 9 per head on this tile's whole selection blocks, relative to new_max.
+        by_block = p.reshape(geo.rows, geo.blocks_per_tile, geo.ratio)
+        columns = pl.ds(i * geo.blocks_per_tile, geo.blocks_per_tile)
+        for ref, weights in zip(sum_refs, geo.eq9_weights, strict=False):
+            ref[:, columns] = jnp.sum(by_block * _offset_weights(weights)[None, None, :], axis=2)
+        tile_max_ref[pl.ds(i, 1), :] = new_max[None, :]
         alpha = jnp.exp2(row_max - new_max)
         row_sum = row_sum * alpha + jnp.sum(p, axis=1)
         acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, geo.precision)
         return acc, new_max, row_sum
 
-    # Tiles past the visible tokens are skipped; their logits stay unwritten and are never read.
+    # Tiles past the visible tokens are skipped; their sums stay unwritten and are never read.
     tiles = jnp.clip(jax.lax.div(visible - first + geo.tile - 1, geo.tile), 0, geo.tiles_per_chunk)
     init = (
         jnp.zeros((geo.rows, geo.dv_padded), jnp.float32),
@@ -232,20 +299,25 @@ def _compressed_kernel(
     count_ref[...] = jnp.zeros((1,), jnp.int32)
 
 
-def _block_importance(geo: _StepGeometry, logits_ref, step, lse2, head_rows, visible) -> jax.Array:
-    """Importance (Eqs. 9-10) of blocks ``step * J .. step * J + J - 1``: float32 ``[J]``."""
-    first, weights = overlap_weights(geo.block_length, geo.block_stride, geo.selection_block_size)
-    ratio = geo.selection_block_size // geo.block_stride
-    blocks = step * geo.blocks_per_step + jnp.arange(geo.blocks_per_step)
+def _block_importance(geo: _StepGeometry, sum_refs, tile_max_ref, blocks, lse2, head_rows, visible):
+    """Importance (Eqs. 9-10) of ``blocks`` (int32 ``[J]``) from kernel 1's per-tile sums:
+    float32 ``[J]``."""
     rows = jnp.arange(geo.rows)
-    importance = jnp.zeros((geo.blocks_per_step,), jnp.float32)
-    for k, weight in enumerate(weights):
-        slot = blocks * ratio + (first + k)
-        ok = (slot >= 0) & (slot < visible)
+
+    def term(ref, block, ok):
+        tile = jax.lax.div(block, geo.blocks_per_tile)
+        # A tile kernel 1 skipped (all its tokens past the query) holds nothing.
+        ok = ok & (block < geo.block_columns) & (tile * geo.tile < visible)
         mask = head_rows[:, None] & ok[None, :]
-        s = plt.load(logits_ref.at[rows[:, None], jnp.where(ok, slot, 0)[None, :]], mask=mask, other=0)
-        probs = jnp.where(mask, jnp.exp2(s * LOG2E - lse2[:, None]), 0.0)
-        importance = importance + float(weight) * jnp.sum(probs, axis=0)
+        sums = plt.load(ref.at[rows[:, None], jnp.where(ok, block, 0)[None, :]], mask=mask, other=0)
+        tile_max = plt.load(
+            tile_max_ref.at[jnp.where(ok, tile, 0)[None, :], rows[:, None]], mask=mask, other=0
+        )
+        return jnp.sum(jnp.where(mask, jnp.exp2(tile_max - lse2[:, None]) * sums, 0.0), axis=0)
+
+    importance = term(sum_refs[0], blocks, blocks >= 0)
+    if geo.has_back:
+        importance = importance + term(sum_refs[1], blocks - 1, blocks >= 1)
     return importance
 
 
@@ -268,33 +340,60 @@ def _merge_columns(geo: _StepGeometry, part, max_ref, acc_ref, out_ref, row_max,
     jax.lax.fori_loop(0, slices, merge, 0)
 
 
-def _pick_blocks(geo: _StepGeometry, importance: jax.Array, current) -> jax.Array:
-    """Top ``n`` of ``importance [Nb']`` with the forced blocks (Eq. 11), sorted ascending
-    with ``-1`` (unused) last: int32 ``[n']``."""
-    blocks_padded = padded(geo.num_blocks)
-    block = jnp.arange(blocks_padded)
-    forced = (block < geo.num_initial_blocks) | (block > current - geo.num_local_blocks)
-    score = jnp.where(block <= current, jnp.where(forced, jnp.inf, importance), _UNAVAILABLE)
-    pick_lanes = jnp.arange(geo.picks_padded)
+def _ranks(scores: jax.Array, blocks: jax.Array, column, count: int) -> jax.Array:
+    """Rank of each of ``scores``/``blocks [R]`` among ``count`` (score, block) pairs, best
+    first: higher score, then lower block (``lax.top_k``'s order). ``column(c, C)`` loads the
+    pairs ``c * C .. c * C + C - 1`` (``C = min(_RANK_COLUMNS, count)``). int32 ``[R]``."""
+    width = min(_RANK_COLUMNS, count)
+    # Unrolled, with every column load issued first: one memory round trip, not count / C.
+    columns = [column(c, width) for c in range(count // width)]
+    rank = jnp.zeros(scores.shape, jnp.int32)
+    for other_scores, other_blocks in columns:
+        ahead = (other_scores[None, :] > scores[:, None]) | (
+            (other_scores[None, :] == scores[:, None]) & (other_blocks[None, :] < blocks[:, None])
+        )
+        rank = rank + jnp.sum(ahead.astype(jnp.int32), axis=1)
+    return rank
+
+
+def _ranking_scores(geo: _StepGeometry, blocks: jax.Array, importance: jax.Array, current) -> jax.Array:
+    """Eq. 11's ranking score of ``blocks``: ``inf`` for the forced initial and local blocks,
+    the ``importance`` for the other blocks up to the query's, ``_UNAVAILABLE`` past it."""
+    forced = (blocks < geo.num_initial_blocks) | (blocks > current - geo.num_local_blocks)
+    return jnp.where(blocks <= current, jnp.where(forced, jnp.inf, importance), _UNAVAILABLE)
+
+
+def _stored_scores(geo: _StepGeometry, importance_ref, blocks: jax.Array, current) -> jax.Array:
+    """:func:`_ranking_scores` of ``blocks`` from the row's stored importances."""
+    available = blocks <= current
+    importance = plt.load(importance_ref.at[jnp.where(available, blocks, 0)], mask=available, other=0)
+    return _ranking_scores(geo, blocks, importance, current)
+
+
+def _best_lanes(scores: jax.Array, count: int) -> jax.Array:
+    """Lanes of the ``count`` best ``scores [K]`` in rank order (``count`` argmax reductions,
+    lowest lane on ties, as ``lax.top_k``): int32 ``[count]``."""
+    lanes_ = jnp.arange(scores.shape[0])
+    slots = jnp.arange(count)
 
     def pick(i, carry):
-        # One reduction per pick: argmax takes the lowest index among equal scores. Blocks
-        # 0..current all score >= 0, so the first min(n, current + 1) picks are the real ones.
-        score, picks = carry
-        index = jnp.argmax(score).astype(jnp.int32)
-        picks = jnp.where((pick_lanes == i) & (i <= current), index, picks)
-        return jnp.where(block == index, _UNAVAILABLE, score), picks
+        remaining, best = carry
+        lane = jnp.argmax(remaining).astype(jnp.int32)
+        best = jnp.where(slots == i, lane, best)
+        return jnp.where(lanes_ == lane, _TAKEN, remaining), best
 
-    _, picks = jax.lax.fori_loop(
-        0, geo.num_selected, pick, (score, jnp.full((geo.picks_padded,), -1, jnp.int32))
-    )
-    # Ascending, -1 last: the rank of a pick is the number of picks before it in that order.
-    key = jnp.where(picks < 0, blocks_padded, picks)
+    return jax.lax.fori_loop(0, count, pick, (scores, jnp.zeros((count,), jnp.int32)))[1]
+
+
+def _ascending(geo: _StepGeometry, picks: jax.Array) -> jax.Array:
+    """``picks [n']`` (``-1`` for none) sorted ascending with ``-1`` last."""
+    lanes_ = jnp.arange(geo.picks_padded)
+    key = jnp.where(picks < 0, padded(geo.num_blocks), picks)
     before = (key[None, :] < key[:, None]) | (
-        (key[None, :] == key[:, None]) & (pick_lanes[None, :] < pick_lanes[:, None])
+        (key[None, :] == key[:, None]) & (lanes_[None, :] < lanes_[:, None])
     )
     rank = jnp.sum(before.astype(jnp.int32), axis=1)
-    return jnp.sum(jnp.where(rank[None, :] == pick_lanes[:, None], picks[None, :], 0), axis=1)
+    return jnp.sum(jnp.where(rank[None, :] == lanes_[:, None], picks[None, :], 0), axis=1)
 
 
 def _select_kernel(
@@ -302,19 +401,19 @@ def _select_kernel(
     max_ref,
     sum_ref,
     acc_ref,
-    logits_ref,
+    tile_max_ref,
     _count_in,
-    out_ref,
-    picks_ref,
-    importance_ref,
-    count_ref,
-    *,
+    *refs,
     geo,
 ):
     """One (part, KV head, sequence): partials ``max_ref``/``sum_ref [P, G']``,
-    ``acc_ref [P, G', Dv']``, ``logits_ref [G', P*chunk]``; writes a column slice of
-    ``out_ref [G', Dv']``, its blocks of ``importance_ref [Nb']`` and, in the program
-    that draws the last ticket of ``count_ref [1]`` (aliased to ``_count_in``), ``picks_ref [n']``."""
+    ``acc_ref [P, G', Dv']``, kernel 1's ``tile_max_ref [tiles, G']`` and (in ``refs``)
+    ``own``/``back [G', Nc]``; writes a column slice of ``out_ref [G', Dv']``, its blocks
+    of ``importance_ref [Nb']``, its candidate blocks ``blocks_ref [Q * c]`` and,
+    in the program that draws the last ticket of ``count_ref [1]`` (aliased to
+    ``_count_in``), ``picks_ref [n']``."""
+    sum_refs = refs[: 1 + geo.has_back]
+    out_ref, picks_ref, importance_ref, blocks_ref, count_ref = refs[1 + geo.has_back :]
     part = pl.program_id(0)
     position = length_ref[0] - 1
     visible = jnp.minimum(_visible_tokens(position, geo), geo.slots)
@@ -329,26 +428,15 @@ def _select_kernel(
     lse2 = jnp.where(nonempty, row_max + jnp.log(jnp.where(nonempty, row_sum, 1.0)) * LOG2E, 0.0)
 
     current = jax.lax.div(position, geo.selection_block_size)
-    first_step = part * (geo.blocks_per_part // geo.blocks_per_step)
-    first_block = first_step * geo.blocks_per_step
-
-    def score_step(step, carry):
-        scores = _block_importance(geo, logits_ref, first_step + step, lse2, head_rows, visible)
-        importance_ref[pl.ds((first_step + step) * geo.blocks_per_step, geo.blocks_per_step)] = scores
-        return carry
-
-    # Steps wholly past the query's block are skipped, their blocks left unwritten: the pick masks them.
-    steps = jnp.where(
-        current >= first_block,
-        jnp.minimum(
-            jax.lax.div(current - first_block, geo.blocks_per_step) + 1,
-            geo.blocks_per_part // geo.blocks_per_step,
-        ),
-        0,
-    )
-    jax.lax.fori_loop(0, steps, score_step, 0)
+    first_block = part * geo.blocks_per_part
+    blocks = first_block + jnp.arange(geo.blocks_per_part)
+    importance = _block_importance(geo, sum_refs, tile_max_ref, blocks, lse2, head_rows, visible)
+    importance_ref[pl.ds(first_block, geo.blocks_per_part)] = importance
+    # The part's best candidates_per_part blocks, best first, at slots part * c ...
+    best = _best_lanes(_ranking_scores(geo, blocks, importance, current), geo.candidates_per_part)
+    blocks_ref[pl.ds(part * geo.candidates_per_part, geo.candidates_per_part)] = first_block + best
     if not geo.interpret:
-        # Every thread's importance stores before the ticket (released by one thread).
+        # Every thread's importance and candidate stores before the ticket (released by one thread).
         plt.debug_barrier()
     ticket = plt.atomic_add(count_ref, jnp.int32(0), jnp.int32(1))
 
@@ -359,8 +447,22 @@ def _select_kernel(
 
     @pl.when(ticket == geo.parts - 1)
     def _pick():
-        picks = _pick_blocks(geo, importance_ref[...], current)
-        store(picks_ref, picks, lanes(geo.num_selected, geo.picks_padded))
+        # ... ranked together here. Blocks 0..current all score >= 0, above every block past
+        # the query, so the first min(n, current + 1) ranks are the picks.
+        blocks = blocks_ref[...]
+
+        def candidate_column(c, width):
+            others = blocks_ref[pl.ds(c * width, width)]
+            return _stored_scores(geo, importance_ref, others, current), others
+
+        scores = _stored_scores(geo, importance_ref, blocks, current)
+        rank = _ranks(scores, blocks, candidate_column, geo.candidates)
+        chosen = (rank < geo.num_selected) & (rank <= current)
+        by_rank = jnp.arange(geo.picks_padded)
+        picks = jnp.sum(
+            jnp.where(chosen[None, :] & (rank[None, :] == by_rank[:, None]), blocks[None, :] + 1, 0), axis=1
+        )
+        store(picks_ref, _ascending(geo, picks - 1), lanes(geo.num_selected, geo.picks_padded))
 
 
 def _geometry(
@@ -377,11 +479,20 @@ def _geometry(
     if min(launch) < 1 or min(select_launch) < 1:
         raise ValueError(f"launch entries must be >= 1, got {launch} and {select_launch}")
     _, slots, kv_heads, dv = v_cmp.shape
+    ratio = kwargs["selection_block_size"] // kwargs["block_stride"]
+    # A tile holds whole selection blocks.
+    launch = (max(launch[0], ratio), *launch[1:])
     rows = batch * kv_heads
     tiles = -(-slots // launch[0])
     chunks = min(pl.next_power_of_2(tiles), _largest_power_of_two(launch[3] // rows))
-    num_blocks = -(-slots * kwargs["block_stride"] // kwargs["selection_block_size"])
-    parts = min(_largest_power_of_two(select_launch[1] // rows), padded(num_blocks) // 16)
+    blocks = padded(-(-slots * kwargs["block_stride"] // kwargs["selection_block_size"]))
+    picks = padded(kwargs["num_selected"])
+    # Parts of at least 16 and at most _PART_BLOCKS blocks, near the target programs while the
+    # last program ranks at most max(_CANDIDATES, n') candidates.
+    fitting = min(
+        _largest_power_of_two(select_launch[1] // rows), max(_CANDIDATES, picks) // picks, blocks // 16
+    )
+    parts = max(fitting, blocks // _PART_BLOCKS)
     return _StepGeometry(
         slots=slots,
         chunks=chunks,
@@ -412,14 +523,16 @@ _STATIC = (
 
 
 def _compressed_pass(geo: _StepGeometry, q, k_cmp, v_cmp, lengths):
-    """Kernel 1: partials ``[B, H, P, G']`` (max, sum), ``[B, H, P, G', Dv']`` (acc),
-    logits ``[B, H, G', P*chunk]`` and kernel 2's zeroed counters ``[B, H, 1]``."""
+    """Kernel 1: partials ``[B, H, P, G']`` (max, sum), ``[B, H, P, G', Dv']`` (acc), the
+    tiles' running maxima ``[B, H, tiles, G']``, kernel 2's zeroed counters ``[B, H, 1]``
+    and the Eq. 9 sums ``own`` (and ``back`` where ``l > d``) ``[B, H, G', Nc]``."""
     batch, _, kv_heads, _ = k_cmp.shape
     q4 = q.reshape(batch, kv_heads, geo.group, geo.dk)
     partial = lambda *trailing: pl.BlockSpec(
         (None, None, None, *trailing), lambda p, h, b: (b, h, p, *(0,) * len(trailing))
     )
     shape = (batch, kv_heads, geo.chunks, geo.rows)
+    block_sums = 1 + geo.has_back
     return pl.pallas_call(
         functools.partial(_compressed_kernel, geo=geo),
         grid=(geo.chunks, kv_heads, batch),
@@ -433,15 +546,23 @@ def _compressed_pass(geo: _StepGeometry, q, k_cmp, v_cmp, lengths):
             partial(geo.rows),
             partial(geo.rows),
             partial(geo.rows, geo.dv_padded),
-            pl.BlockSpec((None, None, geo.rows, geo.chunk), lambda p, h, b: (b, h, 0, p)),
+            pl.BlockSpec((None, None, geo.tiles_per_chunk, geo.rows), lambda p, h, b: (b, h, p, 0)),
             pl.BlockSpec((None, None, 1), lambda p, h, b: (b, h, 0)),
+            *[
+                pl.BlockSpec(
+                    (None, None, geo.rows, geo.tiles_per_chunk * geo.blocks_per_tile),
+                    lambda p, h, b: (b, h, 0, p),
+                )
+            ]
+            * block_sums,
         ],
         out_shape=[
             jax.ShapeDtypeStruct(shape, jnp.float32),
             jax.ShapeDtypeStruct(shape, jnp.float32),
             jax.ShapeDtypeStruct((*shape, geo.dv_padded), jnp.float32),
-            jax.ShapeDtypeStruct((batch, kv_heads, geo.rows, geo.logits_length), jnp.float32),
+            jax.ShapeDtypeStruct((batch, kv_heads, geo.num_tiles, geo.rows), jnp.float32),
             jax.ShapeDtypeStruct((batch, kv_heads, 1), jnp.int32),
+            *[jax.ShapeDtypeStruct((batch, kv_heads, geo.rows, geo.block_columns), jnp.float32)] * block_sums,
         ],
         compiler_params=plt.CompilerParams(num_warps=geo.launch[1], num_stages=geo.launch[2]),
         interpret=geo.interpret,
@@ -451,10 +572,10 @@ def _compressed_pass(geo: _StepGeometry, q, k_cmp, v_cmp, lengths):
 
 def _select_pass(geo: _StepGeometry, lengths, partials, out_dtype):
     """Kernel 2: compressed output ``[B, H, G, Dv]`` and sorted picks ``[B, H, n]``."""
-    row_max, row_sum, acc, logits, counts = partials
+    row_max, row_sum, acc, tile_max, counts, *block_sums = partials
     batch, kv_heads = row_max.shape[:2]
     per_head = lambda *block: pl.BlockSpec((None, None, *block), lambda q, h, b: (b, h, *(0,) * len(block)))
-    out, picks, _, _ = pl.pallas_call(
+    out, picks, *_ = pl.pallas_call(
         functools.partial(_select_kernel, geo=geo),
         grid=(geo.parts, kv_heads, batch),
         in_specs=[
@@ -462,26 +583,29 @@ def _select_pass(geo: _StepGeometry, lengths, partials, out_dtype):
             per_head(geo.chunks, geo.rows),
             per_head(geo.chunks, geo.rows),
             per_head(geo.chunks, geo.rows, geo.dv_padded),
-            per_head(geo.rows, geo.logits_length),
+            per_head(geo.num_tiles, geo.rows),
             per_head(1),
+            *[per_head(geo.rows, geo.block_columns)] * len(block_sums),
         ],
         out_specs=[
             per_head(geo.rows, geo.dv_padded),
             per_head(geo.picks_padded),
             per_head(padded(geo.num_blocks)),
+            per_head(geo.candidates),
             per_head(1),
         ],
         out_shape=[
             jax.ShapeDtypeStruct((batch, kv_heads, geo.group, geo.dv), out_dtype),
             jax.ShapeDtypeStruct((batch, kv_heads, geo.num_selected), jnp.int32),
             jax.ShapeDtypeStruct((batch, kv_heads, padded(geo.num_blocks)), jnp.float32),
+            jax.ShapeDtypeStruct((batch, kv_heads, geo.candidates), jnp.int32),
             jax.ShapeDtypeStruct((batch, kv_heads, 1), jnp.int32),
         ],
-        input_output_aliases={5: 3},
+        input_output_aliases={5: 4},
         compiler_params=plt.CompilerParams(num_warps=geo.select_launch[0], num_stages=1),
         interpret=geo.interpret,
         name="nsa_decode_select",
-    )(lengths[:, None], row_max, row_sum, acc, logits, counts)
+    )(lengths[:, None], row_max, row_sum, acc, tile_max, counts, *block_sums)
     return out, picks
 
 
@@ -504,7 +628,7 @@ def compressed_pass(
     interpret: bool = False,
 ) -> tuple[jax.Array, ...]:
     """Kernel 1 alone, for timing its share of the step and tuning ``launch``; arguments as
-    :func:`compressed_and_selection`. Returns the partials, logits and counters kernel 2 reads."""
+    :func:`compressed_and_selection`. Returns the partials, maxima, counters and Eq. 9 sums kernel 2 reads."""
     geo = _geometry(
         q,
         k_cmp,
@@ -582,8 +706,15 @@ def compressed_and_selection(
 
 
 def check(q: jax.Array, k_cmp: jax.Array, v_cmp: jax.Array, lengths: jax.Array, **kwargs) -> None:
-    """Raises ``ValueError`` for inputs these kernels do not serve (other dtypes, ``Tc = 0``)."""
-    del v_cmp, lengths, kwargs
+    """Raises ``ValueError`` for inputs these kernels do not serve (other dtypes, ``Tc = 0``,
+    ``l' / d`` not a power of two: kernel 1's tiles hold whole selection blocks)."""
+    del v_cmp, lengths
     require_supported_dtype(q)
     if k_cmp.shape[1] == 0:
         raise ValueError("k_cmp must hold at least one compressed token (axis 1) for pallas_triton")
+    ratio = kwargs["selection_block_size"] // kwargs["block_stride"]
+    if ratio & (ratio - 1):
+        raise ValueError(
+            "selection_block_size / block_stride must be a power of two for pallas_triton's decode "
+            f"kernels, got {kwargs['selection_block_size']} / {kwargs['block_stride']}"
+        )
