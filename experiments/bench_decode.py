@@ -41,7 +41,7 @@ Per-step time = call time / steps, median over ``--repeats`` calls after a warm-
 kernels 1 + 2 under other kernel-2 launches and kernel 3 alone under other launches, and
 the whole step under the fastest launch of each (checked against ``xla`` first).
 Bytes per step are counted from the shapes: every key/value element a step must read,
-once; ``new`` also writes and reads its float32 compressed logits.
+once; ``new`` also writes and reads its float32 Eq. 9 block sums (kernel 1 to kernel 2).
 """
 
 from __future__ import annotations
@@ -180,9 +180,12 @@ def nsa_bytes(batch: int, length: int, dk: int, dv: int) -> int:
     return batch * KV_HEADS * tokens * (dk + dv) * 2
 
 
-def logits_bytes(batch: int, length: int) -> int:
-    """The ``new`` path's float32 compressed logits, written once and read once."""
-    return 2 * batch * HEADS * num_compressed_slots(length, PAPER["block_stride"]) * 4
+def block_sums_bytes(batch: int, length: int) -> int:
+    """The ``new`` path's float32 Eq. 9 sums (``own`` and ``back`` per query head and selection
+    block, :mod:`pallas_kernels.gpu.decode_step`), written once and read once."""
+    ratio = PAPER["selection_block_size"] // PAPER["block_stride"]
+    blocks = -(-num_compressed_slots(length, PAPER["block_stride"]) // ratio)
+    return 2 * 2 * batch * HEADS * blocks * 4
 
 
 @functools.partial(jax.jit, static_argnames=("batch", "length", "dk", "dv"))
@@ -376,7 +379,7 @@ def launched_step(dk: int, launch, select_launch, reads_launch, interpret: bool 
 
 
 def tune(batch: int, length: int, dims, steps: int, repeats: int) -> list[dict]:
-    """Per head dims (GPU): kernel 1 (compressed attention + logits) alone under its default
+    """Per head dims (GPU): kernel 1 (compressed attention + Eq. 9 sums) alone under its default
     launch and ``LAUNCHES``, kernels 1 + 2 under ``SELECT_LAUNCHES``, kernel 3 (selected +
     window, merged in the kernel) alone under ``SELECTED_LAUNCHES``, then the whole step with
     the fastest launch of each, checked against the xla path first."""
@@ -504,7 +507,7 @@ def bench(batches, lengths, dims, paths, dense_impls, steps, repeats, split_leng
             for dk, dv in dims:
                 tag = f"nsa_dk{dk}_dv{dv}"
                 row[f"{tag}_bytes"] = nsa_bytes(batch, length, dk, dv)
-                row[f"{tag}_new_logits_bytes"] = logits_bytes(batch, length)
+                row[f"{tag}_new_block_sums_bytes"] = block_sums_bytes(batch, length)
                 num_sets = sets_for(row[f"{tag}_bytes"])
                 row[f"{tag}_sets"] = num_sets
                 sets = tuple(
@@ -594,14 +597,14 @@ def markdown(rows: list[dict], dims, paths, dense_impls, command: str) -> str:
                 f"{s['compressed_and_selection_ms']:.3f} | {s['selected_window_ms']:.3f} | "
                 f"{r[f'{tag}_{paths[0]}_ms']:.3f} |"
             )
-    lines += ["", "Bytes per step counted from shapes (MB; `new` adds its logits round trip):", ""]
+    lines += ["", "Bytes per step counted from shapes (MB; `new` adds its Eq. 9 sums' round trip):", ""]
     lines += [
-        "| B | S | dense | " + " | ".join(f"NSA {dk}/{dv}" for dk, dv in dims) + " | new logits |",
+        "| B | S | dense | " + " | ".join(f"NSA {dk}/{dv}" for dk, dv in dims) + " | new Eq. 9 sums |",
         "|---|---|---|" + "---|" * len(dims) + "---|",
     ]
     for r in rows:
         nsa = " | ".join(f"{r[f'nsa_dk{dk}_dv{dv}_bytes'] / 1e6:.1f}" for dk, dv in dims)
-        extra = r[f"nsa_dk{dims[0][0]}_dv{dims[0][1]}_new_logits_bytes"] / 1e6
+        extra = r[f"nsa_dk{dims[0][0]}_dv{dims[0][1]}_new_block_sums_bytes"] / 1e6
         lines.append(f"| {r['B']} | {r['S'] // 1024}K | {r['dense_bytes'] / 1e6:.1f} | {nsa} | {extra:.1f} |")
     return "\n".join(lines) + "\n"
 
