@@ -257,6 +257,8 @@ def _compressed_kernel(
     ]
     first = chunk * geo.chunk
     offsets = jnp.arange(geo.tile)
+    # Eq. 9 weights by offset in a block, [1, 1, l'/d], once for every tile: own (and back).
+    weights = [_offset_weights(w)[None, None, :] for w in geo.eq9_weights[: len(sum_refs)]]
 
     def body(i, carry):
         acc, row_max, row_sum = carry
@@ -277,8 +279,8 @@ def _compressed_kernel(
         # Eq. 9 per head on this tile's whole selection blocks, relative to new_max.
         by_block = p.reshape(geo.rows, geo.blocks_per_tile, geo.ratio)
         columns = pl.ds(i * geo.blocks_per_tile, geo.blocks_per_tile)
-        for ref, weights in zip(sum_refs, geo.eq9_weights, strict=False):
-            ref[:, columns] = jnp.sum(by_block * _offset_weights(weights)[None, None, :], axis=2)
+        for ref, weight in zip(sum_refs, weights, strict=True):
+            ref[:, columns] = jnp.sum(by_block * weight, axis=2)
         tile_max_ref[pl.ds(i, 1), :] = new_max[None, :]
         alpha = jnp.exp2(row_max - new_max)
         row_sum = row_sum * alpha + jnp.sum(p, axis=1)
