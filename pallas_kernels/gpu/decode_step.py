@@ -24,12 +24,13 @@ merges the ``P`` (max, sum) partials into the per-head log-sum-exp; the first
 ``min(Q, Dv' / W)`` programs each write an equal column slice of the merged compressed
 output, ``W`` columns (one ``[P, G', W]`` load) at a time. Every program scores its
 ``K`` blocks, block ``j``'s importance being (Eqs. 9-10)
-``sum_h exp2(m_h(tile(j)) - lse_h) * own_h[j] + sum_h exp2(m_h(tile(j-1)) - lse_h) * back_h[j-1]``,
-into a float32 ``[B, H, Nb']`` importance row, and writes its best ``c = min(n', K)``
-blocks as candidates (forced blocks of Eq. 11 first, then by importance, lowest block on
+``sum_h exp2(m_h(tile(j)) - lse_h) * own_h[j] + sum_h exp2(m_h(tile(j-1)) - lse_h) * back_h[j-1]``
+(the sums and maxima are loaded first: their addresses need neither the query's position
+nor the log-sum-exp), and writes its best ``c = min(n', K)`` blocks as candidates with
+their ranking scores (forced blocks of Eq. 11 first, then by importance, lowest block on
 ties, as ``lax.top_k``; ``c`` argmax reductions over its ``K`` blocks). It then takes a
 ticket from the counter (an acquire-release atomic after a block barrier, so the row's
-other importances and candidates are visible to the last one); the program that draws
+other candidates are visible to the last one); the program that draws
 the last ticket ranks the row's ``Q * c`` candidates by pairwise comparison (the same
 order; ``Q`` is capped so that ``Q * c <= max(128, n')`` up to ``Nb = 256 * 128 / c``
 blocks, 128K tokens at the paper's ``n = 16``, ``l' = 64``), keeps the first ``n`` and
@@ -45,7 +46,7 @@ rounding.
 Two launches and no host sync (with :mod:`pallas_kernels.gpu.decode` for the selected
 and window reads, three kernels make a decode step). Besides the inputs, HBM traffic is
 the ``own``/``back`` sums (written and read once), the
-``[B, H, P, G', Dv']`` partials and the ``[B, H, Nb']`` importance rows.
+``[B, H, P, G', Dv']`` partials and the ``[B, H, Q * c]`` candidates and their scores.
 In Pallas interpret mode the programs run one after another, so the last ticket goes
 to the last program and the barrier (a GPU-only primitive) is left out.
 """
@@ -301,25 +302,35 @@ def _compressed_kernel(
     count_ref[...] = jnp.zeros((1,), jnp.int32)
 
 
-def _block_importance(geo: _StepGeometry, sum_refs, tile_max_ref, blocks, lse2, head_rows, visible):
-    """Importance (Eqs. 9-10) of ``blocks`` (int32 ``[J]``) from kernel 1's per-tile sums:
-    float32 ``[J]``."""
+def _block_terms(geo: _StepGeometry, sum_refs, tile_max_ref, blocks, head_rows) -> list:
+    """Kernel 1's Eq. 9 sums of ``blocks`` (int32 ``[J]``) and of the blocks before them (where
+    ``l > d``), with their tiles' running maxima: ``(block, sums [G', J], tile_max [G', J])``
+    per term. Their addresses do not depend on the query's position, so these loads are
+    issued before the position and the log-sum-exp arrive; sums of tiles kernel 1 skipped
+    (past the query) are loaded unwritten and masked by :func:`_block_importance`."""
     rows = jnp.arange(geo.rows)
-
-    def term(ref, block, ok):
-        tile = jax.lax.div(block, geo.blocks_per_tile)
-        # A tile kernel 1 skipped (all its tokens past the query) holds nothing.
-        ok = ok & (block < geo.block_columns) & (tile * geo.tile < visible)
+    terms = []
+    for ref, block in zip(sum_refs, (blocks, blocks - 1)[: len(sum_refs)], strict=True):
+        ok = (block >= 0) & (block < geo.block_columns)
         mask = head_rows[:, None] & ok[None, :]
-        sums = plt.load(ref.at[rows[:, None], jnp.where(ok, block, 0)[None, :]], mask=mask, other=0)
-        tile_max = plt.load(
-            tile_max_ref.at[jnp.where(ok, tile, 0)[None, :], rows[:, None]], mask=mask, other=0
-        )
-        return jnp.sum(jnp.where(mask, jnp.exp2(tile_max - lse2[:, None]) * sums, 0.0), axis=0)
+        safe = jnp.where(ok, block, 0)
+        sums = plt.load(ref.at[rows[:, None], safe[None, :]], mask=mask, other=0)
+        tile = jax.lax.div(safe, geo.blocks_per_tile)
+        tile_max = plt.load(tile_max_ref.at[tile[None, :], rows[:, None]], mask=mask, other=0)
+        terms.append((block, sums, tile_max))
+    return terms
 
-    importance = term(sum_refs[0], blocks, blocks >= 0)
-    if geo.has_back:
-        importance = importance + term(sum_refs[1], blocks - 1, blocks >= 1)
+
+def _block_importance(geo: _StepGeometry, terms, lse2, head_rows, visible) -> jax.Array:
+    """Importance (Eqs. 9-10) from :func:`_block_terms`: float32 ``[J]``."""
+    importance = None
+    for block, sums, tile_max in terms:
+        # A tile kernel 1 skipped (all its tokens past the query) holds nothing.
+        tile_start = jax.lax.div(block, geo.blocks_per_tile) * geo.tile
+        ok = (block >= 0) & (block < geo.block_columns) & (tile_start < visible)
+        mask = head_rows[:, None] & ok[None, :]
+        term = jnp.sum(jnp.where(mask, jnp.exp2(tile_max - lse2[:, None]) * sums, 0.0), axis=0)
+        importance = term if importance is None else importance + term
     return importance
 
 
@@ -365,16 +376,9 @@ def _ranking_scores(geo: _StepGeometry, blocks: jax.Array, importance: jax.Array
     return jnp.where(blocks <= current, jnp.where(forced, jnp.inf, importance), _UNAVAILABLE)
 
 
-def _stored_scores(geo: _StepGeometry, importance_ref, blocks: jax.Array, current) -> jax.Array:
-    """:func:`_ranking_scores` of ``blocks`` from the row's stored importances."""
-    available = blocks <= current
-    importance = plt.load(importance_ref.at[jnp.where(available, blocks, 0)], mask=available, other=0)
-    return _ranking_scores(geo, blocks, importance, current)
-
-
-def _best_lanes(scores: jax.Array, count: int) -> jax.Array:
+def _best_lanes(scores: jax.Array, count: int) -> tuple[jax.Array, jax.Array]:
     """Lanes of the ``count`` best ``scores [K]`` in rank order (``count`` argmax reductions,
-    lowest lane on ties, as ``lax.top_k``): int32 ``[count]``."""
+    lowest lane on ties, as ``lax.top_k``) and their scores: int32 and float32 ``[count]``."""
     lanes_ = jnp.arange(scores.shape[0])
     slots = jnp.arange(count)
 
@@ -384,7 +388,9 @@ def _best_lanes(scores: jax.Array, count: int) -> jax.Array:
         best = jnp.where(slots == i, lane, best)
         return jnp.where(lanes_ == lane, _TAKEN, remaining), best
 
-    return jax.lax.fori_loop(0, count, pick, (scores, jnp.zeros((count,), jnp.int32)))[1]
+    best = jax.lax.fori_loop(0, count, pick, (scores, jnp.zeros((count,), jnp.int32)))[1]
+    # One masked sum for all the picks, not a second reduction in every argmax round.
+    return best, jnp.sum(jnp.where(lanes_[None, :] == best[:, None], scores[None, :], 0.0), axis=1)
 
 
 def _ascending(geo: _StepGeometry, picks: jax.Array) -> jax.Array:
@@ -411,15 +417,18 @@ def _select_kernel(
     """One (part, KV head, sequence): partials ``max_ref``/``sum_ref [P, G']``,
     ``acc_ref [P, G', Dv']``, kernel 1's ``tile_max_ref [tiles, G']`` and (in ``refs``)
     ``own``/``back [G', Nc]``; writes a column slice of ``out_ref [G', Dv']``, its blocks
-    of ``importance_ref [Nb']``, its candidate blocks ``blocks_ref [Q * c]`` and,
+    its candidate blocks ``blocks_ref [Q * c]`` with their ranking scores ``scores_ref [Q * c]`` and,
     in the program that draws the last ticket of ``count_ref [1]`` (aliased to
     ``_count_in``), ``picks_ref [n']``."""
     sum_refs = refs[: 1 + geo.has_back]
-    out_ref, picks_ref, importance_ref, blocks_ref, count_ref = refs[1 + geo.has_back :]
+    out_ref, picks_ref, scores_ref, blocks_ref, count_ref = refs[1 + geo.has_back :]
     part = pl.program_id(0)
+    head_rows = jnp.arange(geo.rows) < geo.group
+    first_block = part * geo.blocks_per_part
+    blocks = first_block + jnp.arange(geo.blocks_per_part)
+    terms = _block_terms(geo, sum_refs, tile_max_ref, blocks, head_rows)
     position = length_ref[0] - 1
     visible = jnp.minimum(_visible_tokens(position, geo), geo.slots)
-    head_rows = jnp.arange(geo.rows) < geo.group
 
     maxes = max_ref[...]
     row_max = jnp.max(maxes, axis=0)
@@ -430,15 +439,16 @@ def _select_kernel(
     lse2 = jnp.where(nonempty, row_max + jnp.log(jnp.where(nonempty, row_sum, 1.0)) * LOG2E, 0.0)
 
     current = jax.lax.div(position, geo.selection_block_size)
-    first_block = part * geo.blocks_per_part
-    blocks = first_block + jnp.arange(geo.blocks_per_part)
-    importance = _block_importance(geo, sum_refs, tile_max_ref, blocks, lse2, head_rows, visible)
-    importance_ref[pl.ds(first_block, geo.blocks_per_part)] = importance
+    importance = _block_importance(geo, terms, lse2, head_rows, visible)
     # The part's best candidates_per_part blocks, best first, at slots part * c ...
-    best = _best_lanes(_ranking_scores(geo, blocks, importance, current), geo.candidates_per_part)
-    blocks_ref[pl.ds(part * geo.candidates_per_part, geo.candidates_per_part)] = first_block + best
+    best, best_scores = _best_lanes(
+        _ranking_scores(geo, blocks, importance, current), geo.candidates_per_part
+    )
+    slots = pl.ds(part * geo.candidates_per_part, geo.candidates_per_part)
+    blocks_ref[slots] = first_block + best
+    scores_ref[slots] = best_scores
     if not geo.interpret:
-        # Every thread's importance and candidate stores before the ticket (released by one thread).
+        # Every thread's candidate stores before the ticket (released by one thread).
         plt.debug_barrier()
     ticket = plt.atomic_add(count_ref, jnp.int32(0), jnp.int32(1))
 
@@ -454,11 +464,10 @@ def _select_kernel(
         blocks = blocks_ref[...]
 
         def candidate_column(c, width):
-            others = blocks_ref[pl.ds(c * width, width)]
-            return _stored_scores(geo, importance_ref, others, current), others
+            column = pl.ds(c * width, width)
+            return scores_ref[column], blocks_ref[column]
 
-        scores = _stored_scores(geo, importance_ref, blocks, current)
-        rank = _ranks(scores, blocks, candidate_column, geo.candidates)
+        rank = _ranks(scores_ref[...], blocks, candidate_column, geo.candidates)
         chosen = (rank < geo.num_selected) & (rank <= current)
         by_rank = jnp.arange(geo.picks_padded)
         picks = jnp.sum(
@@ -592,14 +601,14 @@ def _select_pass(geo: _StepGeometry, lengths, partials, out_dtype):
         out_specs=[
             per_head(geo.rows, geo.dv_padded),
             per_head(geo.picks_padded),
-            per_head(padded(geo.num_blocks)),
+            per_head(geo.candidates),
             per_head(geo.candidates),
             per_head(1),
         ],
         out_shape=[
             jax.ShapeDtypeStruct((batch, kv_heads, geo.group, geo.dv), out_dtype),
             jax.ShapeDtypeStruct((batch, kv_heads, geo.num_selected), jnp.int32),
-            jax.ShapeDtypeStruct((batch, kv_heads, padded(geo.num_blocks)), jnp.float32),
+            jax.ShapeDtypeStruct((batch, kv_heads, geo.candidates), jnp.float32),
             jax.ShapeDtypeStruct((batch, kv_heads, geo.candidates), jnp.int32),
             jax.ShapeDtypeStruct((batch, kv_heads, 1), jnp.int32),
         ],
