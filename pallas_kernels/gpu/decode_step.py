@@ -82,11 +82,11 @@ from pallas_kernels.gpu.tiles import (
 # (Dk=192) / 72 KB (Dk=128) of shared memory and 140 / 128 registers (kernel_resources), two
 # programs per SM, so 264 programs are one wave on the 132 SMs of an H100/H200.
 _LAUNCH = (64, 4, 3, 264)
-# Kernel 2's launch: warps and the programs to aim for (one wave, as kernel 1). Eight warps: kernels
-# 1 + 2 took 61.95 / 72.09 us at B=16, S=64K, Dk=128 / 192 against 63.65 / 72.77 with four, in an
-# earlier form of kernel 2 (every part ranked by pairwise comparison); in this form (argmax per part,
-# timed with eight warps only) 58.08 / 67.37 (experiments/results/decode_h200.md, session 8).
-_SELECT_LAUNCH = (8, 264)
+# Kernel 2's launch: warps and the programs to aim for (one wave, as kernel 1). Four warps (199 registers,
+# two programs an SM): kernel 2 took 11.2-11.4 us at B=16, S=64K (both head dims) against 12.4-12.5 with
+# eight (122 registers), and 11.6-11.7 against 12.0-12.2 at B=1 (experiments/results/decode_h200.md,
+# session 9). Before the candidates carried their scores, eight warps were the faster (12.7 against 13.0).
+_SELECT_LAUNCH = (4, 264)
 # Most selection blocks a kernel-2 program scores (in one step) and picks candidates from.
 _PART_BLOCKS = 256
 # Candidates the last program of a row ranks, at most (or n', if larger): it compares every pair.
