@@ -93,7 +93,7 @@ _PART_BLOCKS = 256
 _CANDIDATES = 128
 # Columns of the [rows, columns] comparison tile per ranking step.
 _RANK_COLUMNS = 32
-# Floats of kernel 1's partials that kernel 2 loads at once when merging (32 a thread at 8 warps).
+# Floats of kernel 1's partials that kernel 2 loads at once when merging (64 a thread at the default 4 warps).
 _MERGE_ELEMENTS = 8192
 # Score of a block that cannot be picked: below every importance (those are >= 0).
 _UNAVAILABLE = -1.0
