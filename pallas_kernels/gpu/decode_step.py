@@ -302,7 +302,9 @@ def _compressed_kernel(
     count_ref[...] = jnp.zeros((1,), jnp.int32)
 
 
-def _block_terms(geo: _StepGeometry, sum_refs, tile_max_ref, blocks, head_rows) -> list:
+def _block_terms(
+    geo: _StepGeometry, sum_refs, tile_max_ref, blocks, head_rows
+) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
     """Kernel 1's Eq. 9 sums of ``blocks`` (int32 ``[J]``) and of the blocks before them (where
     ``l > d``), with their tiles' running maxima: ``(block, sums [G', J], tile_max [G', J])``
     per term. Their addresses do not depend on the query's position, so these loads are
@@ -416,10 +418,10 @@ def _select_kernel(
 ):
     """One (part, KV head, sequence): partials ``max_ref``/``sum_ref [P, G']``,
     ``acc_ref [P, G', Dv']``, kernel 1's ``tile_max_ref [tiles, G']`` and (in ``refs``)
-    ``own``/``back [G', Nc]``; writes a column slice of ``out_ref [G', Dv']``, its blocks
-    its candidate blocks ``blocks_ref [Q * c]`` with their ranking scores ``scores_ref [Q * c]`` and,
-    in the program that draws the last ticket of ``count_ref [1]`` (aliased to
-    ``_count_in``), ``picks_ref [n']``."""
+    ``own``/``back [G', Nc]``; writes a column slice of ``out_ref [G', Dv']``, its candidate
+    blocks ``blocks_ref [Q * c]`` with their ranking scores ``scores_ref [Q * c]`` and, in the
+    program that draws the last ticket of ``count_ref [1]`` (aliased to ``_count_in``),
+    ``picks_ref [n']``."""
     sum_refs = refs[: 1 + geo.has_back]
     out_ref, picks_ref, scores_ref, blocks_ref, count_ref = refs[1 + geo.has_back :]
     part = pl.program_id(0)
