@@ -304,12 +304,13 @@ def _compressed_kernel(
 
 def _block_terms(
     geo: _StepGeometry, sum_refs, tile_max_ref, blocks, head_rows
-) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
+) -> list[tuple[jax.Array, ...]]:
     """Kernel 1's Eq. 9 sums of ``blocks`` (int32 ``[J]``) and of the blocks before them (where
-    ``l > d``), with their tiles' running maxima: ``(block, sums [G', J], tile_max [G', J])``
-    per term. Their addresses do not depend on the query's position, so these loads are
-    issued before the position and the log-sum-exp arrive; sums of tiles kernel 1 skipped
-    (past the query) are loaded unwritten and masked by :func:`_block_importance`."""
+    ``l > d``), with their tiles' running maxima: ``(block, in_range [J], sums [G', J],
+    tile_max [G', J])`` per term, ``in_range`` marking the blocks kernel 1 has columns for.
+    Their addresses do not depend on the query's position, so these loads are issued before
+    the position and the log-sum-exp arrive; sums of tiles kernel 1 skipped (past the query)
+    are loaded unwritten and masked by :func:`_block_importance`."""
     rows = jnp.arange(geo.rows)
     terms = []
     for ref, block in zip(sum_refs, (blocks, blocks - 1)[: len(sum_refs)], strict=True):
@@ -319,18 +320,17 @@ def _block_terms(
         sums = plt.load(ref.at[rows[:, None], safe[None, :]], mask=mask, other=0)
         tile = jax.lax.div(safe, geo.blocks_per_tile)
         tile_max = plt.load(tile_max_ref.at[tile[None, :], rows[:, None]], mask=mask, other=0)
-        terms.append((block, sums, tile_max))
+        terms.append((block, ok, sums, tile_max))
     return terms
 
 
 def _block_importance(geo: _StepGeometry, terms, lse2, head_rows, visible) -> jax.Array:
     """Importance (Eqs. 9-10) from :func:`_block_terms`: float32 ``[J]``."""
     importance = None
-    for block, sums, tile_max in terms:
+    for block, in_range, sums, tile_max in terms:
         # A tile kernel 1 skipped (all its tokens past the query) holds nothing.
         tile_start = jax.lax.div(block, geo.blocks_per_tile) * geo.tile
-        ok = (block >= 0) & (block < geo.block_columns) & (tile_start < visible)
-        mask = head_rows[:, None] & ok[None, :]
+        mask = head_rows[:, None] & (in_range & (tile_start < visible))[None, :]
         term = jnp.sum(jnp.where(mask, jnp.exp2(tile_max - lse2[:, None]) * sums, 0.0), axis=0)
         importance = term if importance is None else importance + term
     return importance
