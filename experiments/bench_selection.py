@@ -173,8 +173,9 @@ def fwd_bwd_of(fn):
 def components(config: str, length: int, iters: int, first_block: bool) -> dict:
     """The backward's stages alone with the default tuning of the head dims, in ms.
 
-    The tile kernel both in Triton and in Mosaic GPU (``mosaic_backward``), and the dQ parts
-    summed by XLA and by the Pallas kernel (``dq_sum_kernel``).
+    The tile kernel both in Triton and in Mosaic GPU (``mosaic_backward``), the Triton kernel's
+    dQ parts summed by XLA and by the Pallas kernel (``dq_sum_kernel``), and the Mosaic kernel's
+    list-ordered dQ rows summed.
     """
     q_heads, kv_heads, dk, dv = CONFIGS[config]
     q, k, v, ct, indices = make_inputs(length, q_heads, kv_heads, dk, dv, first_block=first_block)
@@ -217,14 +218,15 @@ def components(config: str, length: int, iters: int, first_block: bool) -> dict:
             functools.partial(selection._tile_backward, geo=geometry(dataclasses.replace(base, **changes)))
         )
         timings[f"{label}kernel_ms"] = time_jax(kernels[label], *kernel_args, iters=iters)
-    parts = kernels["triton_"](*kernel_args)[2]
+    triton_parts = kernels["triton_"](*kernel_args)[2]
     for label, summed in (("xla", False), ("kernel", True)):
-        finish = jax.jit(
-            functools.partial(
-                selection._finish_dq, geo=geometry(dataclasses.replace(base, dq_sum_kernel=summed))
-            )
-        )
-        timings[f"dq_sum_{label}_ms"] = time_jax(finish, parts, starts, iters=iters)
+        geo = geometry(dataclasses.replace(base, mosaic_backward=False, dq_sum_kernel=summed))
+        finish = jax.jit(functools.partial(selection._finish_dq, geo=geo))
+        timings[f"dq_sum_{label}_ms"] = time_jax(finish, triton_parts, starts, entries, iters=iters)
+    del triton_parts
+    mosaic_rows = kernels["mosaic_"](*kernel_args)[2]
+    finish = jax.jit(functools.partial(selection._finish_dq, geo=geometry(base)))
+    timings["dq_sum_mosaic_rows_ms"] = time_jax(finish, mosaic_rows, starts, entries, iters=iters)
     print("components", config, length, timings, flush=True)
     return timings
 
@@ -274,14 +276,16 @@ def sweep_markdown(report: dict) -> str:
         + ("; block 0 always selected (spec Eq. 11)." if report["first_block"] else "."),
         "",
         "Stages alone (ms; default tuning of the head dims; its tile kernel in Triton and in Mosaic GPU "
-        "(each with its own splits); dQ sum by XLA or by the Pallas kernel):",
+        "(each with its own splits); the Triton kernel's dQ parts summed by XLA or by the Pallas kernel; "
+        "the Mosaic kernel's list-ordered dQ rows summed):",
         "",
-        "| config | fwd | delta | inverse map | Triton kernel | Mosaic kernel | dQ sum XLA | dQ sum kernel |",
-        "|" + "---|" * 8,
+        "| config | fwd | delta | inverse map | Triton kernel | Mosaic kernel | dQ sum XLA | dQ sum kernel "
+        "| dQ rows sum |",
+        "|" + "---|" * 9,
     ]
     for config, c in report["components"].items():
         keys = ("fwd_ms", "delta_ms", "inverse_map_ms", "triton_kernel_ms", "mosaic_kernel_ms")
-        keys += ("dq_sum_xla_ms", "dq_sum_kernel_ms")
+        keys += ("dq_sum_xla_ms", "dq_sum_kernel_ms", "dq_sum_mosaic_rows_ms")
         lines.append(f"| {config} | " + " | ".join(fmt(c.get(key)) for key in keys) + " |")
     lines += [
         "",

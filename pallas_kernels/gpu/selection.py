@@ -439,7 +439,7 @@ def _backward(q, k, v, key_starts, out, lse, dout, geo: _Geometry):
     delta = _delta(out, dout, geo)
     entries, offsets = _inverse_map(key_starts, geo)
     dk, dv, dq = _tile_backward(q, k, v, dout, key_starts, lse, delta, entries, offsets, geo)
-    return _finish_dq(dq, key_starts, geo).reshape(q.shape).astype(q.dtype), dk, dv
+    return _finish_dq(dq, key_starts, entries, geo).reshape(q.shape).astype(q.dtype), dk, dv
 
 
 def _delta(out, dout, geo: _Geometry) -> jax.Array:
@@ -465,7 +465,8 @@ def _uses_mosaic(geo: _Geometry) -> bool:
 
 
 def _tile_backward(q, k, v, dout, key_starts, lse, delta, entries, offsets, geo: _Geometry):
-    """The backward kernel: dk, dv and dQ as parts ``[B, T, H, n*E, G, Dk]``."""
+    """The backward kernel: dk, dv and dQ as parts ``[B, T, H, n*E, G, Dk]`` (Triton) or as
+    rows in list order (Mosaic GPU, :func:`pallas_kernels.gpu.selection_mosaic.tile_backward`)."""
     batch, length, heads, _ = k.shape
     q5 = q.reshape(batch, length, heads, geo.group, geo.dk)
     do5 = dout.reshape(batch, length, heads, geo.group, geo.dv)
@@ -539,51 +540,83 @@ def _summed_splits(dk, dv, k, v) -> tuple[jax.Array, jax.Array]:
     return jnp.sum(dk, axis=3).astype(k.dtype), jnp.sum(dv, axis=3).astype(v.dtype)
 
 
-def _finish_dq(dq, key_starts, geo: _Geometry) -> jax.Array:
-    """dQ ``[B, T, H, G, Dk]``: the kernel's listed parts summed.
+def _finish_dq(dq, key_starts, entries, geo: _Geometry) -> jax.Array:
+    """dQ ``[B, T, H, G, Dk]``: the tile kernel's listed parts (or list-ordered rows) summed.
 
     Float32, or already in the input dtype from the ``dq_sum_kernel`` reduction.
     """
     listed = listed_parts(key_starts, block_size=geo.block_size, aligned=geo.aligned)
+    if _uses_mosaic(geo):
+        positions = selection_mosaic.list_positions(entries, listed)
+        if geo.tuning.dq_sum_kernel:
+            return _sum_dq_rows(dq, positions, geo)
+        return selection_mosaic.sum_listed_rows(dq, positions)
     if geo.tuning.dq_sum_kernel:
         return _sum_dq_parts(dq, listed, geo)
     return jnp.sum(jnp.where(listed[..., None, None], dq.astype(jnp.float32), 0.0), axis=3)
 
 
-def _dq_sum_kernel(listed_ref, parts_ref, dq_ref, *, geo: _Geometry):
-    """dQ of one query and KV head: ``parts_ref [n*E, Gp, Dk']`` summed over its listed parts.
+def _summed_listed(listed, rows_of, dq_ref, geo: _Geometry) -> None:
+    """dQ of one query and KV head: the ``[Gp, Dk']`` rows ``rows_of(part)`` of each part with
+    ``listed(part)`` summed into ``dq_ref``.
 
-    ``listed_ref [n*E]`` (int32) marks the parts the backward wrote; the others hold
-    whatever the buffer held and are never read (a fully masked load moves no bytes).
-    The loop is unrolled so that the parts' loads are issued together.
+    The other parts' rows hold whatever the buffer held and are never read (a fully masked
+    load moves no bytes). The loop is unrolled so that the parts' loads are issued together.
     """
     cells = tile_mask(lanes(geo.group, geo.heads_pow2), lanes(geo.dk, geo.dk_padded))
     shape = (geo.heads_pow2, geo.dk_padded)
     acc = jnp.zeros(shape, jnp.float32)
     for part in range(geo.slots * geo.parts):
-        keep = jnp.broadcast_to(listed_ref[part] != 0, shape)
-        mask = keep if cells is None else keep & cells
         # A traced index: interpret mode cannot discharge a masked load at a Python int.
-        acc += plt.load(parts_ref.at[jnp.int32(part)], mask=mask, other=0).astype(jnp.float32)
+        part = jnp.int32(part)
+        keep = jnp.broadcast_to(listed(part), shape)
+        mask = keep if cells is None else keep & cells
+        acc += plt.load(rows_of(part), mask=mask, other=0).astype(jnp.float32)
     store(dq_ref, acc, cells)
+
+
+def _dq_sum_kernel(listed_ref, parts_ref, dq_ref, *, geo: _Geometry):
+    """``parts_ref [n*E, Gp, Dk']`` summed over the parts ``listed_ref [n*E]`` (int32) marks."""
+    _summed_listed(lambda part: listed_ref[part] != 0, lambda part: parts_ref.at[part], dq_ref, geo)
+
+
+def _dq_rows_sum_kernel(positions_ref, rows_ref, dq_ref, *, geo: _Geometry):
+    """The Mosaic kernel's list-ordered rows ``rows_ref [R, Dk']`` of one KV head, summed over
+    the query's pairs at list positions ``positions_ref [n]`` (``-1``: unlisted)."""
+
+    def rows_of(part):
+        first_row = jnp.maximum(positions_ref[part], 0) * geo.group
+        return rows_ref.at[pl.ds(first_row, geo.heads_pow2)]
+
+    _summed_listed(lambda part: positions_ref[part] >= 0, rows_of, dq_ref, geo)
 
 
 def _sum_dq_parts(parts: jax.Array, listed: jax.Array, geo: _Geometry) -> jax.Array:
     """``parts [B, T, H, n*E, G, Dk]`` summed over listed parts, ``[B, T, H, G, Dk]`` in the input dtype."""
-    batch, length, heads = parts.shape[:3]
+    spec = per_query_block(geo.slots * geo.parts, geo.heads_pow2, geo.dk_padded)
+    return _dq_sum_call(_dq_sum_kernel, spec, listed.astype(jnp.int32), parts, geo)
+
+
+def _sum_dq_rows(rows: jax.Array, positions: jax.Array, geo: _Geometry) -> jax.Array:
+    """The Mosaic kernel's dQ rows ``[B, H, R, Dk]`` summed per query by list ``positions``
+    ``[B, T, H, n]``: ``[B, T, H, G, Dk]`` in the input dtype."""
+    spec = pl.BlockSpec((None, None, rows.shape[2], geo.dk_padded), lambda t, h, b: (b, h, 0, 0))
+    return _dq_sum_call(_dq_rows_sum_kernel, spec, positions, rows, geo)
+
+
+def _dq_sum_call(kernel, rows_spec: pl.BlockSpec, which: jax.Array, rows: jax.Array, geo: _Geometry):
+    """One program per query and KV head: ``kernel(which_ref [n*E], rows_ref, dq_ref)``."""
+    batch, length, heads = which.shape[:3]
     return pl.pallas_call(
-        functools.partial(_dq_sum_kernel, geo=geo),
+        functools.partial(kernel, geo=geo),
         grid=(length, heads, batch),
-        in_specs=[
-            per_query_block(geo.slots * geo.parts),
-            per_query_block(geo.slots * geo.parts, geo.heads_pow2, geo.dk_padded),
-        ],
+        in_specs=[per_query_block(geo.slots * geo.parts), rows_spec],
         out_specs=per_query_block(geo.heads_pow2, geo.dk_padded),
         out_shape=jax.ShapeDtypeStruct((batch, length, heads, geo.group, geo.dk), jnp.dtype(geo.dtype)),
         compiler_params=geo.params(4, 1),
         interpret=geo.interpret,
         name="nsa_selected_dq_sum",
-    )(listed.astype(jnp.int32), parts)
+    )(which, rows)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))

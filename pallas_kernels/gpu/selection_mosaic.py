@@ -4,7 +4,7 @@ Same work and outputs as the Triton tile kernel of :mod:`pallas_kernels.gpu.sele
 (spec, "Selected attention (Eq. 12)", "Kernel design"): one program per key tile of
 ``l' = 64`` keys, KV head and split, looping over the (query, slot) pairs of the tile's
 inverse-map list (:mod:`pallas_kernels.gpu.inverse_map`), ``PAIRS`` pairs per step. It
-accumulates the tile's dK and dV and writes each pair's dQ part.
+accumulates the tile's dK and dV and writes each pair's dQ rows in list order.
 
 Two warpgroups per program:
 
@@ -17,7 +17,10 @@ Two warpgroups per program:
   every warpgroup MMA: ``S^T = K Q^T``, ``P^T = exp2(S^T - lse)`` (causal mask),
   ``dV += P^T dO``, ``dP^T = V dO^T``, ``dS^T = P^T (dP^T - delta)``, ``dK += dS^T Q``,
   and ``dQ = dS K`` from ``dS^T`` staged in shared memory (a transposed MMA operand);
-  it stores the ``16``-row dQ parts by TMA while the next step runs.
+  it stores the step's ``64`` dQ rows by TMA while the next step runs: one store, as the
+  step's pairs are adjacent in the list and dQ is written in list order (a store per pair,
+  into ``[B, T, H, n, 16, Dk]`` parts, took 1.4 ms more at T = 64K, D = 128;
+  experiments/results/selection_h200.md, session 10).
 
 Served: bf16 or float16, no segments (aligned blocks), ``G = 16``, ``l' = 64``, head dims
 multiples of 64 up to 256, on a Hopper GPU (sm_90) or in interpret mode (``supports``). The
@@ -31,6 +34,8 @@ block 0 in every selection at D = 128, against 41.9 / 42.2 with the Triton tile 
 
 Besides the Triton path's buffers it gathers each listed pair's lse and delta rows into list
 order (``2 * T * n * 16`` floats, 0.5 GB at T = 64K, H = 4): a step's rows are then one copy.
+The dQ rows are summed per query by their :func:`list_positions` (a Pallas kernel in
+:mod:`pallas_kernels.gpu.selection`, or :func:`sum_listed_rows`).
 The kernel runs in Mosaic GPU interpret mode on CPU (``interpret=True``) with two differences:
 the MMAs accumulate into fresh accumulators (``_accumulate``), and one warpgroup issues each
 step's copies itself before waiting for them, without the memory warpgroup and its ``consumed``
@@ -141,7 +146,7 @@ def tile_backward(
     heavy_first: bool,
     interpret: bool,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """dK, dV partials and dQ parts of selected attention.
+    """dK, dV partials and the dQ rows of selected attention, in list order.
 
     Args:
       q5: ``[B, T, H, 16, Dk]``; k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]``;
@@ -156,10 +161,11 @@ def tile_backward(
 
     Returns:
       ``(dk, dv, dq)``: float32 ``[B, T, H, splits, Dk]`` and ``[B, T, H, splits, Dv]``
-      partial sums (scaled), and dQ parts ``[B, T, H, n, 16, Dk]`` in ``q5.dtype``
-      (rows of unlisted parts are left unwritten).
+      partial sums (scaled), and ``dq [B, H, (T * n + 8) * 16, Dk]`` in ``q5.dtype``: rows
+      ``16 i .. 16 i + 15`` hold the dQ of the pair ``entries[..., i]`` (rows of unlisted
+      pairs and of the padding are left unwritten).
     """
-    batch, length, heads, group, dk = q5.shape
+    batch, length, heads, _, dk = q5.shape
     dv = v.shape[-1]
     num_tiles = offsets.shape[-1] - 1
     padded_length = num_tiles * _KEYS
@@ -277,13 +283,24 @@ def tile_backward(
                     out = jnp.where(column < (j + 1) * _HEADS, values[j], out)
                 return out
 
-            def store_part(j, query, part, live):
-                """Pair ``j``'s 16 dQ rows to its (query, slot) part, if the pair is listed."""
+            def store_dq(start, live):
+                """The step's dQ rows to list positions ``start ..``: one copy for a full step;
+                a partial one (the list's last) copies only its listed pairs, as the rows past
+                them belong to the next list's first pairs."""
+                full = live[PAIRS - 1]
 
-                @pl.when(live)
+                @pl.when(full)
                 def _():
-                    rows = dq_smem.at[pl.ds(j * _HEADS, _HEADS)]
-                    plgpu.copy_smem_to_gmem(rows, dq_ref.at[b, query, head, part], commit_group=False)
+                    rows = dq_ref.at[b, head, pl.ds(start * _HEADS, _ROWS)]
+                    plgpu.copy_smem_to_gmem(dq_smem, rows, commit_group=False)
+
+                for j in range(PAIRS - 1):
+
+                    @pl.when(live[j] & jnp.logical_not(full))
+                    def _(j=j):
+                        rows = dq_ref.at[b, head, pl.ds((start + j) * _HEADS, _HEADS)]
+                        pair = dq_smem.at[pl.ds(j * _HEADS, _HEADS)]
+                        plgpu.copy_smem_to_gmem(pair, rows, commit_group=False)
 
             def step_body(step, carry):
                 dk_acc, dv_acc = carry
@@ -349,8 +366,7 @@ def tile_backward(
                     (dq,) = accumulate(lambda refs, mma=mma: mma(refs[0]), (zeros,))
                     dq_smem[:, columns] = (dq * scale).astype(dtype)
                 plgpu.commit_smem()
-                for j in range(PAIRS):
-                    store_part(j, queries[j], ids[j] - queries[j] * slots, live[j])
+                store_dq(start, live)
                 plgpu.commit_smem_to_gmem_group()
                 return dk_acc, dv_acc
 
@@ -395,7 +411,7 @@ def tile_backward(
     out_type = [
         jax.ShapeDtypeStruct((batch, padded_length, heads, splits, dk), jnp.float32),
         jax.ShapeDtypeStruct((batch, padded_length, heads, splits, dv), jnp.float32),
-        jax.ShapeDtypeStruct((batch, length, heads, slots, group, dk), dtype),
+        jax.ShapeDtypeStruct((batch, heads, entries.shape[-1] * _HEADS, dk), dtype),
     ]
     dk_out, dv_out, dq = plgpu.kernel(
         kernel,
@@ -410,3 +426,37 @@ def tile_backward(
         kernel_name="nsa_selected_bwd_mosaic",
     )(entries, offsets, order, q5, k, v, do5, lse, delta)
     return dk_out[:, :length], dv_out[:, :length], dq
+
+
+def list_positions(entries: jax.Array, listed: jax.Array) -> jax.Array:
+    """int32 ``[B, T, H, n]``: the list position of each (query, slot) pair, ``-1`` if unlisted.
+
+    Args:
+      entries: the inverse map's ``[B, H, T * n]`` pair ids (a permutation of ``0 .. T*n-1``).
+      listed: bool ``[B, T, H, n]``, the pairs the map lists under a tile (the others' dQ
+        rows are never written by :func:`tile_backward`).
+    """
+    batch, length, heads, slots = listed.shape
+    by_pair = jnp.arange(entries.shape[-1], dtype=jnp.int32)
+    positions = jax.vmap(jax.vmap(lambda ids: jnp.zeros_like(ids).at[ids].set(by_pair)))(entries)
+    positions = jnp.transpose(positions.reshape(batch, heads, length, slots), (0, 2, 1, 3))
+    return jnp.where(listed, positions, -1)
+
+
+def sum_listed_rows(rows: jax.Array, positions: jax.Array) -> jax.Array:
+    """dQ ``[B, T, H, 16, Dk]`` in float32 (XLA): each query's listed pairs' rows summed.
+
+    Args:
+      rows: ``[B, H, R, Dk]``, the dQ rows of :func:`tile_backward` in list order.
+      positions: ``[B, T, H, n]`` from :func:`list_positions`.
+
+    The rows are gathered by list position and summed in slot order: deterministic.
+    """
+    batch, heads, _, dk = rows.shape
+    length, slots = positions.shape[1], positions.shape[3]
+    pairs = jnp.transpose(positions, (0, 2, 1, 3)).reshape(batch, heads, length * slots)
+    by_pair = rows[:, :, : length * slots * _HEADS].reshape(batch, heads, length * slots, _HEADS, dk)
+    gathered = jax.vmap(jax.vmap(lambda table, at: table[at]))(by_pair, jnp.maximum(pairs, 0))
+    gathered = gathered.reshape(batch, heads, length, slots, _HEADS, dk).astype(jnp.float32)
+    keep = (jnp.transpose(positions, (0, 2, 1, 3)) >= 0)[..., None, None]
+    return jnp.transpose(jnp.sum(jnp.where(keep, gathered, 0.0), axis=3), (0, 2, 1, 3, 4))
