@@ -23,10 +23,11 @@ map (XLA sort), the tile kernel, and the dQ reduction. Variants, chosen by
 :class:`pallas_kernels.gpu.block_sizes.SelectionTuning` (defaults per head dims in
 ``tuning_for``):
 
-- dQ as parts (default, deterministic): each pair writes its dQ to its own
-  (slot, part) row of ``[B, T, H, n*E, G, Dk]`` (bf16 for bf16 inputs), summed
-  afterwards by XLA or (``dq_sum_kernel``) by a Pallas kernel that writes the input
-  dtype directly; every output element has one writer.
+- dQ as parts (deterministic): each pair writes its dQ to its own (slot, part) row of
+  ``[B, T, H, n*E, G, Dk]`` (bf16 for bf16 inputs), summed afterwards by XLA or
+  (``dq_sum_kernel``) by a Pallas kernel that writes the input dtype directly; every
+  output element has one writer. The Mosaic tile kernel writes the same rows in list
+  order instead (one store a step) and the sum gathers them by list position.
 - rows-major scores (``bwd_rows_major``): the score tile as ``[rows, keys]`` so that
   with 8 warps and 128 rows each of the two MMA warp groups gets 64 distinct rows.
 - transposed dQ (``dq_transposed``): a step's dQ as ``[Dk, rows] = K^T dS^T``, whose
@@ -62,7 +63,7 @@ D = 128, bf16; P = T*H*n = 4.2M (query, slot) pairs of G rows):
   48.6 ms with parts at the same launch parameters (Dk=192: 213.1 against 124.7 ms;
   experiments/results/selection_sweep_h200.md): the float32 reductions in L2 cost more
   than the parts' HBM round trip. A single-key uint32 sort for the inverse map: 1.46
-  against 1.50 ms, not worth a second path.
+  against 1.50 ms (the flat sort of session 10 over all rows at once takes 0.7-0.9).
 - Rejected: a query-centric dQ pass recomputing P (reads every selected K and V
   block again through L2, 137 GB, as the 16 ms forward does), and writing the
   score gradient ``dS [P, G, l']`` instead of dQ parts (8.6 GB + 8.6 GB, but the

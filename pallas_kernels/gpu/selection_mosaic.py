@@ -24,12 +24,12 @@ Two warpgroups per program:
 
 Served: bf16 or float16, no segments (aligned blocks), ``G = 16``, ``l' = 64``, head dims
 multiples of 64 up to 256, on a Hopper GPU (sm_90) or in interpret mode (``supports``). The
-forward, ``delta``, the inverse map and the dQ-part sum stay those of the Triton path. The
-default at Dk = Dv = 128 and Dk = 192 / Dv = 128 (``SelectionTuning.mosaic_backward``, 8
-splits): on the H200 at T = 64K forward+backward takes 39.5 ms on random blocks and 39.7 with
-block 0 in every selection at D = 128, against 41.9 / 42.2 with the Triton tile kernel, and
-55.1 / 56.1 at Dk = 192 against 74.4 / 74.4 (experiments/results/selection_h200.md, sessions
-5-7). At Dk = 192 dQ goes in 64-column pieces (see ``dq_columns``); the kernel still spills
+forward, ``delta`` and the inverse map stay those of the Triton path. The default at
+Dk = Dv = 128 and Dk = 192 / Dv = 128 (``SelectionTuning.mosaic_backward``, 8 splits): on the
+H200 at T = 64K forward+backward takes 37.3 ms on random blocks at D = 128 (39.5 with the
+per-pair dQ stores and the batched inverse-map sort of sessions 5-9; 41.9 with the Triton tile
+kernel) and 52.4 at Dk = 192 (55.1; Triton 74.4) (experiments/results/selection_h200.md).
+At Dk = 192 dQ goes in 64-column pieces (see ``dq_columns``); the kernel still spills
 ~300 B a thread there.
 
 Besides the Triton path's buffers it gathers each listed pair's lse and delta rows into list
