@@ -220,8 +220,8 @@ def components(config: str, length: int, iters: int, first_block: bool) -> dict:
         timings[f"{label}kernel_ms"] = time_jax(kernels[label], *kernel_args, iters=iters)
     triton_parts = kernels["triton_"](*kernel_args)[2]
     for label, summed in (("xla", False), ("kernel", True)):
-        geo = geometry(dataclasses.replace(base, mosaic_backward=False, dq_sum_kernel=summed))
-        finish = jax.jit(functools.partial(selection._finish_dq, geo=geo))
+        parts_geo = geometry(dataclasses.replace(base, mosaic_backward=False, dq_sum_kernel=summed))
+        finish = jax.jit(functools.partial(selection._finish_dq, geo=parts_geo))
         timings[f"dq_sum_{label}_ms"] = time_jax(finish, triton_parts, starts, entries, iters=iters)
     del triton_parts
     mosaic_rows = kernels["mosaic_"](*kernel_args)[2]

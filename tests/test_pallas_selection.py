@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import nsa_jax
-from pallas_kernels.gpu import selection
+from pallas_kernels.gpu import selection, selection_mosaic
 from pallas_kernels.gpu.block_sizes import DEFAULT_TUNING, SelectionTuning, tuning_for
 from pallas_kernels.gpu.inverse_map import build_inverse_map, key_tile_count, listed_parts
 
@@ -79,6 +79,29 @@ def test_listed_parts_matches_inverse_map(aligned):
         flags = np.zeros(length * slots * parts, bool)
         flags[owned] = True
         np.testing.assert_array_equal(flags, listed[0, :, h].reshape(-1))
+
+
+def test_list_positions_invert_the_map_and_rows_sum_by_them():
+    # The Mosaic tile kernel's dQ rows are in list order; summing them by list position must give
+    # each query the sum over its listed slots, in any list order.
+    rng = np.random.default_rng(2)
+    length, heads, slots, block_size, dk = 21, 2, 3, 8, 4
+    starts = _random_starts(rng, 1, length, heads, slots, block_size, True)
+    entries, _ = build_inverse_map(starts, block_size=block_size, aligned=True)
+    listed = listed_parts(starts, block_size=block_size, aligned=True)
+    positions = selection_mosaic.list_positions(entries, listed)
+    parts = rng.standard_normal((1, length, heads, slots, 16, dk)).astype(np.float32)
+    rows = np.zeros((1, heads, (length * slots + 1) * 16, dk), np.float32)
+    for h in range(heads):
+        for i, ident in enumerate(np.asarray(entries[0, h])):
+            rows[0, h, 16 * i : 16 * i + 16] = parts[0, ident // slots, h, ident % slots]
+    expected = np.sum(np.where(np.asarray(listed)[..., None, None], parts, 0.0), axis=3)
+    got = selection_mosaic.sum_listed_rows(jnp.asarray(rows), positions)
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="entries must be"):
+        selection_mosaic.list_positions(entries[..., 1:], listed)
+    with pytest.raises(ValueError, match="R >= T"):
+        selection_mosaic.sum_listed_rows(jnp.asarray(rows[:, :, :16]), positions)
 
 
 def test_key_starts_follow_segments_and_drop_future_blocks():

@@ -437,6 +437,11 @@ def list_positions(entries: jax.Array, listed: jax.Array) -> jax.Array:
         rows are never written by :func:`tile_backward`).
     """
     batch, length, heads, slots = listed.shape
+    if entries.shape != (batch, heads, length * slots):
+        raise ValueError(
+            f"entries must be [B, H, T * n] = {(batch, heads, length * slots)} for listed of shape "
+            f"{listed.shape}, got {entries.shape}"
+        )
     by_pair = jnp.arange(entries.shape[-1], dtype=jnp.int32)
     positions = jax.vmap(jax.vmap(lambda ids: jnp.zeros_like(ids).at[ids].set(by_pair)))(entries)
     positions = jnp.transpose(positions.reshape(batch, heads, length, slots), (0, 2, 1, 3))
@@ -452,11 +457,17 @@ def sum_listed_rows(rows: jax.Array, positions: jax.Array) -> jax.Array:
 
     The rows are gathered by list position and summed in slot order: deterministic.
     """
-    batch, heads, _, dk = rows.shape
+    batch, heads, num_rows, dk = rows.shape
     length, slots = positions.shape[1], positions.shape[3]
-    pairs = jnp.transpose(positions, (0, 2, 1, 3)).reshape(batch, heads, length * slots)
+    if positions.shape != (batch, length, heads, slots) or num_rows < length * slots * _HEADS:
+        raise ValueError(
+            f"rows [B, H, R, Dk] and positions [B, T, H, n] must share B and H with "
+            f"R >= T * n * {_HEADS}, got {rows.shape} and {positions.shape}"
+        )
+    by_head = jnp.transpose(positions, (0, 2, 1, 3))
+    pairs = by_head.reshape(batch, heads, length * slots)
     by_pair = rows[:, :, : length * slots * _HEADS].reshape(batch, heads, length * slots, _HEADS, dk)
     gathered = jax.vmap(jax.vmap(lambda table, at: table[at]))(by_pair, jnp.maximum(pairs, 0))
     gathered = gathered.reshape(batch, heads, length, slots, _HEADS, dk).astype(jnp.float32)
-    keep = (jnp.transpose(positions, (0, 2, 1, 3)) >= 0)[..., None, None]
+    keep = (by_head >= 0)[..., None, None]
     return jnp.transpose(jnp.sum(jnp.where(keep, gathered, 0.0), axis=3), (0, 2, 1, 3, 4))
