@@ -35,6 +35,8 @@ VARIANTS = {
         "triton": _D128_TRITON,
         "triton_split8": dataclasses.replace(_D128_TRITON, bwd_splits=8),
         "mosaic_split4": dataclasses.replace(_D128_DEFAULT, mosaic_splits=4),
+        "mosaic_split6": dataclasses.replace(_D128_DEFAULT, mosaic_splits=6),
+        "mosaic_split12": dataclasses.replace(_D128_DEFAULT, mosaic_splits=12),
         "mosaic_split16": dataclasses.replace(_D128_DEFAULT, mosaic_splits=16),
         "mosaic_s4": dataclasses.replace(_D128_DEFAULT, bwd_stages=4),
         "4w_32r_keys_dqT": dataclasses.replace(_D128, dq_transposed=True),

@@ -64,7 +64,10 @@ def build_inverse_map(
         ((row_base + tiles).reshape(-1), ids.reshape(-1)), dimension=0, is_stable=True, num_keys=1
     )
     bounds = row_base + jnp.arange(num_tiles + 1, dtype=jnp.int32)
-    offsets = jnp.searchsorted(keys, bounds.reshape(-1), side="left").reshape(rows, num_tiles + 1)
+    # Unrolled: the default binary search is a while loop, which the GPU backend drives from the host
+    # (23 iterations of ~45 us at T = 64K, 1 ms; experiments/results/selection_h200.md, session 11).
+    offsets = jnp.searchsorted(keys, bounds.reshape(-1), side="left", method="scan_unrolled")
+    offsets = offsets.reshape(rows, num_tiles + 1)
     offsets = offsets - jnp.arange(rows)[:, None] * ids.shape[-1]
     shape = (batch, heads)
     return entries.reshape(*shape, -1), offsets.reshape(*shape, -1).astype(jnp.int32)

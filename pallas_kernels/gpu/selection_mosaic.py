@@ -6,29 +6,36 @@ Same work and outputs as the Triton tile kernel of :mod:`pallas_kernels.gpu.sele
 inverse-map list (:mod:`pallas_kernels.gpu.inverse_map`), ``PAIRS`` pairs per step. It
 accumulates the tile's dK and dV and writes each pair's dQ rows in list order.
 
-Two warpgroups per program:
+Three warpgroups per program:
 
 - the memory warpgroup reads each pair's query from the inverse map (a step ahead) and
   gathers the pair's ``G = 16`` rows of ``q`` and ``dout`` with bulk tensor copies (TMA),
   plus the step's entry ids and its pairs' log-sum-exp and ``delta`` rows (one copy each,
   from list order), into a ring of ``stages`` shared-memory slots, ``PAIRS * 16 = 64`` rows
-  a slot, ahead of the compute warpgroup;
-- the compute warpgroup computes, per step, with the key tile as the 64-row side of
-  every warpgroup MMA: ``S^T = K Q^T``, ``P^T = exp2(S^T - lse)`` (causal mask),
-  ``dV += P^T dO``, ``dP^T = V dO^T``, ``dS^T = P^T (dP^T - delta)``, ``dK += dS^T Q``,
-  and ``dQ = dS K`` from ``dS^T`` staged in shared memory (a transposed MMA operand);
-  it stores the step's ``64`` dQ rows by TMA while the next step runs: one store, as the
-  step's pairs are adjacent in the list and dQ is written in list order (a store per pair,
-  into ``[B, T, H, n, 16, Dk]`` parts, took 1.4 ms more at T = 64K, D = 128;
-  experiments/results/selection_h200.md, session 10).
+  a slot, ahead of the two compute warpgroups;
+- the front warpgroup computes, per step, with the key tile as the 64-row side of every
+  warpgroup MMA: ``S^T = K Q^T`` and ``dP^T = V dO^T`` (issued together),
+  ``P^T = exp2(S^T - lse)`` (causal mask) and ``dS^T = P^T (dP^T - delta)``, and hands
+  ``P^T`` and ``dS^T`` (bf16, one pair of buffers per slot) to the back warpgroup;
+- the back warpgroup accumulates ``dV += P^T dO`` and ``dK += dS^T Q``, computes
+  ``dQ = dS K`` (``dS^T`` as a transposed MMA operand) and stores the step's ``64`` dQ
+  rows by TMA while the next step runs: one store, as the step's pairs are adjacent in the
+  list and dQ is written in list order (a store per pair, into ``[B, T, H, n, 16, Dk]``
+  parts, took 1.4 ms more at T = 64K, D = 128; experiments/results/selection_h200.md,
+  session 10).
+
+The front runs up to ``stages`` steps ahead of the back, so the scores of one step overlap
+the gradients of the one before; one warpgroup doing all five MMAs of a step in turn took
+16.7 ms at T = 64K, D = 128, against 14.7 (session 11).
 
 Served: bf16 or float16, no segments (aligned blocks), ``G = 16``, ``l' = 64``, head dims
 multiples of 64 up to 256, on a Hopper GPU (sm_90) or in interpret mode (``supports``). The
 forward, ``delta`` and the inverse map stay those of the Triton path. The default at
 Dk = Dv = 128 and Dk = 192 / Dv = 128 (``SelectionTuning.mosaic_backward``, 8 splits): on the
-H200 at T = 64K forward+backward takes 37.3 ms on random blocks at D = 128 (39.5 with the
-per-pair dQ stores and the batched inverse-map sort of sessions 5-9; 41.9 with the Triton tile
-kernel) and 52.4 at Dk = 192 (55.1; Triton 74.4) (experiments/results/selection_h200.md).
+H200 at T = 64K forward+backward takes 35.5 ms on random blocks at D = 128 (37.5 with one
+compute warpgroup; 39.5 with the per-pair dQ stores and the batched inverse-map sort of
+sessions 5-9; 41.9 with the Triton tile kernel) and 52.1 at Dk = 192 (53.4; 55.1; Triton 74.4)
+(experiments/results/selection_h200.md).
 At Dk = 192 dQ goes in 64-column pieces (see ``dq_columns``); the kernel still spills
 ~300 B a thread there.
 
@@ -38,11 +45,11 @@ The dQ rows are summed per query by their :func:`list_positions` (a Pallas kerne
 :mod:`pallas_kernels.gpu.selection`, or :func:`sum_listed_rows`).
 The kernel runs in Mosaic GPU interpret mode on CPU (``interpret=True``) with two differences:
 the MMAs accumulate into fresh accumulators (``_accumulate``), and one warpgroup issues each
-step's copies itself before waiting for them, without the memory warpgroup and its ``consumed``
-barriers (the interpreter runs warpgroups as threads that block in barrier waits; on a 2-core
-CPU they can starve the CPU client's worker threads and hang). The copies, slots, masks and
-math are the GPU path's; the two warpgroups' hand-off is checked on the GPU
-(``experiments/check_selection_gpu.py``).
+step's copies itself and then runs the front's and the back's work for the step, without the
+other warpgroups and their ``consumed`` and ``ds_ready`` barriers (the interpreter runs
+warpgroups as threads that block in barrier waits; on a 2-core CPU they can starve the CPU
+client's worker threads and hang). The copies, slots, masks and math are the GPU path's; the
+warpgroups' hand-offs are checked on the GPU (``experiments/check_selection_gpu.py``).
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ from nsa_jax.cudnn import compute_capability
 
 # (query, slot) pairs gathered per step: 4 pairs of 16 heads are the 64 columns of an MMA.
 PAIRS = 4
+_FRONT, _BACK, _MEMORY = 0, 1, 2
 _HEADS = 16
 _KEYS = 64
 _ROWS = PAIRS * _HEADS
@@ -95,12 +103,12 @@ def _on_hopper() -> bool:
 
 
 def _shared_bytes(dk: int, dv: int, stages: int) -> int:
-    """Shared memory of a program: the key/value tile, ``stages`` gather slots, the P/dS
-    operand, the dQ rows and a float32 output piece."""
+    """Shared memory of a program: the key/value tile, ``stages`` gather slots (each with its
+    P^T and dS^T operands), the dQ rows and a float32 output piece."""
     two = 2
     tile = _KEYS * (dk + dv) * two
-    slot = _ROWS * (dk + dv) * two + 2 * _ROWS * 4 + _ALIGNED_INTS * 4
-    return tile + stages * slot + _KEYS * _ROWS * two + _ROWS * dk * two + _KEYS * _OUT_COLUMNS * 4
+    slot = _ROWS * (dk + dv) * two + 2 * _ROWS * 4 + _ALIGNED_INTS * 4 + 2 * _KEYS * _ROWS * two
+    return tile + stages * slot + _ROWS * dk * two + _KEYS * _OUT_COLUMNS * 4
 
 
 def stages_for(dk: int, dv: int, wanted: int) -> int:
@@ -185,7 +193,7 @@ def tile_backward(
     # Interpret mode runs one warpgroup that issues each step's copies itself: the interpreter's
     # warpgroup threads block in barrier waits and can starve the CPU client's worker threads.
     inline = interpret
-    # dQ's float32 accumulator beside dK's and dV's: at Dk = 192 a whole one would take the compute
+    # dQ's float32 accumulator beside dK's and dV's: at Dk = 192 a whole one would take the back
     # warpgroup past its 232 registers, so there dQ goes in 64-column pieces (one MMA and store each).
     width = dk if dk <= 128 else 64
     dq_columns = [pl.ds(start, width) for start in range(0, dk, width)]
@@ -193,8 +201,8 @@ def tile_backward(
     def kernel(
         entries_ref, offsets_ref, order_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
         dk_ref, dv_ref, dq_ref,
-        k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ids_smem, pds_smem, dq_smem, out_smem,
-        kv_barrier, loaded, consumed,
+        k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ids_smem, p_smem, ds_smem, dq_smem,
+        out_smem, kv_barrier, loaded, consumed, ds_ready,
     ):  # fmt: skip
         wg = jax.lax.axis_index("wg")
         rank = jax.lax.axis_index("rank")
@@ -238,7 +246,7 @@ def tile_backward(
                 for src, dst in ((q_ref, q_smem), (do_ref, do_smem)):
                     plgpu.copy_gmem_to_smem(src.at[b, t, head], dst.at[slot, rows], loaded.at[slot])
 
-        @pl.when(wg == 1)
+        @pl.when(wg == _MEMORY)
         def _memory():
             plgpu.set_max_registers(40, action="decrease")
 
@@ -263,119 +271,117 @@ def tile_backward(
 
             jax.lax.fori_loop(jnp.maximum(steps - stages, 0), steps, drain, None)
 
-        @pl.when(wg == 0)
-        def _compute():
-            if not inline:
-                plgpu.set_max_registers(232, action="increase")
-            keys = pl.ds(tile * _KEYS, _KEYS)
-            plgpu.copy_gmem_to_smem(k_ref.at[b, keys, head], k_smem, kv_barrier)
-            plgpu.copy_gmem_to_smem(v_ref.at[b, keys, head], v_smem, kv_barrier)
-            plgpu.barrier_wait(kv_barrier)
-            key_position = tile * _KEYS + plgpu.broadcasted_iota(
-                jnp.int32, (_KEYS, _ROWS), 0, layout=plgpu.Layout.WGMMA
+        keys = pl.ds(tile * _KEYS, _KEYS)
+
+        def by_pair(values, column):
+            """``[KEYS, ROWS]`` holding ``values[j]`` in the 16 columns of pair ``j``."""
+            out = values[PAIRS - 1]
+            for j in range(PAIRS - 2, -1, -1):
+                out = jnp.where(column < (j + 1) * _HEADS, values[j], out)
+            return out
+
+        def live_pairs(start):
+            return [start + j < last for j in range(PAIRS)]
+
+        def store_dq(start, live):
+            """The step's dQ rows to list positions ``start ..``: one copy for a full step;
+            a partial one (the list's last) copies only its listed pairs, as the rows past
+            them belong to the next list's first pairs."""
+            full = live[PAIRS - 1]
+
+            @pl.when(full)
+            def _():
+                rows = dq_ref.at[b, head, pl.ds(start * _HEADS, _ROWS)]
+                plgpu.copy_smem_to_gmem(dq_smem, rows, commit_group=False)
+
+            for j in range(PAIRS - 1):
+
+                @pl.when(live[j] & jnp.logical_not(full))
+                def _(j=j):
+                    rows = dq_ref.at[b, head, pl.ds((start + j) * _HEADS, _HEADS)]
+                    pair = dq_smem.at[pl.ds(j * _HEADS, _HEADS)]
+                    plgpu.copy_smem_to_gmem(pair, rows, commit_group=False)
+
+        def front(step):
+            """Step ``step``'s P^T and dS^T, handed to ``back`` through ``p_smem`` and ``ds_smem``."""
+            iota = functools.partial(
+                plgpu.broadcasted_iota, jnp.int32, (_KEYS, _ROWS), layout=plgpu.Layout.WGMMA
             )
-            column = plgpu.broadcasted_iota(jnp.int32, (_KEYS, _ROWS), 1, layout=plgpu.Layout.WGMMA)
+            key_position, column = tile * _KEYS + iota(0), iota(1)
+            slot = jax.lax.rem(step, stages)
+            plgpu.barrier_wait(loaded.at[slot])
+            start = first + step * PAIRS
+            ids = [ids_smem[slot, start - _aligned(start) + j] for j in range(PAIRS)]
+            queries = [jax.lax.div(i, slots) for i in ids]
+            live = live_pairs(start)
+            query_of_column = by_pair(
+                [jnp.where(ok, t, -1) for ok, t in zip(live, queries, strict=True)], column
+            )
+            q_slot, do_slot = q_smem.at[slot], do_smem.at[slot]
+            lse = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+            delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+            visible = key_position <= query_of_column
 
-            def by_pair(values):
-                """``[KEYS, ROWS]`` holding ``values[j]`` in the 16 columns of pair ``j``."""
-                out = values[PAIRS - 1]
-                for j in range(PAIRS - 2, -1, -1):
-                    out = jnp.where(column < (j + 1) * _HEADS, values[j], out)
-                return out
-
-            def store_dq(start, live):
-                """The step's dQ rows to list positions ``start ..``: one copy for a full step;
-                a partial one (the list's last) copies only its listed pairs, as the rows past
-                them belong to the next list's first pairs."""
-                full = live[PAIRS - 1]
-
-                @pl.when(full)
-                def _():
-                    rows = dq_ref.at[b, head, pl.ds(start * _HEADS, _ROWS)]
-                    plgpu.copy_smem_to_gmem(dq_smem, rows, commit_group=False)
-
-                for j in range(PAIRS - 1):
-
-                    @pl.when(live[j] & jnp.logical_not(full))
-                    def _(j=j):
-                        rows = dq_ref.at[b, head, pl.ds((start + j) * _HEADS, _HEADS)]
-                        pair = dq_smem.at[pl.ds(j * _HEADS, _HEADS)]
-                        plgpu.copy_smem_to_gmem(pair, rows, commit_group=False)
-
-            def step_body(step, carry):
-                dk_acc, dv_acc = carry
-                slot = jax.lax.rem(step, stages)
-                if inline:
-                    issue_copies(step, queries_of(step))
-                plgpu.barrier_wait(loaded.at[slot])
-                start = first + step * PAIRS
-                ids = [ids_smem[slot, start - _aligned(start) + j] for j in range(PAIRS)]
-                queries = [jax.lax.div(i, slots) for i in ids]
-                live = [start + j < last for j in range(PAIRS)]
-                query_of_column = by_pair([jnp.where(ok, t, -1) for ok, t in zip(live, queries, strict=True)])
-                q_slot, do_slot = q_smem.at[slot], do_smem.at[slot]
-
-                def scores(acc_ref):
-                    plgpu.wgmma(acc_ref, k_smem, q_slot.T)
-                    return acc_ref[...]
-
-                s_t = pl.run_scoped(scores, plgpu.ACC((_KEYS, _ROWS), jnp.float32))
-                lse = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-                visible = key_position <= query_of_column
+            def scores(acc_s, acc_dp):
+                plgpu.wgmma(acc_s, k_smem, q_slot.T)
+                plgpu.wgmma(acc_dp, v_smem, do_slot.T)
+                s_t = acc_s[...] if inline else plgpu.wgmma_accumulator_load(acc_s, wait_n=1)
                 p_t = jnp.exp2(s_t * log2_scale - jax.lax.broadcast_in_dim(lse, (_KEYS, _ROWS), [1]))
-                p_t = jnp.where(visible, p_t, 0.0)
+                return jnp.where(visible, p_t, 0.0), acc_dp[...]
 
-                # MMA operands from registers go through shared memory (as interpret mode needs).
-                pds_smem[...] = p_t.astype(dtype)
-                plgpu.commit_smem()
+            acc = plgpu.ACC((_KEYS, _ROWS), jnp.float32)
+            p_t, dp_t = pl.run_scoped(scores, acc, acc)
+            ds_t = p_t * (dp_t - jax.lax.broadcast_in_dim(delta, (_KEYS, _ROWS), [1]))
+            ds_smem[slot] = ds_t.astype(dtype)
+            p_smem[slot] = p_t.astype(dtype)
+            plgpu.commit_smem()
+            if not inline:
+                plgpu.barrier_arrive(ds_ready.at[slot])
+                plgpu.barrier_arrive(consumed.at[slot])
 
-                def value_grads(refs):
-                    dv_ref_, dp_ref_ = refs
-                    plgpu.wgmma(dv_ref_, pds_smem, do_slot)
-                    plgpu.wgmma(dp_ref_, v_smem, do_slot.T)
+        def back(step, carry):
+            """dV and dK accumulated (``carry``) and the step's dQ rows stored, from ``front``'s operands."""
+            dk_acc, dv_acc = carry
+            slot = jax.lax.rem(step, stages)
+            if not inline:
+                plgpu.barrier_wait(loaded.at[slot])
+                plgpu.barrier_wait(ds_ready.at[slot])
+            start = first + step * PAIRS
+            q_slot, do_slot = q_smem.at[slot], do_smem.at[slot]
+            p_slot, ds_slot = p_smem.at[slot], ds_smem.at[slot]
 
-                zeros = plgpu.layout_cast(jnp.zeros((_KEYS, _ROWS), jnp.float32), plgpu.Layout.WGMMA)
-                dv_acc, dp_t = accumulate(value_grads, (dv_acc, zeros))
-                delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-                ds_t = p_t * (dp_t - jax.lax.broadcast_in_dim(delta, (_KEYS, _ROWS), [1]))
-                pds_smem[...] = ds_t.astype(dtype)
-                plgpu.commit_smem()
+            def dq_piece(columns):
+                """``dQ = dS K`` for the key tile's ``columns``, into a fresh accumulator."""
+                zeros = plgpu.layout_cast(jnp.zeros((_ROWS, columns.size), jnp.float32), plgpu.Layout.WGMMA)
+                return zeros, lambda ref: plgpu.wgmma(ref, ds_slot.T, k_smem.at[:, columns])
 
-                def dq_piece(columns):
-                    """``dQ = dS K`` for the key tile's ``columns``, into a fresh accumulator."""
-                    zeros = plgpu.layout_cast(
-                        jnp.zeros((_ROWS, columns.size), jnp.float32), plgpu.Layout.WGMMA
-                    )
-                    return zeros, lambda ref: plgpu.wgmma(ref, pds_smem.T, k_smem.at[:, columns])
+            first_zeros, first_dq = dq_piece(dq_columns[0])
 
-                first_zeros, first_dq = dq_piece(dq_columns[0])
+            def grads(refs):
+                dv_ref_, dk_ref_, dq_ref_ = refs
+                plgpu.wgmma(dv_ref_, p_slot, do_slot)
+                plgpu.wgmma(dk_ref_, ds_slot, q_slot)
+                first_dq(dq_ref_)
 
-                def query_key_grads(refs):
-                    dk_ref_, dq_ref_ = refs
-                    plgpu.wgmma(dk_ref_, pds_smem, q_slot)
-                    first_dq(dq_ref_)
+            dv_acc, dk_acc, dq = accumulate(grads, (dv_acc, dk_acc, first_zeros))
+            if not inline and len(dq_columns) == 1:
+                plgpu.barrier_arrive(consumed.at[slot])
+            # The last step's dQ stores must have read dq_smem before it is overwritten.
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            dq_smem[:, dq_columns[0]] = (dq * scale).astype(dtype)
+            for columns in dq_columns[1:]:
+                zeros, mma = dq_piece(columns)
+                (dq,) = accumulate(lambda refs, mma=mma: mma(refs[0]), (zeros,))
+                dq_smem[:, columns] = (dq * scale).astype(dtype)
+            if not inline and len(dq_columns) > 1:
+                plgpu.barrier_arrive(consumed.at[slot])
+            plgpu.commit_smem()
+            store_dq(start, live_pairs(start))
+            plgpu.commit_smem_to_gmem_group()
+            return dk_acc, dv_acc
 
-                dk_acc, dq = accumulate(query_key_grads, (dk_acc, first_zeros))
-                if not inline:
-                    plgpu.barrier_arrive(consumed.at[slot])
-                # The last step's dQ stores must have read dq_smem before it is overwritten.
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                dq_smem[:, dq_columns[0]] = (dq * scale).astype(dtype)
-                for columns in dq_columns[1:]:
-                    zeros, mma = dq_piece(columns)
-                    (dq,) = accumulate(lambda refs, mma=mma: mma(refs[0]), (zeros,))
-                    dq_smem[:, columns] = (dq * scale).astype(dtype)
-                plgpu.commit_smem()
-                store_dq(start, live)
-                plgpu.commit_smem_to_gmem_group()
-                return dk_acc, dv_acc
-
-            init = (
-                plgpu.layout_cast(jnp.zeros((_KEYS, dk), jnp.float32), plgpu.Layout.WGMMA),
-                plgpu.layout_cast(jnp.zeros((_KEYS, dv), jnp.float32), plgpu.Layout.WGMMA),
-            )
-            dk_acc, dv_acc = jax.lax.fori_loop(0, steps, step_body, init)
-            # Out through one [64, 64] float32 buffer, a column piece at a time.
+        def write_out(dk_acc, dv_acc):
+            """The tile's dK (scaled) and dV out through one [64, 64] float32 buffer, a piece at a time."""
             for acc, ref, width in ((dk_acc * scale, dk_ref, dk), (dv_acc, dv_ref, dv)):
                 for column in range(0, width, _OUT_COLUMNS):
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -384,8 +390,39 @@ def tile_backward(
                     plgpu.copy_smem_to_gmem(
                         out_smem, ref.at[b, keys, head, split, pl.ds(column, _OUT_COLUMNS)]
                     )
-
             plgpu.wait_smem_to_gmem(0)
+
+        def zero_grads():
+            return tuple(
+                plgpu.layout_cast(jnp.zeros((_KEYS, width), jnp.float32), plgpu.Layout.WGMMA)
+                for width in (dk, dv)
+            )
+
+        @pl.when(wg == _FRONT)
+        def _front():
+            if not inline:
+                plgpu.set_max_registers(232, action="increase")
+            plgpu.copy_gmem_to_smem(k_ref.at[b, keys, head], k_smem, kv_barrier)
+            plgpu.copy_gmem_to_smem(v_ref.at[b, keys, head], v_smem, kv_barrier)
+            plgpu.barrier_wait(kv_barrier)
+            if inline:
+
+                def whole_step(step, carry):
+                    issue_copies(step, queries_of(step))
+                    front(step)
+                    return back(step, carry)
+
+                write_out(*jax.lax.fori_loop(0, steps, whole_step, zero_grads()))
+            else:
+                pl.loop(0, steps)(front)
+
+        if not inline:
+
+            @pl.when(wg == _BACK)
+            def _back():
+                plgpu.set_max_registers(232, action="increase")
+                plgpu.barrier_wait(kv_barrier)
+                write_out(*jax.lax.fori_loop(0, steps, back, zero_grads()))
 
     tiling = plgpu.TilingTransform((8, 64))
     swizzle = plgpu.SwizzleTransform(128)
@@ -398,11 +435,13 @@ def tile_backward(
         plgpu.SMEM((stages, _ROWS), jnp.float32),
         plgpu.SMEM((stages, _ROWS), jnp.float32),
         plgpu.SMEM((stages, _ALIGNED_INTS), jnp.int32),
-        plgpu.SMEM((_KEYS, _ROWS), dtype, transforms=transforms),
+        plgpu.SMEM((stages, _KEYS, _ROWS), dtype, transforms=transforms),
+        plgpu.SMEM((stages, _KEYS, _ROWS), dtype, transforms=transforms),
         plgpu.SMEM((_ROWS, dk), dtype, transforms=transforms),
         plgpu.SMEM((_KEYS, _OUT_COLUMNS), jnp.float32),
         plgpu.Barrier(num_arrivals=2),
         plgpu.Barrier(num_arrivals=3 + 2 * PAIRS, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=2, num_barriers=stages),
         plgpu.Barrier(num_arrivals=1, num_barriers=stages),
     ]
     ranks = num_tiles * splits
@@ -419,7 +458,7 @@ def tile_backward(
         scratch_types=scratch,
         grid=grid,
         grid_names=names,
-        num_threads=1 if inline else 2,
+        num_threads=1 if inline else 3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
