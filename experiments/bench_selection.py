@@ -297,10 +297,14 @@ def sweep_markdown(report: dict) -> str:
     ]
     for r in report["sweep"]:
         diffs = "/".join(f"{r[f'rel_diff_d{n}']:.1e}" for n in "qkv") if "rel_diff_dq" in r else "-"
+        splits = r["bwd_splits"]
+        if r["mosaic_backward"]:
+            heavy = r.get("mosaic_heavy_tiles", 0)
+            splits = f"{r['mosaic_splits']}" + (f" ({heavy} x {r['mosaic_heavy_splits']})" if heavy else "")
         lines.append(
             f"| {r['config']} | {r['variant']} | {r['bwd_warps']} | {r['bwd_stages']} | {r['bwd_rows']} "
             f"| {r['bwd_rows_major']} | {r['split_head_dims']} | {r['dq_transposed']} "
-            f"| {r['bwd_heavy_first']} | {r['mosaic_splits'] if r['mosaic_backward'] else r['bwd_splits']} "
+            f"| {r['bwd_heavy_first']} | {splits} "
             f"| {r['dq_sum_kernel']} | {r['mosaic_backward']} "
             f"| {fmt(r.get('fwd_bwd_ms'))} | {diffs} | {r.get('error', '')[:80]} |"
         )
@@ -381,6 +385,7 @@ def main() -> int:
     args = parser.parse_args()
     if not (args.sweep or args.table):
         parser.error("pass --sweep, --table or both")
+    os.makedirs(args.out, exist_ok=True)
     base = {
         "device": jax.devices()[0].device_kind,
         "jax": jax.__version__,

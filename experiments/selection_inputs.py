@@ -18,13 +18,20 @@ from pallas_kernels.gpu.block_sizes import SelectionTuning, tuning_for
 _D128 = SelectionTuning(bwd_warps=4, bwd_stages=3, bwd_rows=32, bwd_rows_major=False, split_head_dims=False)
 _D192 = SelectionTuning(bwd_warps=8, bwd_stages=2, bwd_rows=64, bwd_rows_major=True)
 _HEAVY_SUM = {"bwd_heavy_first": True, "dq_sum_kernel": True}
+
+
+def _splits(light: int, heavy_tiles: int = 0, heavy: int = 0) -> dict:
+    """Mosaic tile-kernel programs: ``light`` a key tile, ``heavy`` for the ``heavy_tiles`` longest lists."""
+    return {"mosaic_splits": light, "mosaic_heavy_tiles": heavy_tiles, "mosaic_heavy_splits": heavy}
+
+
 _8W_128R_ROWS = SelectionTuning(bwd_warps=8, bwd_stages=2, bwd_rows=128, bwd_rows_major=True)
 
 
-# The defaults are the Mosaic GPU tile kernel with 8 splits (D=128 since session 6, Dk=192 since
-# session 7); ``triton`` is the Triton tile kernel of the sessions before (4 splits). Block 0's tile
-# holds every query when block 0 is forced (--first-block): the split count decides how long its
-# programs' chain is.
+# The defaults are the Mosaic GPU tile kernel (D=128 since session 6, Dk=192 since session 7) with
+# 4 splits a key tile and 8 for the 16 longest lists (session 11; 8 everywhere before);
+# ``triton`` is the Triton tile kernel of the sessions before (4 splits). Block 0's tile holds every
+# query when block 0 is forced (--first-block): the split count decides how long its programs' chain is.
 _D128_DEFAULT = tuning_for(128, 128)
 _D128_TRITON = dataclasses.replace(_D128_DEFAULT, mosaic_backward=False)
 _D192_DEFAULT = tuning_for(192, 128)
@@ -34,10 +41,14 @@ VARIANTS = {
         "default": _D128_DEFAULT,
         "triton": _D128_TRITON,
         "triton_split8": dataclasses.replace(_D128_TRITON, bwd_splits=8),
-        "mosaic_split4": dataclasses.replace(_D128_DEFAULT, mosaic_splits=4),
-        "mosaic_split6": dataclasses.replace(_D128_DEFAULT, mosaic_splits=6),
-        "mosaic_split12": dataclasses.replace(_D128_DEFAULT, mosaic_splits=12),
-        "mosaic_split16": dataclasses.replace(_D128_DEFAULT, mosaic_splits=16),
+        "mosaic_split4": dataclasses.replace(_D128_DEFAULT, **_splits(4)),
+        "mosaic_split6": dataclasses.replace(_D128_DEFAULT, **_splits(6)),
+        "mosaic_split8": dataclasses.replace(_D128_DEFAULT, **_splits(8)),
+        "mosaic_split12": dataclasses.replace(_D128_DEFAULT, **_splits(12)),
+        "mosaic_split16": dataclasses.replace(_D128_DEFAULT, **_splits(16)),
+        "mosaic_split4_heavy1x16": dataclasses.replace(_D128_DEFAULT, **_splits(4, 1, 16)),
+        "mosaic_split4_heavy4x16": dataclasses.replace(_D128_DEFAULT, **_splits(4, 4, 16)),
+        "mosaic_split4_heavy64x8": dataclasses.replace(_D128_DEFAULT, **_splits(4, 64, 8)),
         "mosaic_s4": dataclasses.replace(_D128_DEFAULT, bwd_stages=4),
         "4w_32r_keys_dqT": dataclasses.replace(_D128, dq_transposed=True),
         "4w_32r_keys_heavy_sumk_split4": dataclasses.replace(_D128, bwd_splits=4, **_HEAVY_SUM),
@@ -50,7 +61,9 @@ VARIANTS = {
         "default": _D192_DEFAULT,
         "triton": dataclasses.replace(_D192_DEFAULT, mosaic_backward=False),
         "mosaic_s3": dataclasses.replace(_D192_DEFAULT, bwd_stages=3),
-        "mosaic_split4": dataclasses.replace(_D192_DEFAULT, mosaic_splits=4),
+        "mosaic_split4": dataclasses.replace(_D192_DEFAULT, **_splits(4)),
+        "mosaic_split8": dataclasses.replace(_D192_DEFAULT, **_splits(8)),
+        "mosaic_split4_heavy4x16": dataclasses.replace(_D192_DEFAULT, **_splits(4, 4, 16)),
         "dq_sum_kernel": dataclasses.replace(_D192_DEFAULT, dq_sum_kernel=True),
         "8w_64r_rows_dqT": dataclasses.replace(_D192, dq_transposed=True),
         "8w_64r_rows_heavy_sumk_split4": dataclasses.replace(_D192, bwd_splits=4, **_HEAVY_SUM),

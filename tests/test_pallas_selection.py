@@ -233,10 +233,26 @@ def test_backward_variants_match_reference(tuning):
     ("dk", "tuning"),
     [
         (128, tuning_for(128, 128)),
-        (128, dataclasses.replace(tuning_for(128, 128), mosaic_splits=3, bwd_heavy_first=False)),
+        (
+            128,
+            dataclasses.replace(
+                tuning_for(128, 128), mosaic_splits=3, bwd_heavy_first=False, mosaic_heavy_tiles=0
+            ),
+        ),
         (192, dataclasses.replace(tuning_for(192, 128), mosaic_splits=2)),
+        (
+            128,
+            dataclasses.replace(
+                tuning_for(128, 128), mosaic_splits=2, mosaic_heavy_tiles=1, mosaic_heavy_splits=3
+            ),
+        ),
     ],
-    ids=["d128_default_eight_splits", "d128_three_splits_tile_order", "dk192_two_splits"],
+    ids=[
+        "d128_default_splits",
+        "d128_three_splits_tile_order",
+        "dk192_two_splits",
+        "d128_heaviest_tile_three_splits_others_two",
+    ],
 )
 def test_mosaic_tile_kernel_matches_reference(dk, tuning):
     # bf16, G = 16, 64-key blocks, no segments: what selection_mosaic serves; T = 150 is no
@@ -283,6 +299,10 @@ def test_tuning_table_and_bad_tuning():
     assert tuning_for(100, 128) == tuning_for(128, 128)
     with pytest.raises(ValueError, match="bwd_rows"):
         SelectionTuning(bwd_rows=48)
+    with pytest.raises(ValueError, match="mosaic_heavy_tiles needs bwd_heavy_first"):
+        SelectionTuning(mosaic_heavy_tiles=2, mosaic_heavy_splits=16)  # tile order, not heaviest first
+    with pytest.raises(ValueError, match="mosaic_heavy_splits > mosaic_splits"):
+        SelectionTuning(bwd_heavy_first=True, mosaic_heavy_tiles=2, mosaic_heavy_splits=8)
 
 
 def test_slot_order_does_not_matter():

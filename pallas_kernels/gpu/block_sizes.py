@@ -52,6 +52,10 @@ class SelectionTuning:
       mosaic_splits: ``bwd_splits`` of the Mosaic tile kernel. Its programs take longer
         per (query, slot) pair than the Triton kernel's, so block 0's tile (every query)
         needs more of them to stay off the kernel's tail.
+      mosaic_heavy_tiles, mosaic_heavy_splits: with ``bwd_heavy_first``, the Mosaic
+        kernel's ``mosaic_heavy_tiles`` longest lists of a row get ``mosaic_heavy_splits``
+        programs each (more than ``mosaic_splits``; 0 tiles: every tile gets
+        ``mosaic_splits``), so the other tiles can take fewer programs, and fewer partials.
       dq_sum_kernel: sum the dQ parts with a Pallas kernel (one program per query
         and KV head) that skips unlisted parts by a masked load and writes dQ in the
         input dtype, instead of the XLA masked sum to float32 and a cast.
@@ -70,6 +74,8 @@ class SelectionTuning:
     dq_sum_kernel: bool = False
     mosaic_backward: bool = False
     mosaic_splits: int = 8
+    mosaic_heavy_tiles: int = 0
+    mosaic_heavy_splits: int = 0
 
     def __post_init__(self) -> None:
         names = (
@@ -87,6 +93,16 @@ class SelectionTuning:
                 raise ValueError(f"{name} must be positive, got {value}")
         if self.bwd_rows & (self.bwd_rows - 1):
             raise ValueError(f"bwd_rows must be a power of two, got {self.bwd_rows}")
+        if self.mosaic_heavy_tiles < 0:
+            raise ValueError(f"mosaic_heavy_tiles must be >= 0, got {self.mosaic_heavy_tiles}")
+        if self.mosaic_heavy_tiles and not (
+            self.bwd_heavy_first and self.mosaic_heavy_splits > self.mosaic_splits
+        ):
+            raise ValueError(
+                "mosaic_heavy_tiles needs bwd_heavy_first and mosaic_heavy_splits > mosaic_splits, got "
+                f"bwd_heavy_first={self.bwd_heavy_first}, mosaic_heavy_splits={self.mosaic_heavy_splits}, "
+                f"mosaic_splits={self.mosaic_splits}"
+            )
 
 
 # Keyed by the padded head dims (max(16, next_pow2(Dk)), max(16, next_pow2(Dv))).
@@ -109,6 +125,11 @@ class SelectionTuning:
 #   57.0 / 57.2 ms forward+backward on random blocks / with block 0 in every selection, against
 #   74.4 / 74.4 for the Triton kernel in the same runs; the XLA dQ-part sum (7.0 ms) beats the
 #   dQ-sum kernel (8.5 ms; it loads 256 lanes masked to 192) there: 55.1 / 56.1 ms.
+# - Session 11, with the kernel's compute in two warpgroups (experiments/results/
+#   selection_sweep_session11*_h200.md): 4 splits a tile, and 8 for the 16 longest lists of a row,
+#   34.22 / 34.35 ms forward+backward at D=128 on random blocks / with block 0 in every selection,
+#   against 34.96 / 35.21 with 8 splits everywhere and 34.22 / 36.20 with 4 (block 0's tile then
+#   makes the tail); Dk=192: 50.87 / 50.61 against 51.42 / 51.56 and 50.59 / 53.73.
 _D128_TRITON = SelectionTuning(
     bwd_warps=4,
     bwd_stages=3,
@@ -129,9 +150,10 @@ _D192_TRITON = SelectionTuning(
     bwd_splits=4,
     bwd_heavy_first=True,
 )
+_MOSAIC = {"mosaic_backward": True, "mosaic_splits": 4, "mosaic_heavy_tiles": 16, "mosaic_heavy_splits": 8}
 _TUNING_BY_HEAD_DIMS: dict[tuple[int, int], SelectionTuning] = {
-    (128, 128): dataclasses.replace(_D128_TRITON, mosaic_backward=True, mosaic_splits=8),
-    (256, 128): dataclasses.replace(_D192_TRITON, mosaic_backward=True, mosaic_splits=8),
+    (128, 128): dataclasses.replace(_D128_TRITON, **_MOSAIC),
+    (256, 128): dataclasses.replace(_D192_TRITON, **_MOSAIC),
 }
 # Other head dims take the D=128 Triton tuning (smaller ones need fewer registers; larger ones are
 # untuned; the Mosaic kernel was measured at D=128 and Dk=192/Dv=128 only).

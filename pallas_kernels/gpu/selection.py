@@ -488,8 +488,10 @@ def _tile_backward(q, k, v, dout, key_starts, lse, delta, entries, offsets, geo:
             stages=selection_mosaic.stages_for(geo.dk, geo.dv, geo.tuning.bwd_stages),
             heavy_first=geo.tuning.bwd_heavy_first,
             interpret=geo.interpret,
+            heavy_tiles=geo.tuning.mosaic_heavy_tiles,
+            heavy_splits=geo.tuning.mosaic_heavy_splits,
         )
-        return *_summed_splits(dk, dv, k, v), dq
+        return dk.astype(k.dtype), dv.astype(v.dtype), dq
     num_tiles = key_tile_count(length, geo.block_size)
     head_axis = 1 - _rank_axis(geo)
     row = functools.partial(_per_head, geo, head_axis=head_axis)

@@ -31,13 +31,12 @@ the gradients of the one before; one warpgroup doing all five MMAs of a step in 
 Served: bf16 or float16, no segments (aligned blocks), ``G = 16``, ``l' = 64``, head dims
 multiples of 64 up to 256, on a Hopper GPU (sm_90) or in interpret mode (``supports``). The
 forward, ``delta`` and the inverse map stay those of the Triton path. The default at
-Dk = Dv = 128 and Dk = 192 / Dv = 128 (``SelectionTuning.mosaic_backward``, 8 splits): on the
-H200 at T = 64K forward+backward takes 35.5 ms on random blocks at D = 128 (37.5 with one
-compute warpgroup; 39.5 with the per-pair dQ stores and the batched inverse-map sort of
-sessions 5-9; 41.9 with the Triton tile kernel) and 52.1 at Dk = 192 (53.4; 55.1; Triton 74.4)
-(experiments/results/selection_h200.md).
-At Dk = 192 dQ goes in 64-column pieces (see ``dq_columns``); the kernel still spills
-~300 B a thread there.
+Dk = Dv = 128 and Dk = 192 / Dv = 128 (``SelectionTuning.mosaic_backward``; 4 splits, 8 for the
+16 longest lists): on the H200 at T = 64K forward+backward takes 34.3 ms on random blocks at
+D = 128 (37.5 with one compute warpgroup and 8 splits; 39.5 with the per-pair dQ stores and the
+batched inverse-map sort of sessions 5-9; 41.9 with the Triton tile kernel) and 50.3 at Dk = 192
+(53.4; 55.1; Triton 74.4) (experiments/results/selection_h200.md, session 11).
+At Dk = 192 dQ goes in 64-column pieces (see ``dq_columns``).
 
 Besides the Triton path's buffers it gathers each listed pair's lse and delta rows into list
 order (``2 * T * n * 16`` floats, 0.5 GB at T = 64K, H = 4): a step's rows are then one copy.
@@ -153,8 +152,10 @@ def tile_backward(
     stages: int,
     heavy_first: bool,
     interpret: bool,
+    heavy_tiles: int = 0,
+    heavy_splits: int = 0,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """dK, dV partials and the dQ rows of selected attention, in list order.
+    """dK, dV and the dQ rows of selected attention, in list order.
 
     Args:
       q5: ``[B, T, H, 16, Dk]``; k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]``;
@@ -163,19 +164,26 @@ def tile_backward(
       entries, offsets: the inverse map (``[B, H, T * n]``, ``[B, H, num_tiles + 1]``);
         order: int32 ``[B, H, num_tiles]``, the key tile of each program rank.
       slots: ``n``; scale: logit scale; splits: programs per key tile, each on an equal
-        share of its list; stages: gather slots in the ring; heavy_first: the grid is
-        ``(H, rank, B)`` (heads interleaved at launch) instead of ``(rank, H, B)``.
+        share of its list, writing float32 partial dK/dV (summed here); stages: gather
+        slots in the ring; heavy_first: the grid is ``(H, rank, B)`` (heads interleaved at
+        launch) instead of ``(rank, H, B)``.
       interpret: run in Mosaic GPU interpret mode (CPU), one warpgroup (see the module notes).
+      heavy_tiles, heavy_splits: the first ``heavy_tiles`` tiles of ``order`` (the longest
+        lists, when ``order`` is heaviest first) get ``heavy_splits > splits`` programs each;
+        their extra partials go to a compact ``[B, heavy_tiles * 64, H, heavy_splits - splits,
+        D]`` buffer, so the partials summed stay ``splits`` per tile elsewhere.
 
     Returns:
-      ``(dk, dv, dq)``: float32 ``[B, T, H, splits, Dk]`` and ``[B, T, H, splits, Dv]``
-      partial sums (scaled), and ``dq [B, H, (T * n + 8) * 16, Dk]`` in ``q5.dtype``: rows
+      ``(dk, dv, dq)``: float32 ``[B, T, H, Dk]`` (scaled) and ``[B, T, H, Dv]``, and
+      ``dq [B, H, (T * n + 8) * 16, Dk]`` in ``q5.dtype``: rows
       ``16 i .. 16 i + 15`` hold the dQ of the pair ``entries[..., i]`` (rows of unlisted
       pairs and of the padding are left unwritten).
     """
     batch, length, heads, _, dk = q5.shape
     dv = v.shape[-1]
     num_tiles = offsets.shape[-1] - 1
+    heavy_tiles = min(heavy_tiles, num_tiles) if heavy_splits > splits else 0
+    heavy_ranks = heavy_tiles * heavy_splits
     padded_length = num_tiles * _KEYS
     pad = ((0, 0), (0, padded_length - length), (0, 0), (0, 0))
     k, v = jnp.pad(k, pad), jnp.pad(v, pad)
@@ -200,7 +208,7 @@ def tile_backward(
 
     def kernel(
         entries_ref, offsets_ref, order_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-        dk_ref, dv_ref, dq_ref,
+        dk_ref, dv_ref, dk_extra_ref, dv_extra_ref, dq_ref,
         k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ids_smem, p_smem, ds_smem, dq_smem,
         out_smem, kv_barrier, loaded, consumed, ds_ready,
     ):  # fmt: skip
@@ -208,15 +216,21 @@ def tile_backward(
         rank = jax.lax.axis_index("rank")
         head = jax.lax.axis_index("head")
         b = jax.lax.axis_index("batch")
-        tile = order_ref[b, head, jax.lax.div(rank, splits)]
-        first, last = offsets_ref[b, head, tile], offsets_ref[b, head, tile + 1]
-        if splits > 1:
-            split = jax.lax.rem(rank, splits)
-            share = jax.lax.div(last - first + splits * PAIRS - 1, splits * PAIRS) * PAIRS
-            first = jnp.minimum(first + split * share, last)
-            last = jnp.minimum(first + share, last)
+        if heavy_tiles:
+            heavy = rank < heavy_ranks
+            light_rank = jnp.maximum(rank - heavy_ranks, 0)
+            tile_rank = jnp.where(
+                heavy, jax.lax.div(rank, heavy_splits), heavy_tiles + jax.lax.div(light_rank, splits)
+            )
+            split = jnp.where(heavy, jax.lax.rem(rank, heavy_splits), jax.lax.rem(light_rank, splits))
+            programs = jnp.where(heavy, heavy_splits, splits)
         else:
-            split = 0
+            tile_rank, split, programs = jax.lax.div(rank, splits), jax.lax.rem(rank, splits), splits
+        tile = order_ref[b, head, tile_rank]
+        first, last = offsets_ref[b, head, tile], offsets_ref[b, head, tile + 1]
+        share = jax.lax.div(last - first + programs * PAIRS - 1, programs * PAIRS) * PAIRS
+        first = jnp.minimum(first + split * share, last)
+        last = jnp.minimum(first + share, last)
         steps = jax.lax.div(last - first + PAIRS - 1, PAIRS)
 
         def queries_of(step):
@@ -382,14 +396,26 @@ def tile_backward(
 
         def write_out(dk_acc, dv_acc):
             """The tile's dK (scaled) and dV out through one [64, 64] float32 buffer, a piece at a time."""
-            for acc, ref, width in ((dk_acc * scale, dk_ref, dk), (dv_acc, dv_ref, dv)):
+            outs = ((dk_acc * scale, dk_ref, dk_extra_ref, dk), (dv_acc, dv_ref, dv_extra_ref, dv))
+            for acc, ref, extra_ref, width in outs:
                 for column in range(0, width, _OUT_COLUMNS):
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                     out_smem[...] = acc[:, column : column + _OUT_COLUMNS]
                     plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(
-                        out_smem, ref.at[b, keys, head, split, pl.ds(column, _OUT_COLUMNS)]
-                    )
+                    columns = pl.ds(column, _OUT_COLUMNS)
+
+                    @pl.when(split < splits)
+                    def _(ref=ref, columns=columns):
+                        plgpu.copy_smem_to_gmem(out_smem, ref.at[b, keys, head, split, columns])
+
+                    if heavy_tiles:
+
+                        @pl.when(split >= splits)
+                        def _(extra_ref=extra_ref, columns=columns):
+                            rows = pl.ds(tile_rank * _KEYS, _KEYS)
+                            partial = extra_ref.at[b, rows, head, split - splits, columns]
+                            plgpu.copy_smem_to_gmem(out_smem, partial)
+
             plgpu.wait_smem_to_gmem(0)
 
         def zero_grads():
@@ -444,15 +470,19 @@ def tile_backward(
         plgpu.Barrier(num_arrivals=2, num_barriers=stages),
         plgpu.Barrier(num_arrivals=1, num_barriers=stages),
     ]
-    ranks = num_tiles * splits
+    ranks = heavy_ranks + (num_tiles - heavy_tiles) * splits
     grid, names = ((heads, ranks, batch), ("head", "rank", "batch")) if heavy_first else (
         (ranks, heads, batch), ("rank", "head", "batch"))  # fmt: skip
+    # (one unused float per head dim without heavy tiles: the kernel's signature stays one)
+    extra = (max(heavy_tiles, 1) * _KEYS, max(heavy_splits - splits, 1))
     out_type = [
         jax.ShapeDtypeStruct((batch, padded_length, heads, splits, dk), jnp.float32),
         jax.ShapeDtypeStruct((batch, padded_length, heads, splits, dv), jnp.float32),
+        jax.ShapeDtypeStruct((batch, extra[0], heads, extra[1], dk), jnp.float32),
+        jax.ShapeDtypeStruct((batch, extra[0], heads, extra[1], dv), jnp.float32),
         jax.ShapeDtypeStruct((batch, heads, entries.shape[-1] * _HEADS, dk), dtype),
     ]
-    dk_out, dv_out, dq = plgpu.kernel(
+    dk_out, dv_out, dk_extra, dv_extra, dq = plgpu.kernel(
         kernel,
         out_type=out_type,
         scratch_types=scratch,
@@ -464,7 +494,24 @@ def tile_backward(
         interpret=plgpu.InterpretGPUParams() if interpret else None,
         kernel_name="nsa_selected_bwd_mosaic",
     )(entries, offsets, order, q5, k, v, do5, lse, delta)
+    dk_out, dv_out = jnp.sum(dk_out, axis=3), jnp.sum(dv_out, axis=3)
+    if heavy_tiles:
+        heavy = order[..., :heavy_tiles]
+        dk_out, dv_out = _add_heavy(dk_out, dk_extra, heavy), _add_heavy(dv_out, dv_extra, heavy)
     return dk_out[:, :length], dv_out[:, :length], dq
+
+
+def _add_heavy(summed: jax.Array, extra: jax.Array, heavy: jax.Array) -> jax.Array:
+    """``summed [B, T', H, D]`` plus the heavy tiles' extra partials ``[B, K * 64, H, S, D]``
+    (by rank) at their tiles ``heavy [B, H, K]`` (distinct per row, so the adds do not collide)."""
+    batch, padded_length, heads, width = summed.shape
+    count = heavy.shape[-1]
+    extra = jnp.sum(extra, axis=3).reshape(batch, count, _KEYS, heads, width)
+    tiles = summed.reshape(batch, padded_length // _KEYS, _KEYS, heads, width)
+    b = jnp.arange(batch)[:, None, None]
+    h = jnp.arange(heads)[None, :, None]
+    tiles = tiles.at[b, heavy, :, h, :].add(jnp.transpose(extra, (0, 3, 1, 2, 4)))
+    return tiles.reshape(summed.shape)
 
 
 def list_positions(entries: jax.Array, listed: jax.Array) -> jax.Array:
