@@ -65,7 +65,8 @@ def build_inverse_map(
     )
     bounds = row_base + jnp.arange(num_tiles + 1, dtype=jnp.int32)
     # Unrolled: the default binary search is a while loop, which the GPU backend drives from the host
-    # (23 iterations of ~45 us at T = 64K, 1 ms; experiments/results/selection_h200.md, session 11).
+    # (23 iterations, ~1 ms under the profiler at T = 64K; the map alone took 0.73-1.0 ms, now 0.32;
+    # experiments/results/selection_h200.md, session 11).
     offsets = jnp.searchsorted(keys, bounds.reshape(-1), side="left", method="scan_unrolled")
     offsets = offsets.reshape(rows, num_tiles + 1)
     offsets = offsets - jnp.arange(rows)[:, None] * ids.shape[-1]
