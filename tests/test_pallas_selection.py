@@ -289,6 +289,9 @@ def test_mosaic_tile_kernel_serves_only_its_shapes():
     assert not selection._uses_mosaic(_geometry(q, v, mosaic, block_size=32))
     assert not selection._uses_mosaic(_geometry(q.astype(jnp.float32), v, mosaic))
     assert not selection._uses_mosaic(_geometry(q[..., :96], v, mosaic))  # Dk not a multiple of 64
+    wide = jnp.concatenate([q, q], axis=-1)
+    assert selection._uses_mosaic(_geometry(wide[..., :192], wide[..., :192], mosaic))
+    assert not selection._uses_mosaic(_geometry(wide, v, mosaic))  # Dk = 256: shared memory is short
     assert not selection._uses_mosaic(_geometry(q, v, dataclasses.replace(mosaic, mosaic_backward=False)))
     # Compiled (not interpreted) it needs a Hopper GPU: not this CPU.
     assert not selection._uses_mosaic(_geometry(q, v, mosaic, interpret=False))

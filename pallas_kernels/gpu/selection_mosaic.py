@@ -29,7 +29,8 @@ the gradients of the one before; one warpgroup doing all five MMAs of a step in 
 16.7 ms at T = 64K, D = 128, against 14.7 (session 11).
 
 Served: bf16 or float16, no segments (aligned blocks), ``G = 16``, ``l' = 64``, head dims
-multiples of 64 up to 256, on a Hopper GPU (sm_90) or in interpret mode (``supports``). The
+multiples of 64 whose buffers fit in shared memory (Dk = Dv = 192 and Dk = 192 / Dv = 128 do,
+Dk = 256 does not), on a Hopper GPU (sm_90) or in interpret mode (``supports``). The
 forward, ``delta`` and the inverse map stay those of the Triton path. The default at
 Dk = Dv = 128 and Dk = 192 / Dv = 128 (``SelectionTuning.mosaic_backward``; 4 splits, 8 for the
 16 longest lists): on the H200 at T = 64K forward+backward takes 34.3 ms on random blocks at
@@ -91,8 +92,9 @@ def supports(
 ) -> bool:
     """Whether this kernel serves the shape here (else the Triton tile kernel does): its
     warpgroup MMAs are Hopper's (sm_90; Blackwell has other MMA instructions), so compiled it
-    needs a Hopper GPU."""
-    dims_ok = all(d % 64 == 0 and d <= 256 for d in (dk, dv))
+    needs a Hopper GPU; its buffers with two gather slots must fit in shared memory (not so
+    from Dk = 256 on)."""
+    dims_ok = all(d % 64 == 0 and d <= 256 for d in (dk, dv)) and _shared_bytes(dk, dv, 2) <= _SHARED_BYTES
     shape_ok = aligned and group == _HEADS and block_size == _KEYS
     return shape_ok and dims_ok and dtype in ("bfloat16", "float16") and (interpret or _on_hopper())
 
