@@ -318,12 +318,15 @@ def tile_backward(
                     pair = dq_smem.at[pl.ds(j * _HEADS, _HEADS)]
                     plgpu.copy_smem_to_gmem(pair, rows, commit_group=False)
 
-        def front(step):
-            """Step ``step``'s P^T and dS^T, handed to ``back`` through ``p_smem`` and ``ds_smem``."""
+        def key_grid():
+            """The ``[KEYS, ROWS]`` key position and column of every score, for ``front``."""
             iota = functools.partial(
                 plgpu.broadcasted_iota, jnp.int32, (_KEYS, _ROWS), layout=plgpu.Layout.WGMMA
             )
-            key_position, column = tile * _KEYS + iota(0), iota(1)
+            return tile * _KEYS + iota(0), iota(1)
+
+        def front(step, key_position, column):
+            """Step ``step``'s P^T and dS^T, handed to ``back`` through ``p_smem`` and ``ds_smem``."""
             slot = jax.lax.rem(step, stages)
             plgpu.barrier_wait(loaded.at[slot])
             start = first + step * PAIRS
@@ -433,16 +436,17 @@ def tile_backward(
             plgpu.copy_gmem_to_smem(k_ref.at[b, keys, head], k_smem, kv_barrier)
             plgpu.copy_gmem_to_smem(v_ref.at[b, keys, head], v_smem, kv_barrier)
             plgpu.barrier_wait(kv_barrier)
+            key_position, column = key_grid()
             if inline:
 
                 def whole_step(step, carry):
                     issue_copies(step, queries_of(step))
-                    front(step)
+                    front(step, key_position, column)
                     return back(step, carry)
 
                 write_out(*jax.lax.fori_loop(0, steps, whole_step, zero_grads()))
             else:
-                pl.loop(0, steps)(front)
+                pl.loop(0, steps)(lambda step: front(step, key_position, column))
 
         if not inline:
 
@@ -475,7 +479,7 @@ def tile_backward(
     ranks = heavy_ranks + (num_tiles - heavy_tiles) * splits
     grid, names = ((heads, ranks, batch), ("head", "rank", "batch")) if heavy_first else (
         (ranks, heads, batch), ("rank", "head", "batch"))  # fmt: skip
-    # (one unused float per head dim without heavy tiles: the kernel's signature stays one)
+    # Without heavy tiles the extra buffers are one unused tile, so the kernel's signature stays one.
     extra = (max(heavy_tiles, 1) * _KEYS, max(heavy_splits - splits, 1))
     out_type = [
         jax.ShapeDtypeStruct((batch, padded_length, heads, splits, dk), jnp.float32),
