@@ -308,6 +308,19 @@ def test_tuning_table_and_bad_tuning():
         SelectionTuning(bwd_heavy_first=True, mosaic_heavy_tiles=2, mosaic_heavy_splits=8)
 
 
+def test_mosaic_tile_kernel_rejects_heavy_splits_below_splits():
+    q5 = jnp.zeros((1, 64, 1, 16, 64), jnp.bfloat16)
+    k = jnp.zeros((1, 64, 1, 64), jnp.bfloat16)
+    rows = jnp.zeros((1, 64, 1, 16), jnp.float32)
+    entries, offsets, order = (jnp.zeros((1, 1, n), jnp.int32) for n in (64, 2, 1))
+    args = (q5, k, k, q5, rows, rows, entries, offsets, order)
+    kwargs = {"slots": 1, "scale": 1.0, "stages": 2, "heavy_first": True, "interpret": True}
+    with pytest.raises(ValueError, match="heavy_splits > splits"):
+        selection_mosaic.tile_backward(*args, splits=4, heavy_tiles=1, heavy_splits=4, **kwargs)
+    with pytest.raises(ValueError, match="heavy_tiles must be >= 0"):
+        selection_mosaic.tile_backward(*args, splits=4, heavy_tiles=-1, heavy_splits=8, **kwargs)
+
+
 def test_slot_order_does_not_matter():
     q, k, v, _ = _inputs(8, 1, 33, 4, 2, 16, 8, jnp.float32)
     indices = _indices(8, 1, 33, 2, 4, 8)

@@ -184,7 +184,12 @@ def tile_backward(
     batch, length, heads, _, dk = q5.shape
     dv = v.shape[-1]
     num_tiles = offsets.shape[-1] - 1
-    heavy_tiles = min(heavy_tiles, num_tiles) if heavy_splits > splits else 0
+    if heavy_tiles < 0 or (heavy_tiles and heavy_splits <= splits):
+        raise ValueError(
+            f"heavy_tiles must be >= 0, and heavy_splits > splits where heavy_tiles > 0; got heavy_tiles="
+            f"{heavy_tiles}, heavy_splits={heavy_splits}, splits={splits}"
+        )
+    heavy_tiles = min(heavy_tiles, num_tiles)
     heavy_ranks = heavy_tiles * heavy_splits
     padded_length = num_tiles * _KEYS
     pad = ((0, 0), (0, padded_length - length), (0, 0), (0, 0))
