@@ -95,15 +95,17 @@ def window_items(block_size: int, window: int) -> int:
     return -(-window // block_size) + 1
 
 
-def _item_start(program, item, position, indices_ref, geo: _DecodeGeometry) -> jax.Array:
+def _item_start(program, item, position, indices: jax.Array, geo: _DecodeGeometry) -> jax.Array:
     """First key of work item ``item`` of ``program``, ``-1`` for none.
 
-    Selected programs take the blocks of ``indices_ref`` in slot order (a block past the
-    query, or an unused slot, is none); window programs take the aligned blocks from the
-    one holding the window's first key.
+    Selected programs take the blocks of ``indices`` (the row's ``[n']``, loaded once) in
+    slot order (a block past the query, or an unused slot, is none); window programs take
+    the aligned blocks from the one holding the window's first key. No load: the pipeliner
+    can issue the next item's key and value loads while one is used.
     """
     slot = program * geo.items_per_program + item
-    block = indices_ref[jnp.minimum(slot, geo.slots - 1)]
+    lanes_ = jnp.arange(indices.shape[0])
+    block = jnp.sum(jnp.where(lanes_ == slot, indices, 0))
     selected = jnp.where((slot < geo.slots) & (block >= 0), block * geo.block_size, -1)
     lowest = jnp.maximum(position - geo.window + 1, 0)
     chunk = slot - geo.selected_programs * geo.items_per_program
@@ -143,11 +145,13 @@ def _decode_kernel(
         load(q_ref.at[:, pl.ds(offset, width)], tile_mask(head_rows, cols))
         for (offset, width), cols in zip(pieces, piece_cols, strict=True)
     ]
+    # The row's selected blocks, loaded once (the block is padded to a power of two).
+    indices = load(indices_ref, lanes(geo.slots, indices_ref.shape[0]))
     log2_scale = geo.scale * LOG2E
     offsets = jnp.arange(geo.tile)
 
     def load_item(item):
-        start = _item_start(program, item, position, indices_ref, geo)
+        start = _item_start(program, item, position, indices, geo)
         first = jnp.maximum(start, 0)
         keys = first + offsets
         readable = (start >= 0) & (keys < geo.capacity) & (offsets < geo.block_size)
