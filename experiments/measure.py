@@ -61,3 +61,45 @@ def gpu_events(fn, args) -> list[dict]:
         )
         end = start + duration
     return events
+
+
+# Gaps longer than this between kernels point at host-driven work (session 11: a while loop).
+LARGE_GAP_US = 5.0
+
+
+def kernel_kind(name: str) -> str:
+    """``"nsa"`` (this project's Pallas kernels), ``"cudnn"``, or ``"xla"`` (fusions, copies,
+    sorts and every other kernel XLA launches): the glue a timeline is read for."""
+    if name.startswith("nsa_"):
+        return "nsa"
+    return "cudnn" if "cudnn" in name else "xla"
+
+
+def print_timeline(events: list[dict], min_us: float) -> dict:
+    """Prints every event of ``gpu_events`` of at least ``min_us`` with the gap before it, then
+    the span, the kernels' total by :func:`kernel_kind` and the gaps over ``LARGE_GAP_US``;
+    returns those totals (microseconds)."""
+    if not events:
+        print("no GPU events (not on a GPU)")
+        return {}
+    for event in events:
+        if event["duration_us"] >= min_us:
+            print(f"{event['duration_us']:10.1f} us  gap {event['gap_us']:6.1f}  {event['name'][:100]}")
+    by_kind: dict[str, float] = {}
+    for event in events:
+        kind = kernel_kind(event["name"])
+        by_kind[kind] = by_kind.get(kind, 0.0) + event["duration_us"]
+    gaps = [event["gap_us"] for event in events if event["gap_us"] > LARGE_GAP_US]
+    totals = {
+        "span_us": events[-1]["start_us"] + events[-1]["duration_us"],
+        "busy_us": sum(by_kind.values()),
+        "by_kind_us": by_kind,
+        "large_gaps": len(gaps),
+        "large_gaps_us": sum(gaps),
+    }
+    kinds = ", ".join(f"{kind} {us:.0f}" for kind, us in sorted(by_kind.items()))
+    print(
+        f"span {totals['span_us']:.0f} us, kernels {totals['busy_us']:.0f} us ({kinds}), {len(events)} events"
+    )
+    print(f"{len(gaps)} gaps over {LARGE_GAP_US:.0f} us, {totals['large_gaps_us']:.0f} us in all")
+    return totals

@@ -6,8 +6,9 @@ Runs :mod:`experiments.bench_selection`'s op (``nsa_jax.selected_attention``, th
 of ``tuning_for``) forward and backward, jitted, once under ``jax.profiler.trace`` on
 ``bench_selection``'s random causal blocks (B=1, HQ=64, H=4, n=16 blocks of 64), and lists
 every kernel and copy of at least ``--min-us`` with the gap before it, then the span, the sum
-of all kernels, and the gaps of over 5 us (host-driven work shows there: session 11 found
-the inverse map's binary search running as a while loop, 23 iterations with ~10 us gaps each).
+of all kernels (ours, cuDNN's, XLA's), and the gaps of over 5 us (host-driven work shows
+there: session 11 found the inverse map's binary search running as a while loop, 23
+iterations with ~10 us gaps each).
 Writes ``selection_timeline.json`` with every event. The profiler adds a little time per
 launch: use it to see which kernels and gaps make the time, not as the benchmark. Off GPU
 there is no GPU plane and nothing is reported.
@@ -22,9 +23,7 @@ import pathlib
 import jax
 
 from experiments.bench_selection import make_inputs, ours
-from experiments.measure import gpu_events
-
-_LARGE_GAP_US = 5.0
+from experiments.measure import gpu_events, print_timeline
 
 
 def main() -> None:
@@ -41,20 +40,16 @@ def main() -> None:
     op = ours()
     step = jax.jit(lambda q, k, v, ct, i: jax.vjp(lambda q, k, v: op(q, k, v, i), q, k, v)[1](ct))
     events = gpu_events(step, (q, k, v, ct, indices))
-    if not events:
-        print("no GPU events (not on a GPU)")
-    else:
-        span = events[-1]["start_us"] + events[-1]["duration_us"]
-        busy = sum(event["duration_us"] for event in events)
-        gaps = [event["gap_us"] for event in events if event["gap_us"] > _LARGE_GAP_US]
-        for event in events:
-            if event["duration_us"] >= args.min_us:
-                print(f"{event['duration_us']:10.1f} us  gap {event['gap_us']:6.1f}  {event['name'][:100]}")
-        print(f"span {span:.0f} us, kernels {busy:.0f} us, {len(events)} events")
-        print(f"{len(gaps)} gaps over {_LARGE_GAP_US:.0f} us, {sum(gaps):.0f} us in all")
+    totals = print_timeline(events, args.min_us)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        report = {"length": args.length, "dk": args.dk, "first_block": args.first_block, "events": events}
+        report = {
+            "length": args.length,
+            "dk": args.dk,
+            "first_block": args.first_block,
+            **totals,
+            "events": events,
+        }
         (args.out / "selection_timeline.json").write_text(json.dumps(report, indent=1))
 
 

@@ -220,3 +220,24 @@ def test_scaling_report_measures_efficiency_and_loss_agreement():
     assert "| (2, 1, 1) | 2 | 1500 | 0.75 | 0.50, 0.50 | 0.00e+00 / 5.00e-01 | 2.500 |" in text
     with pytest.raises(ValueError, match="--mesh sizes must be positive"):
         scaling.main(["--mesh", "0", "1", "1", "--out", "/tmp/unused-scaling"])
+
+
+def test_timeline_totals_split_kernels_by_owner(capsys):
+    # experiments.measure.print_timeline, which the profile scripts report with: span from the
+    # first start to the last end, kernels summed per owner, gaps over 5 us counted.
+    from experiments.measure import kernel_kind, print_timeline
+
+    events = [
+        {"start_us": 0.0, "duration_us": 10.0, "gap_us": 0.0, "name": "nsa_selected_fwd"},
+        {"start_us": 12.0, "duration_us": 4.0, "gap_us": 2.0, "name": "cudnn_generated_fort_native_sdpa"},
+        {"start_us": 26.0, "duration_us": 3.0, "gap_us": 10.0, "name": "loop_add_fusion"},
+        {"start_us": 29.0, "duration_us": 1.0, "gap_us": 0.0, "name": "void cudnn::fusion::fmha_reduce_head"},
+    ]
+    assert [kernel_kind(e["name"]) for e in events] == ["nsa", "cudnn", "xla", "cudnn"]
+    totals = print_timeline(events, min_us=3.5)
+    assert totals["span_us"] == 30.0 and totals["busy_us"] == 18.0
+    assert totals["by_kind_us"] == {"nsa": 10.0, "cudnn": 5.0, "xla": 3.0}
+    assert (totals["large_gaps"], totals["large_gaps_us"]) == (1, 10.0)
+    listed = capsys.readouterr().out
+    assert "nsa_selected_fwd" in listed and "fmha_reduce_head" not in listed
+    assert print_timeline([], min_us=0.0) == {}
