@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import glob
+import json
+import pathlib
 import statistics
 import tempfile
 import time
@@ -103,3 +105,14 @@ def print_timeline(events: list[dict], min_us: float) -> dict:
     )
     print(f"{len(gaps)} gaps over {LARGE_GAP_US:.0f} us, {totals['large_gaps_us']:.0f} us in all")
     return totals
+
+
+def report_timeline(
+    events: list[dict], min_us: float, out: pathlib.Path | None, filename: str, settings: dict
+) -> None:
+    """:func:`print_timeline`, then (with ``out``) ``out / filename``: the run's ``settings``,
+    the totals and every event, as JSON."""
+    totals = print_timeline(events, min_us)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / filename).write_text(json.dumps({**settings, **totals, "events": events}, indent=1))

@@ -17,14 +17,13 @@ launch: use it to see which kernels and gaps make the time, not as the benchmark
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 
 import jax
 
 import nsa_jax
 from experiments.bench_layer import NSA_INPUTS, PAPER, op_inputs, with_vjp
-from experiments.measure import gpu_events, print_timeline
+from experiments.measure import gpu_events, report_timeline
 
 
 def main() -> None:
@@ -48,18 +47,8 @@ def main() -> None:
         events = gpu_events(jax.jit(op), inputs)
     else:
         events = gpu_events(jax.jit(with_vjp(op, len(NSA_INPUTS))), (*inputs, x["cotangent"]))
-    totals = print_timeline(events, args.min_us)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        report = {
-            "length": args.length,
-            "dk": args.dk,
-            "dv": args.dv,
-            "forward_only": args.forward_only,
-            **totals,
-            "events": events,
-        }
-        (args.out / "layer_timeline.json").write_text(json.dumps(report, indent=1))
+    settings = {name: value for name, value in vars(args).items() if name != "out"}
+    report_timeline(events, args.min_us, args.out, "layer_timeline.json", settings)
 
 
 if __name__ == "__main__":

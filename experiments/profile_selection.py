@@ -17,13 +17,12 @@ there is no GPU plane and nothing is reported.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 
 import jax
 
 from experiments.bench_selection import make_inputs, ours
-from experiments.measure import gpu_events, print_timeline
+from experiments.measure import gpu_events, report_timeline
 
 
 def main() -> None:
@@ -40,17 +39,8 @@ def main() -> None:
     op = ours()
     step = jax.jit(lambda q, k, v, ct, i: jax.vjp(lambda q, k, v: op(q, k, v, i), q, k, v)[1](ct))
     events = gpu_events(step, (q, k, v, ct, indices))
-    totals = print_timeline(events, args.min_us)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        report = {
-            "length": args.length,
-            "dk": args.dk,
-            "first_block": args.first_block,
-            **totals,
-            "events": events,
-        }
-        (args.out / "selection_timeline.json").write_text(json.dumps(report, indent=1))
+    settings = {name: value for name, value in vars(args).items() if name != "out"}
+    report_timeline(events, args.min_us, args.out, "selection_timeline.json", settings)
 
 
 if __name__ == "__main__":
