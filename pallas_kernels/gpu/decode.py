@@ -51,7 +51,7 @@ from pallas_kernels.gpu.tiles import (
 # and three stages (two buffers, so the next block loads while one is used), two programs
 # per SM of an H100/H200 (132). Fastest of the H200 sweep at B=16, S=64K: 0.041 / 0.034 ms
 # (Dk=192 / 128) against 0.052 / 0.040 for (4, 2, 396, 1); timed inside the whole step (session
-# 12), 20.1 / 23.0 us against 20.7-27.8 / 24.4-31.5 for five other launches
+# 12, Dk=128 / 192), 20.1 / 23.0 us against 20.7-27.8 / 24.4-31.5 for five other launches
 # (experiments/results/decode_h200.md).
 _LAUNCH = (4, 3, 264, 1)
 # Partials the merging program loads per step.
