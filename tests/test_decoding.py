@@ -321,6 +321,40 @@ def test_compressed_kernels_with_many_chunks_and_parts_equal_xla(select_launch, 
     np.testing.assert_array_equal(np.asarray(indices), ref_indices)
 
 
+def test_kernel_one_block_sums_have_float32_precision():
+    # Kernel 1's Eq. 9 sums per (head, selection block), relative to each tile's running
+    # maximum, against float64 sums of the same probabilities: small logits keep the float64
+    # side's error far below float32's, so a 16-bit shortcut in the sums (errors up to 4e-6)
+    # fails while float32 work (about 1e-7) passes. Geometry l=8, d=4, l'=16: own weights
+    # (2, 2, 2, 1) and one back weight a block.
+    from pallas_kernels.gpu import decode_step
+    from pallas_kernels.gpu.tiles import LOG2E
+
+    q, k_cmp, v_cmp, lengths = _step_inputs(5, 4, 16, 16, jnp.float32, kv_heads=1)
+    q = 0.3 * q
+    kwargs = dict(_STEP, num_initial_blocks=1, num_local_blocks=2, scale=0.25)
+    launch = (16, 4, 2, 264)
+    _, _, _, tile_max, _, own, back = decode_step.compressed_pass(
+        q, k_cmp, v_cmp, lengths, **kwargs, launch=launch, interpret=True
+    )
+    logits = np.einsum("bgd,bsd->bgs", np.float64(q), np.float64(k_cmp[:, :, 0])) * 0.25 * LOG2E
+    first, weights = nsa_jax.reference.selection.overlap_weights(8, 4, 16)
+    own_weights = np.array(weights[-first:], np.float64)
+    slots = logits.shape[-1]
+    for b, length in enumerate(_LENGTHS):
+        visible = (length - 8) // 4 + 1 if length >= 8 else 0
+        for tile in range(-(-visible // 16)):
+            tokens = np.arange(tile * 16, tile * 16 + 16)
+            seen = (tokens < min(visible, slots))[None, :]
+            safe = np.minimum(tokens, slots - 1)
+            maxima = np.float64(tile_max[b, 0, tile, :4])[:, None]
+            p = np.where(seen, np.exp2(logits[b][:, safe] - maxima), 0.0)
+            by_block = p.reshape(4, 4, 4)
+            columns = slice(tile * 4, tile * 4 + 4)
+            np.testing.assert_allclose(own[b, 0, :4, columns], by_block @ own_weights, rtol=1e-6)
+            np.testing.assert_allclose(back[b, 0, :4, columns], by_block[..., 3], rtol=1e-6)
+
+
 def test_decode_kernels_reject_selection_blocks_not_a_power_of_two_of_tokens():
     # Kernel 1's tiles hold whole selection blocks: l' / d = 48 / 16 = 3 tokens a block is refused
     # (and the registry's default then takes the xla step).

@@ -10,7 +10,9 @@ Two kernels:
 - forward, grid ``(T, H, B)``: one query position and one KV head per program;
   streams the ``n`` selected key blocks with an online softmax in float32 and saves
   the log-sum-exp (base 2) for the backward. Consecutive programs share a KV head,
-  so the blocks they read stay in L2.
+  so the blocks they read stay in L2. ``Dk`` goes in power-of-two column pieces
+  (192 = 128 + 64, their dots summed): one 256-lane tile took 23.3 ms at T = 64K,
+  Dk = 192 / Dv = 128 against 20.0 ms (experiments/results/layer_session13_h200.md).
 - backward, grid ``(ceil(T / l'), H, B)``: one key tile per program, looping over
   the (query, slot) pairs that selected it, listed by
   :func:`pallas_kernels.gpu.inverse_map.build_inverse_map`, several pairs per step
@@ -206,19 +208,33 @@ def _selected_keys(geo: _Geometry, start: jax.Array, query: jax.Array):
 
 
 def _forward_kernel(starts_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, geo: _Geometry):
-    """One query position ``t`` and one KV head: ``q_ref [rows, Dk']``, ``k_ref [T, Dk']``."""
+    """One query position ``t`` and one KV head: ``q_ref [rows, Dk']``, ``k_ref [T, Dk']``.
+
+    ``Dk`` is held in power-of-two column pieces (:func:`column_pieces`, 192 = 128 + 64) whose
+    dots are summed, so no lane is loaded or multiplied for the padding to ``Dk'``."""
     query = pl.program_id(0)
     head_rows = lanes(geo.group, geo.rows)
-    dk_cols, dv_cols = lanes(geo.dk, geo.dk_padded), lanes(geo.dv, geo.dv_padded)
-    q = load(q_ref, tile_mask(head_rows, dk_cols))
+    dv_cols = lanes(geo.dv, geo.dv_padded)
+    pieces = column_pieces(geo.dk)
+    piece_cols = [lanes(min(geo.dk - offset, width), width) for offset, width in pieces]
+    q = [
+        load(q_ref.at[:, pl.ds(offset, width)], tile_mask(head_rows, cols))
+        for (offset, width), cols in zip(pieces, piece_cols, strict=True)
+    ]
     log2_scale = geo.scale * LOG2E
 
     def body(slot, carry):
         acc, row_max, row_sum = carry
         rows, valid, load_rows = _selected_keys(geo, starts_ref[slot], query)
-        k = load(k_ref.at[rows, :], tile_mask(load_rows, dk_cols))
+        k = [
+            load(k_ref.at[rows, pl.ds(offset, width)], tile_mask(load_rows, cols))
+            for (offset, width), cols in zip(pieces, piece_cols, strict=True)
+        ]
         v = load(v_ref.at[rows, :], tile_mask(load_rows, dv_cols))
-        s = jnp.where(valid[None, :], dot_nt(q, k, geo.precision) * log2_scale, MASKED)
+        scores = dot_nt(q[0], k[0], geo.precision)
+        for q_piece, k_piece in zip(q[1:], k[1:], strict=True):
+            scores = scores + dot_nt(q_piece, k_piece, geo.precision)
+        s = jnp.where(valid[None, :], scores * log2_scale, MASKED)
         new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
         p = jnp.where(valid[None, :], jnp.exp2(s - new_max[:, None]), 0.0)
         alpha = jnp.exp2(row_max - new_max)
