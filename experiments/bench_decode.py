@@ -1,10 +1,11 @@
 """Decode-step latency: NSA attention against dense attention, one run.
 
-    # on the GPU, ~3.5 min: correctness at B=1 and 16, new vs prev step and cuDNN at 32K and
-    # 64K (both head dims), the per-kernel split and the launch variants at B=16, 64K
+    # on the GPU: correctness at B=1 and 16, new vs prev step and cuDNN at 32K and 64K (both
+    # head dims), the per-kernel split and the launch variants at B=16, 64K (~3.5 min at 24
+    # steps; without --paths prev and --tune, 90 s at the default 96 steps)
     PYTHONPATH=$PWD python3 experiments/bench_decode.py --batches 1,16 --lengths 32768,65536 \
         --paths new,prev --dense cudnn --tune --out $OUT
-    PYTHONPATH=$PWD python3 experiments/bench_decode.py --out $OUT          # 8K-64K, ~5 min
+    PYTHONPATH=$PWD python3 experiments/bench_decode.py --out $OUT          # 8K-64K
     python experiments/bench_decode.py --quick                              # tiny sizes, any backend
 
 One step = one query token per sequence against a cache of ``S`` tokens (bf16, HQ=64,
@@ -629,7 +630,10 @@ def main() -> None:
     parser.add_argument(
         "--split-lengths", type=_ints, default=[65536], help="lengths with a per-kernel split"
     )
-    parser.add_argument("--steps", type=int, default=24, help="decode steps per timed call")
+    # 96 rather than 24 (before session 13): the call's own cost, spread over fewer steps, added
+    # 4 us a step to NSA (0.082 against 0.078 ms at B=16, 64K, Dk=128) and 17 us to dense
+    # (experiments/results/decode_h200.md, session 13).
+    parser.add_argument("--steps", type=int, default=96, help="decode steps per timed call")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement")
     parser.add_argument(
         "--tune",
