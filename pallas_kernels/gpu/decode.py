@@ -37,11 +37,11 @@ from jax.experimental.pallas import triton as plt
 from pallas_kernels.gpu.tiles import (
     LOG2E,
     MASKED,
-    column_pieces,
     dot,
-    dot_nt,
+    dot_nt_pieces,
     lanes,
     load,
+    load_pieces,
     padded,
     store,
     tile_mask,
@@ -141,12 +141,7 @@ def _decode_kernel(
     lowest = jnp.where(program >= geo.selected_programs, position - geo.window + 1, 0)
     head_rows = lanes(geo.group, geo.rows)
     dv_cols = lanes(geo.dv, padded(geo.dv))
-    pieces = column_pieces(geo.dk)
-    piece_cols = [lanes(min(geo.dk - offset, width), width) for offset, width in pieces]
-    q = [
-        load(q_ref.at[:, pl.ds(offset, width)], tile_mask(head_rows, cols))
-        for (offset, width), cols in zip(pieces, piece_cols, strict=True)
-    ]
+    q = load_pieces(q_ref, slice(None), geo.dk, head_rows)
     # The row's selected blocks, loaded once (the block is padded to a power of two).
     indices = load(indices_ref, lanes(geo.slots, indices_ref.shape[0]))
     log2_scale = geo.scale * LOG2E
@@ -159,10 +154,7 @@ def _decode_kernel(
         readable = (start >= 0) & (keys < geo.capacity) & (offsets < geo.block_size)
         valid = readable & (keys <= position) & (keys >= lowest)
         rows = pl.ds(first, geo.tile)
-        k = [
-            load(k_ref.at[rows, pl.ds(offset, width)], tile_mask(readable, cols))
-            for (offset, width), cols in zip(pieces, piece_cols, strict=True)
-        ]
+        k = load_pieces(k_ref, rows, geo.dk, readable)
         v = load(v_ref.at[rows, :], tile_mask(readable, dv_cols))
         return valid, k, v
 
@@ -171,9 +163,7 @@ def _decode_kernel(
         items = [load_item(step * geo.items_per_step + u) for u in range(geo.items_per_step)]
         acc, row_max, row_sum = carry
         for valid, k, v in items:
-            scores = dot_nt(q[0], k[0], None)
-            for q_piece, k_piece in zip(q[1:], k[1:], strict=True):
-                scores = scores + dot_nt(q_piece, k_piece, None)
+            scores = dot_nt_pieces(q, k, None)
             s = jnp.where(valid[None, :], scores * log2_scale, MASKED)
             new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
             p = jnp.where(valid[None, :], jnp.exp2(s - new_max[:, None]), 0.0)

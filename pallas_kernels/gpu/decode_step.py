@@ -65,11 +65,11 @@ from nsa_jax.reference.selection import overlap_weights
 from pallas_kernels.gpu.tiles import (
     LOG2E,
     MASKED,
-    column_pieces,
     dot,
-    dot_nt,
+    dot_nt_pieces,
     lanes,
     load,
+    load_pieces,
     padded,
     require_supported_dtype,
     store,
@@ -142,11 +142,6 @@ class _StepGeometry:
     @property
     def dv_padded(self) -> int:
         return padded(self.dv)
-
-    @property
-    def dk_pieces(self) -> tuple[tuple[int, int], ...]:
-        """``(offset, width)`` column pieces of ``Dk`` (:func:`column_pieces`: 192 = 128 + 64)."""
-        return column_pieces(self.dk)
 
     @property
     def chunk(self) -> int:
@@ -251,11 +246,7 @@ def _compressed_kernel(
     visible = jnp.minimum(_visible_tokens(length_ref[0] - 1, geo), geo.slots)
     dv_cols = lanes(geo.dv, geo.dv_padded)
     head_rows = lanes(geo.group, geo.rows)
-    piece_cols = [lanes(min(geo.dk - offset, width), width) for offset, width in geo.dk_pieces]
-    q = [
-        load(q_ref.at[:, pl.ds(offset, width)], tile_mask(head_rows, cols))
-        for (offset, width), cols in zip(geo.dk_pieces, piece_cols, strict=True)
-    ]
+    q = load_pieces(q_ref, slice(None), geo.dk, head_rows)
     first = chunk * geo.chunk
     offsets = jnp.arange(geo.tile)
     # Eq. 9 weights by offset in a block, [1, 1, l'/d], once for every tile: own (and back).
@@ -266,14 +257,9 @@ def _compressed_kernel(
         slots = first + i * geo.tile + offsets
         valid = slots < visible
         rows = pl.ds(first + i * geo.tile, geo.tile)
-        k = [
-            load(k_ref.at[rows, pl.ds(offset, width)], tile_mask(valid, cols))
-            for (offset, width), cols in zip(geo.dk_pieces, piece_cols, strict=True)
-        ]
+        k = load_pieces(k_ref, rows, geo.dk, valid)
         v = load(v_ref.at[rows, :], tile_mask(valid, dv_cols))
-        s = dot_nt(q[0], k[0], geo.precision)
-        for q_piece, k_piece in zip(q[1:], k[1:], strict=True):
-            s = s + dot_nt(q_piece, k_piece, geo.precision)
+        s = dot_nt_pieces(q, k, geo.precision)
         s2 = jnp.where(valid[None, :], s * (geo.scale * LOG2E), MASKED)
         new_max = jnp.maximum(row_max, jnp.max(s2, axis=1))
         p = jnp.where(valid[None, :], jnp.exp2(s2 - new_max[:, None]), 0.0)

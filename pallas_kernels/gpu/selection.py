@@ -107,8 +107,10 @@ from pallas_kernels.gpu.tiles import (
     column_pieces,
     dot,
     dot_nt,
+    dot_nt_pieces,
     lanes,
     load,
+    load_pieces,
     padded,
     per_query_block,
     require_supported_dtype,
@@ -215,25 +217,15 @@ def _forward_kernel(starts_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, geo: _Ge
     query = pl.program_id(0)
     head_rows = lanes(geo.group, geo.rows)
     dv_cols = lanes(geo.dv, geo.dv_padded)
-    pieces = column_pieces(geo.dk)
-    piece_cols = [lanes(min(geo.dk - offset, width), width) for offset, width in pieces]
-    q = [
-        load(q_ref.at[:, pl.ds(offset, width)], tile_mask(head_rows, cols))
-        for (offset, width), cols in zip(pieces, piece_cols, strict=True)
-    ]
+    q = load_pieces(q_ref, slice(None), geo.dk, head_rows)
     log2_scale = geo.scale * LOG2E
 
     def body(slot, carry):
         acc, row_max, row_sum = carry
         rows, valid, load_rows = _selected_keys(geo, starts_ref[slot], query)
-        k = [
-            load(k_ref.at[rows, pl.ds(offset, width)], tile_mask(load_rows, cols))
-            for (offset, width), cols in zip(pieces, piece_cols, strict=True)
-        ]
+        k = load_pieces(k_ref, rows, geo.dk, load_rows)
         v = load(v_ref.at[rows, :], tile_mask(load_rows, dv_cols))
-        scores = dot_nt(q[0], k[0], geo.precision)
-        for q_piece, k_piece in zip(q[1:], k[1:], strict=True):
-            scores = scores + dot_nt(q_piece, k_piece, geo.precision)
+        scores = dot_nt_pieces(q, k, geo.precision)
         s = jnp.where(valid[None, :], scores * log2_scale, MASKED)
         new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
         p = jnp.where(valid[None, :], jnp.exp2(s - new_max[:, None]), 0.0)

@@ -78,6 +78,23 @@ def dot(a: jax.Array, b: jax.Array, precision: jax.lax.Precision | None) -> jax.
     return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32, precision=precision)
 
 
+def load_pieces(ref, rows, size: int, row_mask: jax.Array | None) -> list[jax.Array]:
+    """Rows ``rows`` (a slice or ``pl.ds``) of ``ref [R, size']`` as its :func:`column_pieces`
+    tiles ``[rows, width]``, rows masked by ``row_mask`` and lanes past ``size`` by the tile."""
+    return [
+        load(ref.at[rows, pl.ds(offset, width)], tile_mask(row_mask, lanes(min(size - offset, width), width)))
+        for offset, width in column_pieces(size)
+    ]
+
+
+def dot_nt_pieces(a: list[jax.Array], b: list[jax.Array], precision: jax.lax.Precision | None) -> jax.Array:
+    """``sum_i a[i] @ b[i].T`` over the column pieces of :func:`load_pieces`, in float32."""
+    out = dot_nt(a[0], b[0], precision)
+    for a_piece, b_piece in zip(a[1:], b[1:], strict=True):
+        out = out + dot_nt(a_piece, b_piece, precision)
+    return out
+
+
 def per_query_block(*trailing: int) -> pl.BlockSpec:
     """Block of one (query, KV head) of a ``[B, T, H, ...]`` array for grid ``(T, H, B)``."""
     zeros = (0,) * len(trailing)
