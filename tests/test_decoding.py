@@ -332,27 +332,30 @@ def test_kernel_one_block_sums_have_float32_precision():
 
     q, k_cmp, v_cmp, lengths = _step_inputs(5, 4, 16, 16, jnp.float32, kv_heads=1)
     q = 0.3 * q
-    kwargs = dict(_STEP, num_initial_blocks=1, num_local_blocks=2, scale=0.25)
-    launch = (16, 4, 2, 264)
+    group, scale, tile = q.shape[1], 0.25, 16
+    length_l, stride, block = _STEP["block_length"], _STEP["block_stride"], _STEP["selection_block_size"]
+    ratio = block // stride
+    kwargs = dict(_STEP, num_initial_blocks=1, num_local_blocks=2, scale=scale)
     _, _, _, tile_max, _, own, back = decode_step.compressed_pass(
-        q, k_cmp, v_cmp, lengths, **kwargs, launch=launch, interpret=True
+        q, k_cmp, v_cmp, lengths, **kwargs, launch=(tile, 4, 2, 264), interpret=True
     )
-    logits = np.einsum("bgd,bsd->bgs", np.float64(q), np.float64(k_cmp[:, :, 0])) * 0.25 * LOG2E
-    first, weights = nsa_jax.reference.selection.overlap_weights(8, 4, 16)
+    logits = np.einsum("bgd,bsd->bgs", np.float64(q), np.float64(k_cmp[:, :, 0])) * scale * LOG2E
+    first, weights = nsa_jax.reference.selection.overlap_weights(length_l, stride, block)
     own_weights = np.array(weights[-first:], np.float64)
     slots = logits.shape[-1]
     for b, length in enumerate(_LENGTHS):
-        visible = (length - 8) // 4 + 1 if length >= 8 else 0
-        for tile in range(-(-visible // 16)):
-            tokens = np.arange(tile * 16, tile * 16 + 16)
+        # Compressed tokens complete at the query (spec, Eqs. 7-8).
+        visible = (length - length_l) // stride + 1 if length >= length_l else 0
+        for t in range(-(-visible // tile)):
+            tokens = np.arange(t * tile, (t + 1) * tile)
             seen = (tokens < min(visible, slots))[None, :]
             safe = np.minimum(tokens, slots - 1)
-            maxima = np.float64(tile_max[b, 0, tile, :4])[:, None]
+            maxima = np.float64(tile_max[b, 0, t, :group])[:, None]
             p = np.where(seen, np.exp2(logits[b][:, safe] - maxima), 0.0)
-            by_block = p.reshape(4, 4, 4)
-            columns = slice(tile * 4, tile * 4 + 4)
-            np.testing.assert_allclose(own[b, 0, :4, columns], by_block @ own_weights, rtol=1e-6)
-            np.testing.assert_allclose(back[b, 0, :4, columns], by_block[..., 3], rtol=1e-6)
+            by_block = p.reshape(group, tile // ratio, ratio)
+            columns = slice(t * (tile // ratio), (t + 1) * (tile // ratio))
+            np.testing.assert_allclose(own[b, 0, :group, columns], by_block @ own_weights, rtol=1e-6)
+            np.testing.assert_allclose(back[b, 0, :group, columns], by_block[..., ratio - 1], rtol=1e-6)
 
 
 def test_decode_kernels_reject_selection_blocks_not_a_power_of_two_of_tokens():

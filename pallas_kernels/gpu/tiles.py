@@ -78,7 +78,7 @@ def dot(a: jax.Array, b: jax.Array, precision: jax.lax.Precision | None) -> jax.
     return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32, precision=precision)
 
 
-def load_pieces(ref, rows, size: int, row_mask: jax.Array | None) -> list[jax.Array]:
+def load_pieces(ref, rows: slice | pl.Slice, size: int, row_mask: jax.Array | None) -> list[jax.Array]:
     """Rows ``rows`` (a slice or ``pl.ds``) of ``ref [R, size']`` as its :func:`column_pieces`
     tiles ``[rows, width]``, rows masked by ``row_mask`` and lanes past ``size`` by the tile."""
     return [
