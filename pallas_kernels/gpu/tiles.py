@@ -81,6 +81,8 @@ def dot(a: jax.Array, b: jax.Array, precision: jax.lax.Precision | None) -> jax.
 def load_pieces(ref, rows: slice | pl.Slice, size: int, row_mask: jax.Array | None) -> list[jax.Array]:
     """Rows ``rows`` (a slice or ``pl.ds``) of ``ref [R, size']`` as its :func:`column_pieces`
     tiles ``[rows, width]``, rows masked by ``row_mask`` and lanes past ``size`` by the tile."""
+    if size < 1:
+        raise ValueError(f"size (the head dim to load) must be >= 1, got {size}")
     return [
         load(ref.at[rows, pl.ds(offset, width)], tile_mask(row_mask, lanes(min(size - offset, width), width)))
         for offset, width in column_pieces(size)
