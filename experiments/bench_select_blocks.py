@@ -62,7 +62,7 @@ GEOMETRY = dict(
 
 def tuned(overrides: dict, q: jax.Array) -> kernel.SelectTuning:
     """The bf16 default tuning for ``q``'s ``Dk`` with ``overrides`` (a :data:`VARIANTS` entry)."""
-    return dataclasses.replace(kernel.default_tuning(jnp.bfloat16, q.shape[-1]), **overrides)
+    return dataclasses.replace(kernel.default_tuning(jnp.bfloat16, q.shape[-1], q.shape[1]), **overrides)
 
 
 # SelectTuning overrides of the default. Registers for sm_90a at T = 64K, Dk = 192 / 128

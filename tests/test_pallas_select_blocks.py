@@ -9,6 +9,8 @@ from one key tile to the next), ``l'/d`` not a power of two, the ``SelectTuning`
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,6 +113,7 @@ _TUNINGS = {
     "by_token_flat": dict(quads=False),
     "lanes": dict(top_n="lanes"),
     "keys128_rows64": dict(keys=128, rows=64, warps=4),
+    "back_dot_keys128_rows64": dict(back_dot=True, keys=128, rows=64, warps=4),  # bf16, Dk <= 128, T > 32K
     "rows256_state16k": dict(rows=256, warps=16, state=16384),
 }
 
@@ -141,11 +144,16 @@ def _select_with_tuning(q, k_cmp, tuning: dict, num_selected: int, segment_ids=N
 def test_default_tuning_by_dtype_and_head_dim():
     from pallas_kernels.gpu import select_blocks
 
-    for dk in (64, 128, 192, 256):
-        assert select_blocks.default_tuning(jnp.bfloat16, dk) == select_blocks.DEFAULT_TUNING
+    long_tiles = select_blocks.LONG_SMALL_DK_TUNING
+    for dk in (64, 128):
+        assert select_blocks.default_tuning(jnp.bfloat16, dk, 65536) == long_tiles
+        assert select_blocks.default_tuning(jnp.bfloat16, dk, 32768) == select_blocks.DEFAULT_TUNING
+    for dk in (192, 256):
+        assert select_blocks.default_tuning(jnp.bfloat16, dk, 65536) == select_blocks.DEFAULT_TUNING
     assert select_blocks.DEFAULT_TUNING.back_dot and select_blocks.DEFAULT_TUNING.rows == 64
-    assert not select_blocks.default_tuning(jnp.bfloat16, 320).back_dot
-    assert select_blocks.default_tuning(jnp.float32, 192) == select_blocks.FLOAT32_TUNING
+    assert long_tiles == dataclasses.replace(select_blocks.DEFAULT_TUNING, keys=128)
+    assert not select_blocks.default_tuning(jnp.bfloat16, 320, 4096).back_dot
+    assert select_blocks.default_tuning(jnp.float32, 192, 4096) == select_blocks.FLOAT32_TUNING
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import nsa_jax
-from pallas_kernels.gpu import selection, selection_mosaic
+from pallas_kernels.gpu import selection, selection_mosaic, shared_blocks
 from pallas_kernels.gpu.block_sizes import DEFAULT_TUNING, SelectionTuning, tuning_for
 from pallas_kernels.gpu.inverse_map import build_inverse_map, key_tile_count, listed_parts
 
@@ -201,6 +201,57 @@ def test_bfloat16_paper_head_dims_with_segments():
     _compare(q, k, v, ct, indices, 16, 1.5e-2, segment_ids=segment_ids)
 
 
+def _neighbour_indices(seed, batch, length, heads, slots, num_blocks, queries):
+    """Random blocks in which each group of ``queries`` positions lists a common block in its
+    first two slots (at times twice), the other slots random, some repeated, some -1."""
+    rng = np.random.default_rng(seed)
+    groups = -(-length // queries)
+    common = rng.integers(0, num_blocks, (batch, groups, heads, 2))
+    common[..., 1] = np.where(rng.random(common.shape[:-1]) < 0.3, common[..., 0], common[..., 1])
+    picks = rng.integers(-1, num_blocks, (batch, groups * queries, heads, slots))
+    picks[..., :2] = np.repeat(common, queries, axis=1)
+    picks[..., -1] = np.where(rng.random(picks.shape[:-1]) < 0.2, picks[..., 2], picks[..., -1])
+    return jnp.asarray(picks[:, :length], jnp.int32)
+
+
+@pytest.mark.parametrize("queries", [2, 4])
+def test_shared_split_keeps_each_list_as_a_multiset(queries):
+    starts = selection.selected_key_starts(_neighbour_indices(1, 2, 23, 3, 5, 6, queries), None, 4)
+    shared, private = (np.asarray(x) for x in shared_blocks.split_shared_starts(starts, queries))
+    starts = np.asarray(starts)
+    groups = -(-23 // queries)
+    assert shared.shape == (2, groups, 3, 5) and private.shape == (2, groups * queries, 3, 5)
+    shared_items = 0
+    for b, t, h in np.ndindex(*starts.shape[:3]):
+        listed = sorted(x for x in starts[b, t, h] if x >= 0)
+        common = [x for x in shared[b, t // queries, h] if x >= 0]
+        own = [x for x in private[b, t, h] if x >= 0]
+        assert sorted(common + own) == listed, (b, t, h)
+        shared_items += len(common)
+    for lists in (shared, private):  # compacted: the starts first, then -1
+        count = np.sum(lists >= 0, axis=-1, keepdims=True)
+        assert np.all((lists >= 0) == (np.arange(lists.shape[-1]) < count))
+    assert shared_items > 0  # the inputs do share blocks
+    assert np.all(private[:, 23:] == -1)  # the padding position of the last group selects nothing
+
+
+@pytest.mark.parametrize("queries", [2, 4, 8])
+def test_forward_over_several_positions_matches_reference(queries):
+    # T = 50: the last group of 4 or 8 positions runs past T; segments cut a group.
+    q, k, v, ct = _inputs(9, 1, 50, 4, 2, 48, 24, jnp.float32)
+    indices = _neighbour_indices(9, 1, 50, 2, 5, 7, queries)
+    segment_ids = jnp.asarray([[0] * 13 + [1] * 37])
+    tuning = dataclasses.replace(DEFAULT_TUNING, fwd_queries=queries)
+    _compare(q, k, v, ct, indices, 8, 2e-5, segment_ids=segment_ids, tuning=tuning)
+
+
+def test_paper_dk192_default_reads_two_positions_a_program():
+    assert tuning_for(192, 128).fwd_queries == 2 and tuning_for(128, 128).fwd_queries == 1
+    q, k, v, ct = _inputs(10, 1, 45, 16, 1, 192, 128, jnp.bfloat16)
+    indices = _neighbour_indices(10, 1, 45, 1, 4, 3, 2)
+    _compare(q, k, v, ct, indices, 16, 1.5e-2)
+
+
 @pytest.mark.parametrize(
     "tuning",
     [
@@ -302,6 +353,10 @@ def test_tuning_table_and_bad_tuning():
     assert tuning_for(100, 128) == tuning_for(128, 128)
     with pytest.raises(ValueError, match="bwd_rows"):
         SelectionTuning(bwd_rows=48)
+    with pytest.raises(ValueError, match="fwd_queries must be a power of two"):
+        SelectionTuning(fwd_queries=3)
+    with pytest.raises(ValueError, match="fwd_queries must be positive"):
+        SelectionTuning(fwd_queries=0)
     with pytest.raises(ValueError, match="mosaic_heavy_tiles needs bwd_heavy_first"):
         SelectionTuning(mosaic_heavy_tiles=2, mosaic_heavy_splits=16)  # tile order, not heaviest first
     with pytest.raises(ValueError, match="mosaic_heavy_splits > mosaic_splits"):

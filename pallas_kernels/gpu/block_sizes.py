@@ -17,7 +17,11 @@ class SelectionTuning:
     masked loads.
 
     Attributes:
-      fwd_warps, fwd_stages: forward kernel (one program per query and KV head).
+      fwd_warps, fwd_stages: forward kernel (one program per ``fwd_queries`` query positions
+        and KV head).
+      fwd_queries: consecutive query positions per forward program, a power of two. A block
+        that all of them select (the spec's forced initial and local blocks at least, Eq. 11)
+        is read once for all of them; each position's other blocks are read for it alone.
       bwd_warps, bwd_stages: backward kernel (one program per key tile and KV head).
       bwd_rows: query rows gathered per backward step, a power of two:
         ``bwd_rows / next_pow2(G)`` (query, slot) pairs of the tile's inverse-map
@@ -63,6 +67,7 @@ class SelectionTuning:
 
     fwd_warps: int = 2
     fwd_stages: int = 2
+    fwd_queries: int = 1
     bwd_warps: int = 8
     bwd_stages: int = 2
     bwd_rows: int = 64
@@ -81,6 +86,7 @@ class SelectionTuning:
         names = (
             "fwd_warps",
             "fwd_stages",
+            "fwd_queries",
             "bwd_warps",
             "bwd_stages",
             "bwd_rows",
@@ -91,8 +97,10 @@ class SelectionTuning:
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"{name} must be positive, got {value}")
-        if self.bwd_rows & (self.bwd_rows - 1):
-            raise ValueError(f"bwd_rows must be a power of two, got {self.bwd_rows}")
+        for name in ("bwd_rows", "fwd_queries"):
+            value = getattr(self, name)
+            if value & (value - 1):
+                raise ValueError(f"{name} must be a power of two, got {value}")
         if self.mosaic_heavy_tiles < 0:
             raise ValueError(f"mosaic_heavy_tiles must be >= 0, got {self.mosaic_heavy_tiles}")
         if self.mosaic_heavy_tiles and not (
@@ -151,9 +159,14 @@ _D192_TRITON = SelectionTuning(
     bwd_heavy_first=True,
 )
 _MOSAIC = {"mosaic_backward": True, "mosaic_splits": 4, "mosaic_heavy_tiles": 16, "mosaic_heavy_splits": 8}
+# - Session 14, the forward over two positions a program (``fwd_queries=2``, blocks both select read
+#   once): at T=64K on the op's own selections, Dk=192/Dv=128 18.9 / 18.8 ms against 19.8 / 19.6
+#   (forward+backward 47.0 / 47.0 against 48.3 / 48.2); D=128 15.8 / 15.8 against 15.7 / 15.6, so
+#   it stays at one there; four positions were slower at both (19.4-21.5 / 22.0-24.6 ms;
+#   experiments/results/layer_session14_h200.md).
 _TUNING_BY_HEAD_DIMS: dict[tuple[int, int], SelectionTuning] = {
     (128, 128): dataclasses.replace(_D128_TRITON, **_MOSAIC),
-    (256, 128): dataclasses.replace(_D192_TRITON, **_MOSAIC),
+    (256, 128): dataclasses.replace(_D192_TRITON, fwd_queries=2, **_MOSAIC),
 }
 # Other head dims take the D=128 Triton tuning (smaller ones need fewer registers; larger ones are
 # untuned; the Mosaic kernel was measured at D=128 and Dk=192/Dv=128 only).

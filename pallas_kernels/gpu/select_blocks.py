@@ -125,6 +125,13 @@ class SelectTuning:
 # tiles of 2 warps (session 7's default there past 32K); 4.2 / 1.4 ms against 4.9 / 1.6 at Dk = 192,
 # T = 32K / 16K. The first kernel (quads=False, top_n="argmax", 128 rows, 8 warps) took 26.0 / 23.8.
 DEFAULT_TUNING = SelectTuning(rows=64, warps=4, back_dot=True)
+# 16-bit, Dk <= 128, T > 32K: the same with key tiles of 128 compressed tokens. Session 14 on the
+# H200, G = 16 (experiments/results/layer_session14_h200.md), two rounds, ms, against 64-key tiles,
+# the same picks: T = 64K 10.4-10.8 against 12.1-12.1; 32K 3.2-3.3 against 3.0; 16K 1.2-1.3
+# against 1.0. At Dk = 192 they lose at 64K (19.1 / 19.2 against 14.4 / 14.7). Lengths between 32K
+# and 64K were not timed.
+LONG_SMALL_DK_TUNING = dataclasses.replace(DEFAULT_TUNING, keys=128)
+_LONG = 32768
 # 16-bit, Dk > 256 (never timed): the same tiles without back_dot, whose second dot adds registers.
 LARGE_DK_TUNING = dataclasses.replace(DEFAULT_TUNING, back_dot=False)
 # float32 (its dots run on FMA units, for checks): smaller tiles than the 16-bit ones, which
@@ -132,12 +139,15 @@ LARGE_DK_TUNING = dataclasses.replace(DEFAULT_TUNING, back_dot=False)
 FLOAT32_TUNING = SelectTuning(rows=64, keys=32)
 
 
-def default_tuning(dtype: jnp.dtype, dk: int) -> SelectTuning:
-    """float32: :data:`FLOAT32_TUNING`; 16-bit: :data:`DEFAULT_TUNING` for ``dk <= 256`` (the
-    kernel drops its ``back_dot`` where the geometry has no back terms or too few of them for a
-    dot, see :func:`select_blocks`), else :data:`LARGE_DK_TUNING`."""
+def default_tuning(dtype: jnp.dtype, dk: int, length: int) -> SelectTuning:
+    """float32: :data:`FLOAT32_TUNING`; 16-bit: :data:`LONG_SMALL_DK_TUNING` for ``dk <= 128``
+    past ``T = 32K``, else :data:`DEFAULT_TUNING` up to ``dk = 256`` (the kernel drops its
+    ``back_dot`` where the geometry has no back terms or too few of them for a dot, see
+    :func:`select_blocks`), else :data:`LARGE_DK_TUNING`."""
     if jnp.dtype(dtype) == jnp.float32:
         return FLOAT32_TUNING
+    if padded(dk) <= 128 and length > _LONG:
+        return LONG_SMALL_DK_TUNING
     return DEFAULT_TUNING if padded(dk) <= 256 else LARGE_DK_TUNING
 
 
@@ -731,7 +741,7 @@ def select_blocks(
         scale=float(scale),
         segmented=segment_ids is not None,
         dtype=jnp.dtype(q.dtype).name,
-        tuning=default_tuning(q.dtype, dk) if tuning is None else tuning,
+        tuning=default_tuning(q.dtype, dk, length) if tuning is None else tuning,
     )
     if tuning is None and geo.tuning.back_dot and not geo.back_dot_fits:
         geo = dataclasses.replace(geo, tuning=dataclasses.replace(geo.tuning, back_dot=False))

@@ -13,6 +13,11 @@ Two kernels:
   so the blocks they read stay in L2. ``Dk`` goes in power-of-two column pieces
   (192 = 128 + 64, their dots summed): one 256-lane tile took 23.3 ms at T = 64K,
   Dk = 192 / Dv = 128 against 20.0 ms (experiments/results/layer_session13_h200.md).
+  With ``SelectionTuning.fwd_queries = Q > 1`` (the default at Dk = 192 / Dv = 128,
+  ``Q = 2``), grid ``(ceil(T / Q), H, B)``: a program takes ``Q`` consecutive positions,
+  reads each block that all of them select once for all (the forced initial and local
+  blocks at least; :mod:`pallas_kernels.gpu.shared_blocks` splits the lists in XLA
+  first), then each position's other blocks in a loop of its own.
 - backward, grid ``(ceil(T / l'), H, B)``: one key tile per program, looping over
   the (query, slot) pairs that selected it, listed by
   :func:`pallas_kernels.gpu.inverse_map.build_inverse_map`, several pairs per step
@@ -98,7 +103,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from nsa_jax.segments import segment_starts
-from pallas_kernels.gpu import selection_mosaic
+from pallas_kernels.gpu import selection_mosaic, shared_blocks
 from pallas_kernels.gpu.block_sizes import SelectionTuning, tuning_for
 from pallas_kernels.gpu.inverse_map import build_inverse_map, key_tile_count, listed_parts, parts_per_slot
 from pallas_kernels.gpu.tiles import (
@@ -209,41 +214,94 @@ def _selected_keys(geo: _Geometry, start: jax.Array, query: jax.Array):
     return pl.ds(first, geo.tile), valid, load_rows
 
 
+def _online_softmax_step(geo: _Geometry, carry, q, k, v, valid):
+    """One key block into a query's ``(acc [rows, Dv'], max [rows], sum [rows])`` (base 2)."""
+    acc, row_max, row_sum = carry
+    scores = dot_nt_pieces(q, k, geo.precision)
+    s = jnp.where(valid[None, :], scores * (geo.scale * LOG2E), MASKED)
+    new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
+    p = jnp.where(valid[None, :], jnp.exp2(s - new_max[:, None]), 0.0)
+    alpha = jnp.exp2(row_max - new_max)
+    row_sum = row_sum * alpha + jnp.sum(p, axis=1)
+    acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, geo.precision)
+    return acc, new_max, row_sum
+
+
+def _read_block(geo: _Geometry, k_ref, v_ref, rows, load_rows):
+    """The key tile (in :func:`load_pieces`) and value tile of a selected block."""
+    k = load_pieces(k_ref, rows, geo.dk, load_rows)
+    v = load(v_ref.at[rows, :], tile_mask(load_rows, lanes(geo.dv, geo.dv_padded)))
+    return k, v
+
+
+def _empty_state(geo: _Geometry):
+    return (
+        jnp.zeros((geo.rows, geo.dv_padded), jnp.float32),
+        jnp.full((geo.rows,), MASKED, jnp.float32),
+        jnp.zeros((geo.rows,), jnp.float32),
+    )
+
+
+def _write_query(geo: _Geometry, state, o_ref, lse_ref) -> None:
+    """Normalised output ``o_ref [rows, Dv']`` and log-sum-exp ``lse_ref [rows]`` (base 2)."""
+    acc, row_max, row_sum = state
+    seen = row_sum > 0
+    out = acc / jnp.where(seen, row_sum, 1.0)[:, None]
+    store(o_ref, out, tile_mask(lanes(geo.group, geo.rows), lanes(geo.dv, geo.dv_padded)))
+    lse_ref[...] = jnp.where(seen, row_max + jnp.log2(jnp.where(seen, row_sum, 1.0)), 0.0)
+
+
 def _forward_kernel(starts_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, geo: _Geometry):
     """One query position ``t`` and one KV head: ``q_ref [rows, Dk']``, ``k_ref [T, Dk']``.
 
     ``Dk`` is held in power-of-two column pieces (:func:`column_pieces`, 192 = 128 + 64) whose
     dots are summed, so no lane is loaded or multiplied for the padding to ``Dk'``."""
     query = pl.program_id(0)
-    head_rows = lanes(geo.group, geo.rows)
-    dv_cols = lanes(geo.dv, geo.dv_padded)
-    q = load_pieces(q_ref, slice(None), geo.dk, head_rows)
-    log2_scale = geo.scale * LOG2E
+    q = load_pieces(q_ref, slice(None), geo.dk, lanes(geo.group, geo.rows))
 
     def body(slot, carry):
-        acc, row_max, row_sum = carry
         rows, valid, load_rows = _selected_keys(geo, starts_ref[slot], query)
-        k = load_pieces(k_ref, rows, geo.dk, load_rows)
-        v = load(v_ref.at[rows, :], tile_mask(load_rows, dv_cols))
-        scores = dot_nt_pieces(q, k, geo.precision)
-        s = jnp.where(valid[None, :], scores * log2_scale, MASKED)
-        new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
-        p = jnp.where(valid[None, :], jnp.exp2(s - new_max[:, None]), 0.0)
-        alpha = jnp.exp2(row_max - new_max)
-        row_sum = row_sum * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, geo.precision)
-        return acc, new_max, row_sum
+        k, v = _read_block(geo, k_ref, v_ref, rows, load_rows)
+        return _online_softmax_step(geo, carry, q, k, v, valid)
 
-    init = (
-        jnp.zeros((geo.rows, geo.dv_padded), jnp.float32),
-        jnp.full((geo.rows,), MASKED, jnp.float32),
-        jnp.zeros((geo.rows,), jnp.float32),
-    )
-    acc, row_max, row_sum = jax.lax.fori_loop(0, geo.slots, body, init)
-    seen = row_sum > 0
-    out = acc / jnp.where(seen, row_sum, 1.0)[:, None]
-    store(o_ref, out, tile_mask(head_rows, dv_cols))
-    lse_ref[...] = jnp.where(seen, row_max + jnp.log2(jnp.where(seen, row_sum, 1.0)), 0.0)
+    state = jax.lax.fori_loop(0, geo.slots, body, _empty_state(geo))
+    _write_query(geo, state, o_ref, lse_ref)
+
+
+def _group_forward_kernel(
+    shared_ref, shared_count_ref, private_ref, private_count_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, geo
+):
+    """``Q = fwd_queries`` consecutive query positions and one KV head: ``q_ref [Q, rows, Dk']``,
+    ``k_ref [T, Dk']``; ``shared_ref [n]`` (``shared_count_ref []`` of them) are the blocks every
+    position selects, read once and attended by each, then position ``i`` reads its
+    ``private_ref [i, :private_count_ref[i]]`` alone (:mod:`pallas_kernels.gpu.shared_blocks`).
+    Positions past ``T`` select nothing; their loads and stores are masked."""
+    queries = geo.tuning.fwd_queries
+    first = pl.program_id(0) * queries
+    head_rows = lanes(geo.group, geo.rows)
+    qs = [load_pieces(q_ref, slice(None), geo.dk, head_rows, lead=(jnp.int32(i),)) for i in range(queries)]
+
+    def shared_body(slot, states):
+        start = shared_ref[slot]
+        rows, _, load_rows = _selected_keys(geo, start, first)
+        k, v = _read_block(geo, k_ref, v_ref, rows, load_rows)
+        return tuple(
+            _online_softmax_step(geo, state, q, k, v, _selected_keys(geo, start, first + i)[1])
+            for i, (state, q) in enumerate(zip(states, qs, strict=True))
+        )
+
+    states = jax.lax.fori_loop(0, shared_count_ref[...], shared_body, (_empty_state(geo),) * queries)
+    # One loop per position: the H200 ran these faster than one loop taking a block of every
+    # position a step (experiments/results/layer_session14_h200.md).
+    for i, (state, q) in enumerate(zip(states, qs, strict=True)):
+
+        def private_body(slot, carry, i=i, q=q):
+            rows, valid, load_rows = _selected_keys(geo, private_ref[i, slot], first + i)
+            k, v = _read_block(geo, k_ref, v_ref, rows, load_rows)
+            return _online_softmax_step(geo, carry, q, k, v, valid)
+
+        state = jax.lax.fori_loop(0, private_count_ref[i], private_body, state)
+        _write_query(geo, state, o_ref.at[jnp.int32(i)], lse_ref.at[jnp.int32(i)])
 
 
 def _backward_kernel(
@@ -420,18 +478,37 @@ def _tile_order(offsets: jax.Array, geo: _Geometry) -> jax.Array:
 
 
 def _forward(q, k, v, key_starts, geo: _Geometry):
+    """``(out [B, T, HQ, Dv], lse [B, T, H, rows])``: one program per query position and KV head,
+    or per ``fwd_queries`` positions (:func:`_group_forward_kernel`)."""
     batch, length, heads, _ = k.shape
     q5 = q.reshape(batch, length, heads, geo.group, geo.dk)
-    out, lse = pl.pallas_call(
-        functools.partial(_forward_kernel, geo=geo),
-        grid=(length, heads, batch),
-        in_specs=[
+    queries = geo.tuning.fwd_queries
+    if queries == 1:
+        kernel, starts = _forward_kernel, [key_starts]
+        in_specs = [per_query_block(geo.slots)]
+    else:
+        kernel = _group_forward_kernel
+        shared, private = shared_blocks.split_shared_starts(key_starts, queries)
+        starts = [shared, jnp.sum(shared >= 0, axis=-1), private, jnp.sum(private >= 0, axis=-1)]
+        in_specs = [
             per_query_block(geo.slots),
-            per_query_block(geo.rows, geo.dk_padded),
+            per_query_block(),
+            _per_query_group(queries, geo.slots),
+            _per_query_group(queries),
+        ]
+    out, lse = pl.pallas_call(
+        functools.partial(kernel, geo=geo),
+        grid=(-(-length // queries), heads, batch),
+        in_specs=[
+            *in_specs,
+            _per_query_group(queries, geo.rows, geo.dk_padded),
             _per_head(geo, geo.dk_padded),
             _per_head(geo, geo.dv_padded),
         ],
-        out_specs=[per_query_block(geo.rows, geo.dv_padded), per_query_block(geo.rows)],
+        out_specs=[
+            _per_query_group(queries, geo.rows, geo.dv_padded),
+            _per_query_group(queries, geo.rows),
+        ],
         out_shape=[
             jax.ShapeDtypeStruct((batch, length, heads, geo.group, geo.dv), q.dtype),
             jax.ShapeDtypeStruct((batch, length, heads, geo.rows), jnp.float32),
@@ -439,8 +516,18 @@ def _forward(q, k, v, key_starts, geo: _Geometry):
         compiler_params=geo.params(geo.tuning.fwd_warps, geo.tuning.fwd_stages),
         interpret=geo.interpret,
         name="nsa_selected_fwd",
-    )(key_starts, q5, k, v)
+    )(*starts, q5, k, v)
     return out.reshape(batch, length, heads * geo.group, geo.dv), lse
+
+
+def _per_query_group(queries: int, *trailing: int) -> pl.BlockSpec:
+    """Block of ``queries`` consecutive positions of one KV head of a ``[B, T, H, ...]`` array,
+    grid ``(ceil(T / queries), H, B)``; one position (the axis squeezed) when ``queries == 1``.
+    A last group reaching past ``T`` is masked by the Triton lowering."""
+    if queries == 1:
+        return per_query_block(*trailing)
+    zeros = (0,) * len(trailing)
+    return pl.BlockSpec((None, queries, None, *trailing), lambda g, h, b: (b, g, h, *zeros))
 
 
 def _backward(q, k, v, key_starts, out, lse, dout, geo: _Geometry):

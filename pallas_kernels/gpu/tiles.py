@@ -78,13 +78,20 @@ def dot(a: jax.Array, b: jax.Array, precision: jax.lax.Precision | None) -> jax.
     return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32, precision=precision)
 
 
-def load_pieces(ref, rows: slice | pl.Slice, size: int, row_mask: jax.Array | None) -> list[jax.Array]:
-    """Rows ``rows`` (a slice or ``pl.ds``) of ``ref [R, size']`` as its :func:`column_pieces`
-    tiles ``[rows, width]``, rows masked by ``row_mask`` and lanes past ``size`` by the tile."""
+def load_pieces(
+    ref, rows: slice | pl.Slice, size: int, row_mask: jax.Array | None, lead: tuple = ()
+) -> list[jax.Array]:
+    """Rows ``rows`` (a slice or ``pl.ds``) of ``ref [*L, R, size']`` at leading indices ``lead``
+    (``len(L)`` of them) as its :func:`column_pieces` tiles ``[rows, width]``, rows masked by
+    ``row_mask`` and lanes past ``size`` by the tile. The indices go into one indexer: the
+    Triton lowering takes one per load."""
     if size < 1:
         raise ValueError(f"size (the head dim to load) must be >= 1, got {size}")
     return [
-        load(ref.at[rows, pl.ds(offset, width)], tile_mask(row_mask, lanes(min(size - offset, width), width)))
+        load(
+            ref.at[(*lead, rows, pl.ds(offset, width))],
+            tile_mask(row_mask, lanes(min(size - offset, width), width)),
+        )
         for offset, width in column_pieces(size)
     ]
 
