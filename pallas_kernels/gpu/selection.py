@@ -279,6 +279,8 @@ def _group_forward_kernel(
     queries = geo.tuning.fwd_queries
     first = pl.program_id(0) * queries
     head_rows = lanes(geo.group, geo.rows)
+    # Positions index the refs as jnp.int32: interpret mode cannot discharge a store through
+    # ``ref.at[python int]`` (jax 0.12), and the Triton lowering takes either.
     qs = [load_pieces(q_ref, slice(None), geo.dk, head_rows, lead=(jnp.int32(i),)) for i in range(queries)]
 
     def shared_body(slot, states):
