@@ -72,8 +72,10 @@ def tuned(overrides: dict, q: jax.Array) -> kernel.SelectTuning:
 _WIDE = dict(rows=128, warps=8)
 VARIANTS = {
     # The kernel's default: 64 rows, 4 warps, back_dot since session 8 (before it, 119 registers at
-    # Dk = 128, 48 KB: 4 CTAs of 4 warps; P = 4). The other entries inherit back_dot unless they say.
+    # Dk = 128, 48 KB: 4 CTAs of 4 warps; P = 4), and since session 14 key tiles of 128 at
+    # Dk <= 128 past T = 32K. The other entries inherit back_dot, and those keys, unless they say.
     "default": {},
+    "keys64": dict(keys=64),  # the Dk <= 128 default before session 14 (12.1 against 10.4 ms at 64K)
     # 137 / 119, 72 / 48 KB: 3 / 4 CTAs; the default until session 8 (at Dk = 192 up to T = 32K)
     "rows64_warps4": dict(rows=64, warps=4, back_dot=False),
     "first_kernel": dict(_WIDE, quads=False, top_n="argmax", back_dot=False),  # 185 / 176: session 2

@@ -39,6 +39,7 @@ _D192_DEFAULT = tuning_for(192, 128)
 VARIANTS = {
     "G16_D128": {
         "default": _D128_DEFAULT,
+        "fwd_two_positions": dataclasses.replace(_D128_DEFAULT, fwd_queries=2),  # tied at 64K (session 14)
         "triton": _D128_TRITON,
         "triton_split8": dataclasses.replace(_D128_TRITON, bwd_splits=8),
         "mosaic_split4": dataclasses.replace(_D128_DEFAULT, **_splits(4)),
@@ -59,6 +60,7 @@ VARIANTS = {
     },
     "G16_D192_128": {
         "default": _D192_DEFAULT,
+        "fwd_one_position": dataclasses.replace(_D192_DEFAULT, fwd_queries=1),  # default before session 14
         "triton": dataclasses.replace(_D192_DEFAULT, mosaic_backward=False),
         "mosaic_s3": dataclasses.replace(_D192_DEFAULT, bwd_stages=3),
         "mosaic_split4": dataclasses.replace(_D192_DEFAULT, **_splits(4)),
