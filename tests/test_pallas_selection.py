@@ -233,6 +233,10 @@ def test_shared_split_keeps_each_list_as_a_multiset(queries):
         assert np.all((lists >= 0) == (np.arange(lists.shape[-1]) < count))
     assert shared_items > 0  # the inputs do share blocks
     assert np.all(private[:, 23:] == -1)  # the padding position of the last group selects nothing
+    with pytest.raises(ValueError, match="queries must be >= 1"):
+        shared_blocks.split_shared_starts(jnp.asarray(starts), 0)
+    with pytest.raises(ValueError, match=r"key_starts must be \[B, T, H, n\]"):
+        shared_blocks.split_shared_starts(jnp.asarray(starts[0]), queries)
 
 
 @pytest.mark.parametrize("queries", [2, 4, 8])

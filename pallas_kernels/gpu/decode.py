@@ -37,11 +37,11 @@ from jax.experimental.pallas import triton as plt
 from pallas_kernels.gpu.tiles import (
     LOG2E,
     MASKED,
-    dot,
-    dot_nt_pieces,
+    empty_softmax_state,
     lanes,
     load,
     load_pieces,
+    online_softmax_step,
     padded,
     store,
     tile_mask,
@@ -161,24 +161,12 @@ def _decode_kernel(
     def body(step, carry):
         # Every block of the step is loaded before the first is used: their loads overlap.
         items = [load_item(step * geo.items_per_step + u) for u in range(geo.items_per_step)]
-        acc, row_max, row_sum = carry
         for valid, k, v in items:
-            scores = dot_nt_pieces(q, k, None)
-            s = jnp.where(valid[None, :], scores * log2_scale, MASKED)
-            new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
-            p = jnp.where(valid[None, :], jnp.exp2(s - new_max[:, None]), 0.0)
-            alpha = jnp.exp2(row_max - new_max)
-            row_sum = row_sum * alpha + jnp.sum(p, axis=1)
-            acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, None)
-            row_max = new_max
-        return acc, row_max, row_sum
+            carry = online_softmax_step(carry, q, k, v, valid, log2_scale, None)
+        return carry
 
-    init = (
-        jnp.zeros((geo.rows, padded(geo.dv)), jnp.float32),
-        jnp.full((geo.rows,), MASKED, jnp.float32),
-        jnp.zeros((geo.rows,), jnp.float32),
-    )
     steps = geo.items_per_program // geo.items_per_step
+    init = empty_softmax_state(geo.rows, padded(geo.dv))
     acc, row_max, row_sum = jax.lax.fori_loop(0, steps, body, init)
     branch = (program >= geo.selected_programs).astype(jnp.int32)
     index = program - branch * geo.selected_programs

@@ -108,14 +108,14 @@ from pallas_kernels.gpu.block_sizes import SelectionTuning, tuning_for
 from pallas_kernels.gpu.inverse_map import build_inverse_map, key_tile_count, listed_parts, parts_per_slot
 from pallas_kernels.gpu.tiles import (
     LOG2E,
-    MASKED,
     column_pieces,
     dot,
     dot_nt,
-    dot_nt_pieces,
+    empty_softmax_state,
     lanes,
     load,
     load_pieces,
+    online_softmax_step,
     padded,
     per_query_block,
     require_supported_dtype,
@@ -175,6 +175,11 @@ class _Geometry:
         return jax.lax.Precision.HIGHEST if self.dtype == "float32" else None
 
     @property
+    def log2_scale(self) -> float:
+        """The logit scale in base-2 units (the kernels use ``exp2``)."""
+        return self.scale * LOG2E
+
+    @property
     def key_rows_may_overrun(self) -> bool:
         """Whether a selected tile can reach past ``T`` or past its block."""
         return not (self.aligned and self.length % self.block_size == 0 and self.tile == self.block_size)
@@ -214,32 +219,11 @@ def _selected_keys(geo: _Geometry, start: jax.Array, query: jax.Array):
     return pl.ds(first, geo.tile), valid, load_rows
 
 
-def _online_softmax_step(geo: _Geometry, carry, q, k, v, valid):
-    """One key block into a query's ``(acc [rows, Dv'], max [rows], sum [rows])`` (base 2)."""
-    acc, row_max, row_sum = carry
-    scores = dot_nt_pieces(q, k, geo.precision)
-    s = jnp.where(valid[None, :], scores * (geo.scale * LOG2E), MASKED)
-    new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
-    p = jnp.where(valid[None, :], jnp.exp2(s - new_max[:, None]), 0.0)
-    alpha = jnp.exp2(row_max - new_max)
-    row_sum = row_sum * alpha + jnp.sum(p, axis=1)
-    acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, geo.precision)
-    return acc, new_max, row_sum
-
-
 def _read_block(geo: _Geometry, k_ref, v_ref, rows, load_rows):
     """The key tile (in :func:`load_pieces`) and value tile of a selected block."""
     k = load_pieces(k_ref, rows, geo.dk, load_rows)
     v = load(v_ref.at[rows, :], tile_mask(load_rows, lanes(geo.dv, geo.dv_padded)))
     return k, v
-
-
-def _empty_state(geo: _Geometry):
-    return (
-        jnp.zeros((geo.rows, geo.dv_padded), jnp.float32),
-        jnp.full((geo.rows,), MASKED, jnp.float32),
-        jnp.zeros((geo.rows,), jnp.float32),
-    )
 
 
 def _write_query(geo: _Geometry, state, o_ref, lse_ref) -> None:
@@ -262,9 +246,9 @@ def _forward_kernel(starts_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, geo: _Ge
     def body(slot, carry):
         rows, valid, load_rows = _selected_keys(geo, starts_ref[slot], query)
         k, v = _read_block(geo, k_ref, v_ref, rows, load_rows)
-        return _online_softmax_step(geo, carry, q, k, v, valid)
+        return online_softmax_step(carry, q, k, v, valid, geo.log2_scale, geo.precision)
 
-    state = jax.lax.fori_loop(0, geo.slots, body, _empty_state(geo))
+    state = jax.lax.fori_loop(0, geo.slots, body, empty_softmax_state(geo.rows, geo.dv_padded))
     _write_query(geo, state, o_ref, lse_ref)
 
 
@@ -288,11 +272,16 @@ def _group_forward_kernel(
         rows, _, load_rows = _selected_keys(geo, start, first)
         k, v = _read_block(geo, k_ref, v_ref, rows, load_rows)
         return tuple(
-            _online_softmax_step(geo, state, q, k, v, _selected_keys(geo, start, first + i)[1])
+            online_softmax_step(
+                state, q, k, v, _selected_keys(geo, start, first + i)[1], geo.log2_scale, geo.precision
+            )
             for i, (state, q) in enumerate(zip(states, qs, strict=True))
         )
 
-    states = jax.lax.fori_loop(0, shared_count_ref[...], shared_body, (_empty_state(geo),) * queries)
+    shared_count = shared_count_ref[...]
+    states = jax.lax.fori_loop(
+        0, shared_count, shared_body, (empty_softmax_state(geo.rows, geo.dv_padded),) * queries
+    )
     # One loop per position: the H200 ran these faster than one loop taking a block of every
     # position a step (experiments/results/layer_session14_h200.md).
     for i, (state, q) in enumerate(zip(states, qs, strict=True)):
@@ -300,7 +289,7 @@ def _group_forward_kernel(
         def private_body(slot, carry, i=i, q=q):
             rows, valid, load_rows = _selected_keys(geo, private_ref[i, slot], first + i)
             k, v = _read_block(geo, k_ref, v_ref, rows, load_rows)
-            return _online_softmax_step(geo, carry, q, k, v, valid)
+            return online_softmax_step(carry, q, k, v, valid, geo.log2_scale, geo.precision)
 
         state = jax.lax.fori_loop(0, private_count_ref[i], private_body, state)
         _write_query(geo, state, o_ref.at[jnp.int32(i)], lse_ref.at[jnp.int32(i)])

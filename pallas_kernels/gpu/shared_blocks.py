@@ -41,6 +41,8 @@ def split_shared_starts(key_starts: jax.Array, queries: int) -> tuple[jax.Array,
     """
     if queries < 1:
         raise ValueError(f"queries must be >= 1, got {queries}")
+    if key_starts.ndim != 4:
+        raise ValueError(f"key_starts must be [B, T, H, n], got shape {key_starts.shape}")
     batch, length, heads, slots = key_starts.shape
     groups = -(-length // queries)
     starts = jnp.pad(key_starts, ((0, 0), (0, groups * queries - length), (0, 0), (0, 0)), constant_values=-1)

@@ -104,6 +104,37 @@ def dot_nt_pieces(a: list[jax.Array], b: list[jax.Array], precision: jax.lax.Pre
     return out
 
 
+def empty_softmax_state(rows: int, width: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """An online softmax with nothing seen: ``(acc [rows, width], max [rows], sum [rows])``, float32."""
+    return (
+        jnp.zeros((rows, width), jnp.float32),
+        jnp.full((rows,), MASKED, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+    )
+
+
+def online_softmax_step(
+    carry: tuple[jax.Array, jax.Array, jax.Array],
+    q: list[jax.Array],
+    k: list[jax.Array],
+    v: jax.Array,
+    valid: jax.Array,
+    log2_scale: float,
+    precision: jax.lax.Precision | None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One key tile into the state of :func:`empty_softmax_state` (base 2): ``q [rows, Dk]`` and
+    ``k [keys, Dk]`` in :func:`load_pieces`, ``v [keys, Dv']``, ``valid [keys]`` the keys seen."""
+    acc, row_max, row_sum = carry
+    scores = dot_nt_pieces(q, k, precision)
+    s = jnp.where(valid[None, :], scores * log2_scale, MASKED)
+    new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
+    p = jnp.where(valid[None, :], jnp.exp2(s - new_max[:, None]), 0.0)
+    alpha = jnp.exp2(row_max - new_max)
+    row_sum = row_sum * alpha + jnp.sum(p, axis=1)
+    acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, precision)
+    return acc, new_max, row_sum
+
+
 def per_query_block(*trailing: int) -> pl.BlockSpec:
     """Block of one (query, KV head) of a ``[B, T, H, ...]`` array for grid ``(T, H, B)``."""
     zeros = (0,) * len(trailing)
