@@ -5,11 +5,13 @@
   ``t - w + 1 .. t``.
 - ``compressed_attention`` (spec, "Compression branch (Eqs. 7-8)"), implementation
   ``"cudnn"``: query ``t`` sees compressed token ``i`` when ``i*d + l - 1 <= t``, i.e.
-  ``i <= floor((t - l + 1) / d)``. Queries with the same residue ``r = t mod d`` see a prefix
-  that grows by one token per ``d`` positions, so each residue class, shifted by
-  ``c_r = ceil((l - 1 - r) / d)`` rows, is plain causal attention over the compressed tokens.
-  The ``d`` classes become ``d`` times as many query heads of one causal cuDNN call (query
-  head ``hq * d + r`` still maps to KV head ``hq // G``).
+  ``i <= floor((t - l + 1) / d)``. The ``d`` consecutive positions ``l - 1 + j*d .. l - 1 +
+  j*d + d - 1`` all see tokens ``0..j``, so they make row ``j`` of one plain causal cuDNN call
+  over the compressed tokens, as ``d`` times as many query heads (position ``r`` of a row is
+  heads ``r * HQ ..``; the compressed keys are repeated ``d`` times over the KV heads, so that
+  query head ``r * HQ + hq`` reads KV head ``r * H + hq // G``). The rows are a contiguous slice
+  of ``q``. This replaces residue-class rows (every ``d``-th position, shifted per class),
+  whose layout needed a transposing copy of ``q`` and of the output.
 
 Both call jax's cuDNN module directly rather than ``jax.nn.dot_product_attention``, which
 requires ``Dv == Dk`` and casts the log-sum-exp to the output dtype (bf16 would move ``p_cmp``
@@ -186,46 +188,23 @@ def _with_lse_backward(scale, attend, residuals, cotangents):
 _causal_attention_with_lse.defvjp(_with_lse_forward, _with_lse_backward, symbolic_zeros=True)
 
 
-def _row_shifts(block_length: int, block_stride: int) -> list[int]:
-    """``c_r = ceil((l - 1 - r) / d)`` for each residue ``r``: query ``(j + c_r) * d + r`` sees
-    compressed tokens ``0..j``."""
-    return [-(-(block_length - 1 - r) // block_stride) for r in range(block_stride)]
+def _to_rows(x: jax.Array, rows: int, block_length: int, block_stride: int) -> jax.Array:
+    """``[B, T, N, D]`` -> ``[B, rows, d * N, D]``: row ``j`` holds positions ``l - 1 + j * d + r``
+    (``r < d``) as heads ``r * N + n``, zeros past ``T``. One contiguous slice of ``x``: no transpose."""
+    batch, _, heads, dim = x.shape
+    first = block_length - 1
+    x = x[:, first : first + rows * block_stride]
+    x = jnp.pad(x, ((0, 0), (0, rows * block_stride - x.shape[1]), (0, 0), (0, 0)))
+    return x.reshape(batch, rows, block_stride * heads, dim)
 
 
-def _shift_runs(shifts: list[int]) -> list[tuple[int, int, int]]:
-    """Maximal runs ``(r0, r1, shift)`` of residues with the same shift (two at most)."""
-    runs = []
-    for r, shift in enumerate(shifts):
-        if runs and runs[-1][2] == shift:
-            runs[-1] = (runs[-1][0], r + 1, shift)
-        else:
-            runs.append((r, r + 1, shift))
-    return runs
-
-
-def _to_class_rows(x: jax.Array, rows: int, shifts: list[int]) -> jax.Array:
-    """``[B, T, N, D]`` -> ``[B, rows, N * d, D]``: row ``j`` of head ``n * d + r`` holds
-    position ``(j + c_r) * d + r`` (zeros past ``T``)."""
-    batch, length, heads, dim = x.shape
-    stride, lead = len(shifts), max(shifts)
-    x = jnp.pad(x, ((0, 0), (0, (rows + lead) * stride - length), (0, 0), (0, 0)))
-    x = x.reshape(batch, rows + lead, stride, heads, dim)
-    x = jnp.concatenate([x[:, s : s + rows, r0:r1] for r0, r1, s in _shift_runs(shifts)], axis=2)
-    return x.transpose(0, 1, 3, 2, 4).reshape(batch, rows, heads * stride, dim)
-
-
-def _from_class_rows(y: jax.Array, length: int, shifts: list[int], fill: float) -> jax.Array:
-    """Inverse of :func:`_to_class_rows`: ``[B, rows, N * d, D]`` -> ``[B, T, N, D]``, ``fill``
-    at positions no row holds (those that see no compressed token)."""
-    batch, rows, _, dim = y.shape
-    stride, lead = len(shifts), max(shifts)
-    y = y.reshape(batch, rows, -1, stride, dim).transpose(0, 1, 3, 2, 4)
-    parts = [
-        jnp.pad(y[:, :, r0:r1], ((0, 0), (s, lead - s), (0, 0), (0, 0), (0, 0)), constant_values=fill)
-        for r0, r1, s in _shift_runs(shifts)
-    ]
-    out = jnp.concatenate(parts, axis=2)
-    return out.reshape(batch, (rows + lead) * stride, -1, dim)[:, :length]
+def _from_rows(y: jax.Array, length: int, block_length: int, block_stride: int, fill: float) -> jax.Array:
+    """Inverse of :func:`_to_rows`: ``[B, rows, d * N, D]`` -> ``[B, T, N, D]``, ``fill`` at the
+    positions before ``l - 1`` (they see no compressed token)."""
+    batch, rows, width, dim = y.shape
+    y = y.reshape(batch, rows * block_stride, width // block_stride, dim)
+    y = jnp.pad(y, ((0, 0), (block_length - 1, 0), (0, 0), (0, 0)), constant_values=fill)
+    return y[:, :length]
 
 
 def _complete_tokens(length: int, block_length: int, block_stride: int) -> int:
@@ -259,7 +238,7 @@ def check_compressed(
         )
 
 
-def compressed_attention_by_classes(
+def compressed_attention_by_rows(
     q: jax.Array,
     k_cmp: jax.Array,
     v_cmp: jax.Array,
@@ -270,7 +249,7 @@ def compressed_attention_by_classes(
     attend: CausalAttention,
 ) -> tuple[jax.Array, jax.Array]:
     """Compressed attention without segments as one causal call of ``attend`` over the
-    residue classes (module docstring).
+    rows of d consecutive positions (module docstring).
 
     Args:
       q: ``[B, T, HQ, Dk]``; k_cmp: ``[B, Tc, H, Dk]``; v_cmp: ``[B, Tc, H, Dv]``: token ``i``
@@ -283,12 +262,17 @@ def compressed_attention_by_classes(
     """
     length = q.shape[1]
     rows = _complete_tokens(length, block_length, block_stride)
-    shifts = _row_shifts(block_length, block_stride)
-    out, lse = _causal_attention_with_lse(
-        _to_class_rows(q, rows, shifts), k_cmp[:, :rows], v_cmp[:, :rows], scale, attend
+    # Query head r * HQ + hq of a row reads KV head r * H + hq // G: the keys once per r. Tiled in
+    # float32 so that the backward sums the d copies' gradients (cuDNN's, in bf16) in float32.
+    copies = (1, 1, block_stride, 1)
+    k_rows, v_rows = (
+        jnp.tile(x[:, :rows].astype(jnp.float32), copies).astype(x.dtype) for x in (k_cmp, v_cmp)
     )
-    out = _from_class_rows(out, length, shifts, 0.0)
-    lse = _from_class_rows(lse[..., None], length, shifts, -jnp.inf)[..., 0]
+    out, lse = _causal_attention_with_lse(
+        _to_rows(q, rows, block_length, block_stride), k_rows, v_rows, scale, attend
+    )
+    out = _from_rows(out, length, block_length, block_stride, 0.0)
+    lse = _from_rows(lse[..., None], length, block_length, block_stride, -jnp.inf)[..., 0]
     return out, lse
 
 
@@ -313,7 +297,7 @@ def compressed_attention(
         scale=scale,
         segment_ids=segment_ids,
     )
-    return compressed_attention_by_classes(
+    return compressed_attention_by_rows(
         q,
         k_cmp,
         v_cmp,

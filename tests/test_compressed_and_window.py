@@ -280,9 +280,9 @@ def _xla_causal_attention(q, k, v, scale, with_lse):
 
 
 @pytest.mark.parametrize(("shape", "geometry"), list(zip(SHAPES, GEOMETRIES, strict=True)), ids=str)
-def test_compressed_by_residue_classes_matches_reference(shape, geometry, dtype):
-    # The cuDNN compressed attention's row mapping (one causal call over the d residue
-    # classes), run with a pure-JAX causal core: output, lse and the gradients of both
+def test_compressed_by_position_rows_matches_reference(shape, geometry, dtype):
+    # The cuDNN compressed attention's row mapping (one causal call over rows of d consecutive
+    # positions), run with a pure-JAX causal core: output, lse and the gradients of both
     # against the reference, at T that is no multiple of l or d.
     batch, length, q_heads, kv_heads, dk, dv = shape
     block_length, block_stride = geometry
@@ -295,7 +295,7 @@ def test_compressed_by_residue_classes_matches_reference(shape, geometry, dtype)
     geometry_kw = dict(block_length=block_length, block_stride=block_stride, scale=dk**-0.5)
 
     def ours(q, k, v):
-        return cudnn.compressed_attention_by_classes(q, k, v, **geometry_kw, attend=_xla_causal_attention)
+        return cudnn.compressed_attention_by_rows(q, k, v, **geometry_kw, attend=_xla_causal_attention)
 
     def reference(q, k, v):
         return registry.get("compressed_attention", "xla").fn(q, k, v, **geometry_kw)
