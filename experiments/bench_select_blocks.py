@@ -16,7 +16,9 @@ Run on the H200 from the repo root (about 3-4 minutes)::
    most informative first; entries past ``--budget`` seconds (timing part) are skipped and marked.
    A name is a :data:`VARIANTS` tuning (``first_kernel`` is the kernel before this change) or an
    :data:`ABLATIONS` entry (the default tuning without ``back_dot`` with one stage replaced, by
-   patching the kernel module while tracing; its output is meaningless). Every variant's picks
+   patching the kernel module while tracing; its output is meaningless) or a :data:`REVERTS`
+   entry (the default tuning with one change undone the same way, for an A/B in one process;
+   its picks are compared like a variant's). Every variant's picks
    are compared with the default's at the same size: ``mismatched_rows`` must be 0 or a few near
    ties.
 
@@ -48,6 +50,7 @@ from nsa_jax.reference.compressed import compression_probabilities
 from nsa_jax.reference.selection import block_importance
 from nsa_jax.segments import compressed_token_starts
 from pallas_kernels.gpu import select_blocks as kernel
+from pallas_kernels.gpu.tiles import exp2_affine
 
 L, D, L_SEL, N = 32, 16, 64, 16
 GEOMETRY = dict(
@@ -119,12 +122,13 @@ def _own_only(current, previous):
     return jnp.zeros_like(current), previous
 
 
-def _no_exp(logits, log2_scale, row_offset):
+def _no_exp(logits, log2_scale, row_offset, flush):
+    del flush
     return logits * log2_scale - row_offset[:, None]
 
 
-def _logits_only(logits, log2_scale, row_offset):
-    del log2_scale, row_offset
+def _logits_only(logits, log2_scale, row_offset, flush):
+    del log2_scale, row_offset, flush
     return logits
 
 
@@ -152,6 +156,16 @@ ABLATIONS = {
         "_top_n_direct": _no_top_n,
     },
 }
+
+
+def _libdevice_exp2(x, scale, offset, flush):
+    """The exp before session 16: ``jnp.exp2(x * scale - offset)`` on the GPU too."""
+    del flush
+    return exp2_affine(x, scale, offset, flush=False)
+
+
+# The default tuning with a change undone (module attribute -> stand-in): the kernel before it.
+REVERTS = {"libdevice_exp2": {"exp2_affine": _libdevice_exp2}}
 
 # (T, Dk, name), most informative first.
 _64K, _32K, _16K = 65536, 32768, 16384
@@ -230,6 +244,16 @@ PLAN = {
     ],
     # The Dk = 192 default against the 64-row tiles it replaced.
     "dk192": [(_64K, 192, "default"), (_64K, 192, "rows64_warps4"), (_64K, 128, "default")],
+    # Session 16: exp2 by fma + ex2.approx.ftz against libdevice's exp2, two rounds, then shorter T.
+    "exp2": [
+        *[(_64K, dk, name) for _ in range(2) for dk in (128, 192) for name in ("default", "libdevice_exp2")],
+        *[(t, dk, name) for t in (_32K, _16K) for dk in (128, 192) for name in ("default", "libdevice_exp2")],
+        (_64K, 128, "keys64"),
+        (_64K, 192, "rows64_keys128"),
+        (_64K, 128, "rows64_stages3"),
+        (_64K, 192, "rows64_stages3"),
+        (_64K, 192, "rows32_warps2"),
+    ],
     "quick": [
         (_64K, 192, "default"),
         (_64K, 192, "first_kernel"),
@@ -282,9 +306,9 @@ def inputs(length: int, dk: int):
 
 def compiled_select(name: str, q, k, lse):
     """``(compiled fn(q, k, lse), compile seconds)`` of a variant or ablation."""
-    overrides, patches = VARIANTS.get(name), ABLATIONS.get(name, {})
+    overrides, patches = VARIANTS.get(name), ABLATIONS.get(name, REVERTS.get(name, {}))
     # The ablations replace stages of the kernel without back_dot (session 7's stage split).
-    tuning = tuned(overrides if overrides is not None else {"back_dot": False}, q)
+    tuning = tuned(overrides if overrides is not None else {} if name in REVERTS else {"back_dot": False}, q)
     raw = getattr(kernel.select_blocks, "__wrapped__", kernel.select_blocks)
 
     def fn(q, k, lse):
@@ -483,6 +507,7 @@ def main() -> int:
         "command": "PYTHONPATH=$PWD python3 " + " ".join(sys.argv),
         "variants": VARIANTS,
         "ablations": {name: sorted(patches) for name, patches in ABLATIONS.items()},
+        "reverts": {name: sorted(patches) for name, patches in REVERTS.items()},
         "checks": [],
         "timings": [],
     }
@@ -520,7 +545,7 @@ def main() -> int:
             write()
             continue
         row["qk_tflops"] = 2.0 * 64 * cc.compressed_pairs(length) * dk / row["ms"] / 1e9
-        if name in VARIANTS:
+        if name in VARIANTS or name in REVERTS:
             picks = np.asarray(compiled(q, k, lse))
             if name == "default":
                 defaults[(length, dk)] = picks

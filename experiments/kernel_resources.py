@@ -44,7 +44,7 @@ class KernelResources:
         return self.stack_bytes > 0
 
 
-def _capture_triton_modules(fn: Callable, *args) -> list[tuple[str, int, int, str]]:
+def capture_triton_modules(fn: Callable, *args) -> list[tuple[str, int, int, str]]:
     """``(name, num_warps, num_stages, ttir)`` of every Pallas Triton call in ``fn(*args)``."""
     from jax._src.pallas.triton import gpu_info, lowering, pallas_call_registration
 
@@ -88,7 +88,7 @@ def kernel_resources(fn: Callable, *args) -> list[KernelResources]:
     ptxas = os.path.join(os.path.dirname(nvidia_backend.__file__), "bin", "ptxas")
     reports = []
     with tempfile.TemporaryDirectory() as scratch:
-        for index, (name, warps, stages, ttir) in enumerate(_capture_triton_modules(fn, *args)):
+        for index, (name, warps, stages, ttir) in enumerate(capture_triton_modules(fn, *args)):
             options = dict(num_warps=warps, num_stages=stages)
             raw = os.path.join(scratch, f"kernel{index}.raw.ttir")
             with open(raw, "w") as f:

@@ -312,3 +312,32 @@ def test_kernel_lowers_to_triton_ir(monkeypatch, tuning):
     )
     module = exported.mlir_module()
     assert module.count("__gpu$xla.gpu.triton") == 1 and "nsa_select_blocks" in module
+
+
+def test_gpu_build_takes_flushing_exp2():
+    # Interpret mode (every other test here) computes jnp.exp2(x * scale - lse); the GPU build
+    # computes it with one fma and ex2.approx.ftz, as inline PTX. Lowering for CUDA needs no GPU.
+    from experiments.kernel_resources import capture_triton_modules
+    from pallas_kernels.gpu import select_blocks
+
+    q, k_cmp = _random_inputs(4, 1, 300, 16, 1, 32, 16, jnp.bfloat16)
+    lse = jnp.zeros(q.shape[:3], jnp.float32)
+
+    def gpu_select(q, k_cmp, lse):
+        return select_blocks.select_blocks(
+            q,
+            k_cmp,
+            lse,
+            block_length=32,
+            block_stride=16,
+            selection_block_size=64,
+            num_selected=4,
+            num_initial_blocks=1,
+            num_local_blocks=2,
+            scale=0.2,
+        )
+
+    [(name, _, _, module)] = capture_triton_modules(gpu_select, q, k_cmp, lse)
+    assert name == "nsa_select_blocks"
+    assert "fma.rn.f32" in module and "ex2.approx.ftz.f32" in module
+    assert "__nv_exp2f" not in module

@@ -391,3 +391,25 @@ def test_check_refuses_float64():
     x = np.zeros((1, 4, 2, 8))
     with pytest.raises(ValueError, match="q"):
         selection.check(x, x, x, np.zeros((1, 4, 2, 1), np.int32), block_size=4, scale=1.0)
+
+
+@pytest.mark.parametrize("dk", [128, 192], ids=["one_position", "two_positions"])
+def test_gpu_forward_takes_flushing_exp2(dk):
+    # Interpret mode (the other tests) computes the online softmax with jnp.exp2; the GPU build of
+    # both forward kernels (one position a program, and two at Dk = 192) with one fma and
+    # ex2.approx.ftz, as inline PTX. Lowering for CUDA needs no GPU.
+    from experiments.kernel_resources import capture_triton_modules
+
+    assert tuning_for(dk, 128).fwd_queries == (2 if dk == 192 else 1)
+    length = 300
+    q = jnp.ones((1, length, 64, dk), jnp.bfloat16)
+    k = jnp.ones((1, length, 4, dk), jnp.bfloat16)
+    v = jnp.ones((1, length, 4, 128), jnp.bfloat16)
+    indices = jnp.zeros((1, length, 4, 16), jnp.int32)
+
+    def gpu_forward(q, k, v, indices):
+        return selection.selected_attention(q, k, v, indices, block_size=64, scale=0.1)
+
+    [(name, _, _, module)] = capture_triton_modules(gpu_forward, q, k, v, indices)
+    assert name == "nsa_selected_fwd"
+    assert "ex2.approx.ftz.f32" in module and "__nv_exp2f" not in module

@@ -14,7 +14,11 @@ block are padding), counted from the segment start of the rows. Per key tile:
 
 1. ``p = exp(q . k * scale - lse)`` ``[rows, Bk * r']`` (tensor-core dots, ``Dk`` cut into
    power-of-two pieces, 192 = 128 + 64; zero where a token is not visible, Eqs. 7-8, a mask
-   that key tiles seen wholly by every row skip).
+   that key tiles seen wholly by every row skip). On the GPU each ``p`` is one ``fma`` and one
+   ``ex2.approx.ftz`` (:func:`pallas_kernels.gpu.tiles.exp2_affine`; ``p`` below 2^-126 is 0):
+   Triton's ``exp2`` took five more instructions a logit in a kernel that is bound by issuing
+   them, not by memory (ncu at T = 64K, Dk = 128: 5.4 G instructions before, 3.8 G after; 10.6
+   against 9.5 ms; experiments/results/select_blocks_session16_h200.md).
 2. Eq. 9 and the group sum (Eq. 10). Eq. 9 reaches at most one block back (``l <= l'``), so a
    block's importance is ``own + back'``: ``own`` its own tokens with their weights, ``back'``
    the tokens of the block before that feed it (the previous key tile's for the first block,
@@ -66,7 +70,14 @@ from jax.experimental.pallas import triton as plt
 
 from nsa_jax.reference.selection import overlap_weights
 from nsa_jax.segments import segment_starts
-from pallas_kernels.gpu.tiles import LOG2E, column_pieces, dot_nt, padded, require_supported_dtype
+from pallas_kernels.gpu.tiles import (
+    LOG2E,
+    column_pieces,
+    dot_nt,
+    exp2_affine,
+    padded,
+    require_supported_dtype,
+)
 
 # Log-sum-exp (base 2) given to dead rows (padded heads): exp2(logit - _NO_ROW) is 0.
 _NO_ROW = 1e30
@@ -167,6 +178,8 @@ class _Geometry:
     segmented: bool
     dtype: str
     tuning: SelectTuning
+    # On the GPU: exp2 by one fma and ex2.approx.ftz (tiles.exp2_affine); False in interpret mode.
+    flush_exp2: bool = False
 
     @property
     def heads_pow2(self) -> int:
@@ -308,12 +321,21 @@ def _split_last(x: jax.Array) -> list[jax.Array]:
 
 
 def _weighted_sum(parts: list[jax.Array], weights: tuple[int, ...]) -> jax.Array:
-    """``w_0 x_0 + w_1 x_1 + ...`` left to right over the nonzero weights (weight 1: no product)."""
-    total = None
+    """``w_0 x_0 + w_1 x_1 + ...`` left to right over the nonzero weights, each run of equal
+    consecutive weights summed before its one product (weight 1: none). For the paper's weights
+    (2, 2, 2, 1) that is bitwise the term-by-term sum: doubling is exact and the run comes first."""
+    runs: list[tuple[int, jax.Array]] = []
     for part, weight in zip(parts, weights, strict=True):
-        if weight:
-            term = part if weight == 1 else float(weight) * part
-            total = term if total is None else total + term
+        if not weight:
+            continue
+        if runs and runs[-1][0] == weight:
+            runs[-1] = (weight, runs[-1][1] + part)
+        else:
+            runs.append((weight, part))
+    total = None
+    for weight, run in runs:
+        term = run if weight == 1 else float(weight) * run
+        total = term if total is None else total + term
     return jnp.zeros_like(parts[0]) if total is None else total
 
 
@@ -338,9 +360,10 @@ def _shifted_quads(current: jax.Array, previous: jax.Array) -> tuple[jax.Array, 
     return shifted.reshape(P, blocks), lasts[4]
 
 
-def _probabilities(logits: jax.Array, log2_scale: float, row_offset: jax.Array) -> jax.Array:
-    """``p = exp2(logits * scale * log2(e) - lse2)`` (Eq. 8 in base 2), float32 ``[rows, keys]``."""
-    return jnp.exp2(logits * log2_scale - row_offset[:, None])
+def _probabilities(logits: jax.Array, log2_scale: float, row_offset: jax.Array, flush: bool) -> jax.Array:
+    """``p = exp2(logits * scale * log2(e) - lse2)`` (Eq. 8 in base 2), float32 ``[rows, keys]``;
+    ``flush``: :func:`pallas_kernels.gpu.tiles.exp2_affine`'s GPU form (p below 2^-126 is 0)."""
+    return exp2_affine(logits, log2_scale, row_offset, flush=flush)
 
 
 def _importance_by_token(p: jax.Array | None, previous: tuple[jax.Array, ...], geo: _Geometry):
@@ -592,7 +615,7 @@ def _kernel(starts_ref, q_ref, lse_ref, k_ref, out_ref, *, geo: _Geometry):
                 )
                 s = dot_nt(piece, k, geo.precision)
                 logits = s if logits is None else logits + s
-            p = _probabilities(logits, log2_scale, row_offset)
+            p = _probabilities(logits, log2_scale, row_offset, geo.flush_exp2)
             if masked:
                 # Visibility per position (its rows share it; dead rows have p = 0).
                 columns = token.shape[0]
@@ -742,6 +765,7 @@ def select_blocks(
         segmented=segment_ids is not None,
         dtype=jnp.dtype(q.dtype).name,
         tuning=default_tuning(q.dtype, dk, length) if tuning is None else tuning,
+        flush_exp2=not interpret,
     )
     if tuning is None and geo.tuning.back_dot and not geo.back_dot_fits:
         geo = dataclasses.replace(geo, tuning=dataclasses.replace(geo.tuning, back_dot=False))

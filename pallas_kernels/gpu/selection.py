@@ -175,6 +175,13 @@ class _Geometry:
         return jax.lax.Precision.HIGHEST if self.dtype == "float32" else None
 
     @property
+    def flush_exp2(self) -> bool:
+        """The forward's exps as one fma and ex2.approx.ftz (:func:`tiles.exp2_affine`) on the GPU:
+        15.3 against 15.6-15.9 ms at T = 64K, Dk = 128, 18.7-18.9 against 19.4-19.5 at Dk = 192
+        (experiments/results/select_blocks_session16_h200.md)."""
+        return not self.interpret
+
+    @property
     def log2_scale(self) -> float:
         """The logit scale in base-2 units (the kernels use ``exp2``)."""
         return self.scale * LOG2E
@@ -246,7 +253,7 @@ def _forward_kernel(starts_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, geo: _Ge
     def body(slot, carry):
         rows, valid, load_rows = _selected_keys(geo, starts_ref[slot], query)
         k, v = _read_block(geo, k_ref, v_ref, rows, load_rows)
-        return online_softmax_step(carry, q, k, v, valid, geo.log2_scale, geo.precision)
+        return online_softmax_step(carry, q, k, v, valid, geo.log2_scale, geo.precision, flush=geo.flush_exp2)
 
     state = jax.lax.fori_loop(0, geo.slots, body, empty_softmax_state(geo.rows, geo.dv_padded))
     _write_query(geo, state, o_ref, lse_ref)
@@ -273,7 +280,14 @@ def _group_forward_kernel(
         k, v = _read_block(geo, k_ref, v_ref, rows, load_rows)
         return tuple(
             online_softmax_step(
-                state, q, k, v, _selected_keys(geo, start, first + i)[1], geo.log2_scale, geo.precision
+                state,
+                q,
+                k,
+                v,
+                _selected_keys(geo, start, first + i)[1],
+                geo.log2_scale,
+                geo.precision,
+                flush=geo.flush_exp2,
             )
             for i, (state, q) in enumerate(zip(states, qs, strict=True))
         )
@@ -289,7 +303,9 @@ def _group_forward_kernel(
         def private_body(slot, carry, i=i, q=q):
             rows, valid, load_rows = _selected_keys(geo, private_ref[i, slot], first + i)
             k, v = _read_block(geo, k_ref, v_ref, rows, load_rows)
-            return online_softmax_step(carry, q, k, v, valid, geo.log2_scale, geo.precision)
+            return online_softmax_step(
+                carry, q, k, v, valid, geo.log2_scale, geo.precision, flush=geo.flush_exp2
+            )
 
         state = jax.lax.fori_loop(0, private_count_ref[i], private_body, state)
         _write_query(geo, state, o_ref.at[jnp.int32(i)], lse_ref.at[jnp.int32(i)])
