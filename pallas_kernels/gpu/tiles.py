@@ -1,4 +1,4 @@
-"""Tile helpers shared by the Pallas (Triton lowering) kernels: padding, masks, loads, dots.
+"""Tile helpers shared by the Pallas (Triton lowering) kernels: padding, masks, loads, dots, exps.
 
 ``tl.dot`` wants tiles of at least 16 and powers of two, so kernels pad rows, block
 sizes and head dims and mask the padding on loads and stores.
