@@ -306,9 +306,10 @@ def inputs(length: int, dk: int):
 
 def compiled_select(name: str, q, k, lse):
     """``(compiled fn(q, k, lse), compile seconds)`` of a variant or ablation."""
-    overrides, patches = VARIANTS.get(name), ABLATIONS.get(name, REVERTS.get(name, {}))
-    # The ablations replace stages of the kernel without back_dot (session 7's stage split).
-    tuning = tuned(overrides if overrides is not None else {} if name in REVERTS else {"back_dot": False}, q)
+    patches = ABLATIONS.get(name, REVERTS.get(name, {}))
+    # The ablations replace stages of the kernel without back_dot (session 7's stage split); the
+    # reverts undo a change of the default itself.
+    tuning = tuned(VARIANTS.get(name, {} if name in REVERTS else {"back_dot": False}), q)
     raw = getattr(kernel.select_blocks, "__wrapped__", kernel.select_blocks)
 
     def fn(q, k, lse):
