@@ -413,3 +413,14 @@ def test_gpu_forward_takes_flushing_exp2(dk):
     [(name, _, _, module)] = capture_triton_modules(gpu_forward, q, k, v, indices)
     assert name == "nsa_selected_fwd"
     assert "ex2.approx.ftz.f32" in module and "__nv_exp2f" not in module
+
+
+def test_exp2_affine_shapes():
+    from pallas_kernels.gpu.tiles import exp2_affine
+
+    x, offset = jnp.arange(6.0).reshape(2, 3), jnp.array([1.0, 2.0])
+    np.testing.assert_allclose(exp2_affine(x, 0.5, offset, flush=False), 2.0 ** (x * 0.5 - offset[:, None]))
+    with pytest.raises(ValueError, match=r"offset \[rows\]"):
+        exp2_affine(x, 0.5, jnp.ones(3), flush=False)
+    with pytest.raises(ValueError, match=r"x \[rows, cols\]"):
+        exp2_affine(jnp.ones(3), 0.5, jnp.ones(3), flush=False)

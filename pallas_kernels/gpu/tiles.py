@@ -146,6 +146,10 @@ def exp2_affine(x: jax.Array, scale: float, offset: jax.Array, *, flush: bool) -
     ``ex2.approx.f32``, which ptxas expands into a range test and two predicated multiplies around
     the ``MUFU.EX2``, and the scale and the subtraction stay two instructions (LLVM does not fuse
     them): five instructions an element besides the ``MUFU`` instead of one."""
+    if x.ndim != 2 or offset.shape != x.shape[:1]:
+        raise ValueError(
+            f"exp2_affine needs x [rows, cols] and offset [rows], got {x.shape} and {offset.shape}"
+        )
     if not flush:
         return jnp.exp2(x * scale - offset[:, None])
     [out] = plt.elementwise_inline_asm(
