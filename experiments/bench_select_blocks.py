@@ -107,6 +107,12 @@ VARIANTS = {
     "back_dot": dict(back_dot=True),
     "no_back_dot": dict(back_dot=False),
     "rows64_back_dot": dict(rows=64, warps=4, back_dot=True),
+    # Session 17: 128-key tiles with one stage (no prefetch buffer), 2 CTAs an SM at Dk = 192 where
+    # two stages leave one (sm_90a: 252 registers, 56 KB against 251, 144 KB; the default 207, 84 KB).
+    # Slower: 15.3-15.5 against 13.6-13.7 ms at 64K, Dk = 192 (experiments/results/session17_h200.md).
+    "keys128_stages1": dict(keys=128, stages=1),
+    "keys128_stages1_warps8": dict(keys=128, stages=1, warps=8),  # 255 registers: 1 CTA; 35.1 ms
+    "stages1": dict(stages=1),  # Dk = 128's 128-key tiles with one stage: 11.3 against 9.4 ms
 }
 
 
@@ -253,6 +259,13 @@ PLAN = {
         (_64K, 128, "rows64_stages3"),
         (_64K, 192, "rows64_stages3"),
         (_64K, 192, "rows32_warps2"),
+    ],
+    # Session 17: one-stage 128-key tiles at Dk = 192, two rounds, and at 32K / 16K.
+    "stages1": [
+        *[(_64K, 192, name) for _ in range(2) for name in ("default", "keys128_stages1")],
+        *[(_64K, 128, name) for name in ("default", "stages1")],
+        (_64K, 192, "keys128_stages1_warps8"),
+        *[(t, 192, name) for t in (_32K, _16K) for name in ("default", "keys128_stages1")],
     ],
     "quick": [
         (_64K, 192, "default"),

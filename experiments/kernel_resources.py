@@ -77,7 +77,7 @@ def capture_triton_modules(fn: Callable, *args) -> list[tuple[str, int, int, str
 def kernel_resources(fn: Callable, *args) -> list[KernelResources]:
     """Compiles every Pallas Triton kernel of ``fn(*args)`` for sm_90a and reads ``ptxas -v``."""
     import triton
-    import triton.backends.nvidia as nvidia_backend
+    import triton.backends.nvidia.compiler as nvidia_compiler
     from triton._C.libtriton import ir
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import make_backend
@@ -85,7 +85,8 @@ def kernel_resources(fn: Callable, *args) -> list[KernelResources]:
     target = GPUTarget("cuda", 90, 32)
     backend = make_backend(target)
 
-    ptxas = os.path.join(os.path.dirname(nvidia_backend.__file__), "bin", "ptxas")
+    # The ptxas triton itself runs for sm_90: the PTX it emits may be newer than the legacy ptxas it ships.
+    ptxas = nvidia_compiler.get_ptxas(target.arch).path
     reports = []
     with tempfile.TemporaryDirectory() as scratch:
         for index, (name, warps, stages, ttir) in enumerate(capture_triton_modules(fn, *args)):
