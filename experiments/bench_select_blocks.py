@@ -3,7 +3,7 @@
 Run on the H200 from the repo root (about 3-4 minutes)::
 
     PYTHONPATH=$PWD python3 experiments/bench_select_blocks.py --out $OUT [--skip-checks]
-        [--iters 10] [--budget 150] [--plan full|quick]
+        [--iters 10] [--budget 150] [--plan NAME]   # NAME: a key of PLAN (default full)
 
 1. Checks (unless ``--skip-checks``), kernel against the ``xla`` reference on the same inputs and
    lse, with the rule of ``experiments/check_compression_gpu.py`` (indices equal except near ties,
