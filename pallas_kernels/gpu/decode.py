@@ -46,7 +46,6 @@ from pallas_kernels.gpu.tiles import (
     store,
     tile_mask,
 )
-from pallas_kernels.gpu.views import atomic_add_first, by_program
 
 # (num_warps, num_stages, target programs, items loaded per loop step): one block per step
 # and three stages (two buffers, so the next block loads while one is used), two programs
@@ -117,8 +116,7 @@ def _item_start(program, item, position, indices: jax.Array, geo: _DecodeGeometr
     return jnp.where(start <= position, start, -1)
 
 
-def read_items(
-    program,
+def _decode_kernel(
     length_ref,
     indices_ref,
     q_ref,
@@ -133,11 +131,12 @@ def read_items(
     *,
     geo,
 ):
-    """The body: work-item group ``program`` of one (KV head, sequence): ``indices_ref [n']``
-    (the row's selected blocks), ``q_ref [rows, Dk']``, ``k_ref [S, Dk']``; writes its partial into
+    """One (work-item group, KV head, sequence): ``indices_ref [n']`` (the row's selected
+    blocks), ``q_ref [rows, Dk']``, ``k_ref [S, Dk']``; writes its partial into
     ``max_ref``/``sum_ref [2, P', rows]`` and ``acc_ref [2, P', rows, Dv']``, and, in the
     program that draws the last ticket of ``count_ref [1]`` (aliased to ``_count_in``),
     both branches' outputs ``out_ref [2, rows, Dv']``."""
+    program = pl.program_id(0)
     position = length_ref[0] - 1
     lowest = jnp.where(program >= geo.selected_programs, position - geo.window + 1, 0)
     head_rows = lanes(geo.group, geo.rows)
@@ -178,7 +177,7 @@ def read_items(
     if not geo.interpret:
         # Every thread's partial stores before the ticket (released by one thread).
         plt.debug_barrier()
-    ticket = atomic_add_first(count_ref, 1)
+    ticket = plt.atomic_add(count_ref, jnp.int32(0), jnp.int32(1))
 
     @pl.when(ticket == geo.programs - 1)
     def _merge():
@@ -225,43 +224,6 @@ def _items_per_program(slots: int, windowed: int, rows: int, launch: tuple[int, 
     return most
 
 
-def reads_geometry(
-    q: jax.Array,
-    slots: int,
-    values: jax.Array,
-    block_size: int,
-    window: int,
-    scale: float,
-    launch: tuple[int, int, int, int],
-    rows: int,
-    interpret: bool,
-) -> _DecodeGeometry:
-    """The reads' geometry for ``q [B, HQ, Dk]``, ``slots`` selected blocks a row and
-    ``values [3, B, S, H, Dv]``: the fewest items per program whose ``rows`` (sequence, KV
-    head) pairs' programs stay within ``launch``'s target."""
-    if min(launch) < 1:
-        raise ValueError(f"launch entries must be >= 1, got {launch}")
-    _, q_heads, dk = q.shape
-    _, _, capacity, kv_heads, dv = values.shape
-    windowed = window_items(block_size, window)
-    per = _items_per_program(slots, windowed, rows, launch)
-    return _DecodeGeometry(
-        capacity=capacity,
-        slots=slots,
-        block_size=block_size,
-        window=window,
-        group=q_heads // kv_heads,
-        dk=dk,
-        dv=dv,
-        scale=float(scale),
-        selected_programs=-(-slots // per),
-        window_programs=-(-windowed // per),
-        items_per_program=per,
-        items_per_step=launch[3],
-        interpret=interpret,
-    )
-
-
 @functools.partial(jax.jit, static_argnames=("block_size", "window", "scale", "launch", "interpret"))
 def selected_and_window(
     q: jax.Array,
@@ -288,11 +250,28 @@ def selected_and_window(
     Returns:
       ``(selected, window)``, each ``[B, HQ, Dv]`` in ``q.dtype``.
     """
+    if min(launch) < 1:
+        raise ValueError(f"launch entries must be >= 1, got {launch}")
     batch, q_heads, dk = q.shape
     _, _, capacity, kv_heads, dv = values.shape
     group = q_heads // kv_heads
-    geo = reads_geometry(
-        q, block_indices.shape[-1], values, block_size, window, scale, launch, batch * kv_heads, interpret
+    slots = block_indices.shape[-1]
+    windowed = window_items(block_size, window)
+    per = _items_per_program(slots, windowed, batch * kv_heads, launch)
+    geo = _DecodeGeometry(
+        capacity=capacity,
+        slots=slots,
+        block_size=block_size,
+        window=window,
+        group=group,
+        dk=dk,
+        dv=dv,
+        scale=float(scale),
+        selected_programs=-(-slots // per),
+        window_programs=-(-windowed // per),
+        items_per_program=per,
+        items_per_step=launch[3],
+        interpret=interpret,
     )
     q4 = q.reshape(batch, kv_heads, group, dk)
     dkp, dvp = padded(dk), padded(dv)
@@ -303,12 +282,12 @@ def selected_and_window(
     per_head = lambda *block: pl.BlockSpec((None, None, *block), lambda p, h, b: (b, h, *(0,) * len(block)))
     partials = (batch, kv_heads, 2, geo.partials, geo.rows)
     out, *_ = pl.pallas_call(
-        by_program(read_items, geo=geo),
+        functools.partial(_decode_kernel, geo=geo),
         grid=(geo.programs, kv_heads, batch),
         in_specs=[
             pl.BlockSpec((None, 1), lambda p, h, b: (b, 0)),
             # Power-of-two block for the Triton lowering; only the first n entries are read.
-            pl.BlockSpec((None, None, padded(geo.slots)), lambda p, h, b: (b, h, 0)),
+            pl.BlockSpec((None, None, padded(slots)), lambda p, h, b: (b, h, 0)),
             pl.BlockSpec((None, None, geo.rows, dkp), lambda p, h, b: (b, h, 0, 0)),
             pl.BlockSpec((None, None, capacity, None, dkp), lambda p, h, b: (branch_of(p), b, 0, h, 0)),
             pl.BlockSpec((None, None, capacity, None, dvp), lambda p, h, b: (branch_of(p), b, 0, h, 0)),

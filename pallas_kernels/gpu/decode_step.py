@@ -75,7 +75,6 @@ from pallas_kernels.gpu.tiles import (
     store,
     tile_mask,
 )
-from pallas_kernels.gpu.views import atomic_add_first, by_program
 
 # Kernel 1's launch: compressed tokens per inner step (rows of the key tile), warps, stages,
 # and the programs to aim for. Three stages give two buffers, so the next tile loads while one
@@ -236,13 +235,14 @@ def _offset_weights(weights: tuple[int, ...]) -> jax.Array:
     return out
 
 
-def compressed_chunk(
-    chunk, length_ref, q_ref, k_ref, v_ref, max_ref, sum_ref, acc_ref, tile_max_ref, count_ref, *sum_refs, geo
+def _compressed_kernel(
+    length_ref, q_ref, k_ref, v_ref, max_ref, sum_ref, acc_ref, tile_max_ref, count_ref, *sum_refs, geo
 ):
-    """Kernel 1's body: chunk ``chunk`` of one (KV head, sequence): ``q_ref [G', Dk']``, ``k_ref [Tc, Dk']``,
+    """One (chunk, KV head, sequence): ``q_ref [G', Dk']``, ``k_ref [Tc, Dk']``,
     ``v_ref [Tc, Dv']``; writes ``max_ref``/``sum_ref [G']`` (log2 units),
     ``acc_ref [G', Dv']``, ``tile_max_ref [tiles, G']``, a zero to ``count_ref [1]`` and
     ``sum_refs``: ``own`` (and ``back`` where ``l > d``) ``[G', tiles * tile / (l'/d)]``."""
+    chunk = pl.program_id(0)
     visible = jnp.minimum(_visible_tokens(length_ref[0] - 1, geo), geo.slots)
     dv_cols = lanes(geo.dv, geo.dv_padded)
     head_rows = lanes(geo.group, geo.rows)
@@ -392,8 +392,7 @@ def _ascending(geo: _StepGeometry, picks: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(rank[None, :] == lanes_[:, None], picks[None, :], 0), axis=1)
 
 
-def select_part(
-    part,
+def _select_kernel(
     length_ref,
     max_ref,
     sum_ref,
@@ -403,14 +402,15 @@ def select_part(
     *refs,
     geo,
 ):
-    """Kernel 2's body: part ``part`` of one (KV head, sequence): partials ``max_ref``/``sum_ref [P, G']``,
+    """One (part, KV head, sequence): partials ``max_ref``/``sum_ref [P, G']``,
     ``acc_ref [P, G', Dv']``, kernel 1's ``tile_max_ref [tiles, G']`` and (in ``refs``)
     ``own``/``back [G', Nc]``; writes a column slice of ``out_ref [G', Dv']``, its candidate
     blocks ``blocks_ref [Q * c]`` with their ranking scores ``scores_ref [Q * c]`` and, in the
     program that draws the last ticket of ``count_ref [1]`` (aliased to ``_count_in``),
-    ``picks_ref [n']``. Returns whether this program wrote the picks."""
+    ``picks_ref [n']``."""
     sum_refs = refs[: 1 + geo.has_back]
     out_ref, picks_ref, scores_ref, blocks_ref, count_ref = refs[1 + geo.has_back :]
+    part = pl.program_id(0)
     head_rows = jnp.arange(geo.rows) < geo.group
     first_block = part * geo.blocks_per_part
     blocks = first_block + jnp.arange(geo.blocks_per_part)
@@ -438,7 +438,7 @@ def select_part(
     if not geo.interpret:
         # Every thread's candidate stores before the ticket (released by one thread).
         plt.debug_barrier()
-    ticket = atomic_add_first(count_ref, 1)
+    ticket = plt.atomic_add(count_ref, jnp.int32(0), jnp.int32(1))
 
     # After the ticket: the last part's pick does not read the merged output.
     @pl.when(part < geo.merge_parts)
@@ -462,8 +462,6 @@ def select_part(
             jnp.where(chosen[None, :] & (rank[None, :] == by_rank[:, None]), blocks[None, :] + 1, 0), axis=1
         )
         store(picks_ref, _ascending(geo, picks - 1), lanes(geo.num_selected, geo.picks_padded))
-
-    return ticket == geo.parts - 1
 
 
 def _geometry(
@@ -535,7 +533,7 @@ def _compressed_pass(geo: _StepGeometry, q, k_cmp, v_cmp, lengths):
     shape = (batch, kv_heads, geo.chunks, geo.rows)
     block_sums = 1 + geo.has_back
     return pl.pallas_call(
-        by_program(compressed_chunk, geo=geo),
+        functools.partial(_compressed_kernel, geo=geo),
         grid=(geo.chunks, kv_heads, batch),
         in_specs=[
             pl.BlockSpec((None, 1), lambda p, h, b: (b, 0)),
@@ -577,7 +575,7 @@ def _select_pass(geo: _StepGeometry, lengths, partials, out_dtype):
     batch, kv_heads = row_max.shape[:2]
     per_head = lambda *block: pl.BlockSpec((None, None, *block), lambda q, h, b: (b, h, *(0,) * len(block)))
     out, picks, *_ = pl.pallas_call(
-        by_program(select_part, geo=geo),
+        functools.partial(_select_kernel, geo=geo),
         grid=(geo.parts, kv_heads, batch),
         in_specs=[
             pl.BlockSpec((None, 1), lambda q, h, b: (b, 0)),

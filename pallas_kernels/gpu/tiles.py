@@ -13,8 +13,6 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.gpu.views import RefWindow
-
 SUPPORTED_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 LOG2E = math.log2(math.e)
 # Finite stand-in for -inf: keeps exp2(s - m) free of inf - inf.
@@ -55,22 +53,17 @@ def tile_mask(rows: jax.Array | None, cols: jax.Array | None) -> jax.Array | Non
     return all_of(None if rows is None else rows[:, None], None if cols is None else cols[None, :])
 
 
-def _masked_target(ref):
-    """``ref`` as the masked loads and stores take it (a :class:`RefWindow` as its one indexer)."""
-    return ref.at[...] if isinstance(ref, RefWindow) else ref
-
-
 def load(ref, mask: jax.Array | None) -> jax.Array:
     if mask is None:
         return ref[...]
-    return plt.load(_masked_target(ref), mask=mask, other=0)
+    return plt.load(ref, mask=mask, other=0)
 
 
 def store(ref, value: jax.Array, mask: jax.Array | None) -> None:
     if mask is None:
         ref[...] = value.astype(ref.dtype)
     else:
-        plt.store(_masked_target(ref), value.astype(ref.dtype), mask=mask)
+        plt.store(ref, value.astype(ref.dtype), mask=mask)
 
 
 def dot_nt(a: jax.Array, b: jax.Array, precision: jax.lax.Precision | None) -> jax.Array:
