@@ -28,7 +28,8 @@ H=4, paper geometry l=32, d=16, l'=64, n=16, w=512). NSA paths, each
   ``--paths`` names it).
 
 Dense: ``jax.nn.dot_product_attention`` on a ``[B, S, H, 128]`` cache with cuDNN and
-with XLA.
+with XLA; and, for NSA head dims other than 128/128 (the paper's Dk=192/Dv=128), cuDNN on a
+cache with those head dims (its ``Dv != Dk`` path), the dense model of the same shapes.
 
 Correctness first: every NSA path against ``xla`` on the same random inputs (relative
 error of each branch, block indices of ``new`` equal to ``xla``'s; a differing row is
@@ -124,6 +125,24 @@ def nsa_step(path: str):
         )
 
     return old
+
+
+def dense_step(impl: str, dk: int, dv: int):
+    """``fn(q [B, 1, HQ, Dk], k [B, S, H, Dk], v [B, S, H, Dv]) -> (out,)``: dense decode.
+    ``Dk == Dv`` goes through ``jax.nn.dot_product_attention``, which takes no other; other head
+    dims through cuDNN's own ``Dv != Dk`` path (jax's cuDNN module, as
+    :mod:`nsa_jax.cudnn` and ``bench_layer.py``'s matching dense peer)."""
+    if dk == dv:
+        return lambda q, k, v: (jax.nn.dot_product_attention(q, k, v, implementation=impl),)
+    if impl != "cudnn":
+        raise ValueError(f"dense decode with Dk != Dv is timed with cudnn only, got {impl!r}")
+    from jax._src.cudnn import fused_attention_stablehlo as fused_attention
+
+    return lambda q, k, v: (
+        fused_attention.dot_product_attention(
+            q, k, v, scale=dk**-0.5, mask_type=fused_attention.MaskType.NO_MASK, qkv_layout="BTNH"
+        ),
+    )
 
 
 def selection_kwargs(dk: int) -> dict:
@@ -482,6 +501,24 @@ def tune_markdown(tuned: list[dict]) -> str:
     return "".join(lines)
 
 
+def matched_dense(key, batch: int, length: int, dk: int, dv: int, steps: int, repeats: int) -> dict:
+    """Dense cuDNN decode with the NSA step's head dims (``Dk``/``Dv``), as bench_layer.py's
+    ``cudnn_dense_native_dv``: ``dense_cudnn_dk{Dk}_dv{Dv}_ms`` and its bytes a step."""
+    tag = f"dense_cudnn_dk{dk}_dv{dv}"
+    nbytes = batch * length * KV_HEADS * (dk + dv) * 2
+    num_sets = sets_for(nbytes)
+    sets = tuple(
+        (
+            jax.random.normal(jax.random.fold_in(key, 300 + i), (batch, length, KV_HEADS, dk), jnp.bfloat16),
+            jax.random.normal(jax.random.fold_in(key, 400 + i), (batch, length, KV_HEADS, dv), jnp.bfloat16),
+        )
+        for i in range(num_sets)
+    )
+    q = jax.random.normal(jax.random.fold_in(key, 98), (batch, 1, HEADS, dk), jnp.bfloat16)
+    fn, ran = looped(dense_step("cudnn", dk, dv), num_sets, steps)
+    return {f"{tag}_ms": time_loop(fn, (q, sets), ran, repeats), f"{tag}_bytes": nbytes}
+
+
 def bench(batches, lengths, dims, paths, dense_impls, steps, repeats, split_lengths) -> list[dict]:
     rows = []
     for batch in batches:
@@ -499,12 +536,12 @@ def bench(batches, lengths, dims, paths, dense_impls, steps, repeats, split_leng
             )
             q = jax.random.normal(jax.random.fold_in(key, 99), (batch, 1, HEADS, DENSE_DIM), jnp.bfloat16)
             for impl in dense_impls:
-                step = lambda q, k, v, impl=impl: (
-                    jax.nn.dot_product_attention(q, k, v, implementation=impl),
-                )
-                fn, ran = looped(step, num_sets, steps)
+                fn, ran = looped(dense_step(impl, DENSE_DIM, DENSE_DIM), num_sets, steps)
                 row[f"dense_{impl}_ms"] = time_loop(fn, (q, dense_sets), ran, repeats)
             del dense_sets
+            for dk, dv in dims:
+                if (dk, dv) != (DENSE_DIM, DENSE_DIM) and "cudnn" in dense_impls:
+                    row.update(matched_dense(key, batch, length, dk, dv, steps, repeats))
             for dk, dv in dims:
                 tag = f"nsa_dk{dk}_dv{dv}"
                 row[f"{tag}_bytes"] = nsa_bytes(batch, length, dk, dv)
@@ -545,22 +582,32 @@ def markdown(rows: list[dict], dims, paths, dense_impls, command: str) -> str:
         "",
         f"Command: `{command}`. Milliseconds per step: a jitted `fori_loop` of steps without host "
         "sync, median of calls after a warm-up. HQ=64, H=4; NSA paper geometry (l=32, d=16, l'=64, "
-        "n=16, w=512); dense D=128. Speed-up = best dense / NSA `new`. GB/s = cache bytes read by "
-        "`new` per step / its time.",
+        "n=16, w=512); dense D=128, and with the NSA step's own head dims where they differ (`dense "
+        "cudnn Dk/Dv`, cuDNN's Dv != Dk path). Speed-up = best dense D=128 / NSA `new`; `vs dense Dk/Dv` = "
+        "that dense / NSA `new`. GB/s = cache bytes read by `new` per step / its time.",
         "",
     ]
-    header = ["B", "S"] + [f"dense {c}" for c in dense_impls]
+    matched = [(dk, dv) for dk, dv in dims if rows and f"dense_cudnn_dk{dk}_dv{dv}_ms" in rows[0]]
+    header = (
+        ["B", "S"] + [f"dense {c}" for c in dense_impls] + [f"dense cudnn {dk}/{dv}" for dk, dv in matched]
+    )
     for dk, dv in dims:
-        header += [f"NSA {dk}/{dv} {p}" for p in paths] + [f"speed-up {dk}/{dv}", f"GB/s {dk}/{dv}"]
+        header += [f"NSA {dk}/{dv} {p}" for p in paths] + [f"speed-up {dk}/{dv}"]
+        header += [f"speed-up {dk}/{dv} vs dense {dk}/{dv}"] if (dk, dv) in matched else []
+        header += [f"GB/s {dk}/{dv}"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         best_dense = min(r[f"dense_{c}_ms"] for c in dense_impls)
         cells = [str(r["B"]), f"{r['S'] // 1024}K"] + [f"{r[f'dense_{c}_ms']:.3f}" for c in dense_impls]
+        cells += [f"{r[f'dense_cudnn_dk{dk}_dv{dv}_ms']:.3f}" for dk, dv in matched]
         for dk, dv in dims:
             tag = f"nsa_dk{dk}_dv{dv}"
             cells += [f"{r[f'{tag}_{p}_ms']:.3f}" for p in paths]
             new = r[f"{tag}_{paths[0]}_ms"]
-            cells += [f"{best_dense / new:.1f}x", f"{r[f'{tag}_bytes'] / new / 1e6:.0f}"]
+            cells += [f"{best_dense / new:.1f}x"]
+            if (dk, dv) in matched:
+                cells += [f"{r[f'dense_cudnn_dk{dk}_dv{dv}_ms'] / new:.1f}x"]
+            cells += [f"{r[f'{tag}_bytes'] / new / 1e6:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     failures = [failure for r in rows for failure in r.get("failures", [])]
     if failures:
