@@ -99,7 +99,11 @@ def stream(
     """``x [P, tiles * 64, 256]`` bf16 read by P programs (``tiles=0``: none read); returns the
     ``[P, 256]`` partials and ``outputs`` arrays ``[B, HQ, Dv]`` bf16. The launch reads the first
     1024 elements of ``dep`` (a bitcast to 1-D: no copy in front of it)."""
+    if x.ndim != 3 or x.shape[2] != WIDTH or x.shape[1] % TILE:
+        raise ValueError(f"x must be [P, tiles * {TILE}, {WIDTH}], got {x.shape}")
     programs, rows, _ = x.shape
+    if tiles is not None and not 0 <= tiles <= rows // TILE:
+        raise ValueError(f"tiles must be in [0, {rows // TILE}] for x of {rows} rows, got {tiles}")
     flat = dep.reshape(-1)
     dep_block = min(flat.shape[0], 1024)
     return pl.pallas_call(
@@ -129,7 +133,10 @@ def _pick_kernel(partial_ref, out_ref):
 
 
 def pick(partials: jax.Array) -> jax.Array:
-    """A kernel-2 stand-in: ``B * H`` programs, one round trip each; ``[B * H, 16]``."""
+    """A kernel-2 stand-in: ``B * H`` programs, one round trip each, over ``partials [P, 256]``
+    (:func:`stream`'s); ``[B * H, 16]``."""
+    if partials.ndim != 2 or partials.shape[1] != WIDTH:
+        raise ValueError(f"partials must be [P, {WIDTH}] as stream writes them, got {partials.shape}")
     rows = BATCH * KV_HEADS
     return pl.pallas_call(
         _pick_kernel,
@@ -147,6 +154,10 @@ def _stream_data(key, programs: int, tiles: int) -> jax.Array:
     return jax.random.normal(key, (programs, tiles * TILE, WIDTH), jnp.bfloat16)
 
 
+def _read_bytes(programs: int, tiles: int) -> int:
+    return programs * tiles * TILE_BYTES
+
+
 def steps(dk: int) -> dict:
     """``name -> (step(q, *inputs) -> outputs, inputs of one set as a function of a key, bytes)``."""
     plan = {**read_plan(dk), "dense_bytes": DENSE_READ}
@@ -156,7 +167,7 @@ def steps(dk: int) -> dict:
         return (
             lambda q, x: stream(q, x, outputs=3, name=f"floor_{name}")[1:],
             lambda key: (_stream_data(key, programs, tiles),),
-            programs * tiles * TILE_BYTES,
+            _read_bytes(programs, tiles),
         )
 
     def chain(with_pick: bool):
@@ -167,12 +178,11 @@ def steps(dk: int) -> dict:
             dep = pick(partials) if with_pick else partials
             return stream(dep, x2, outputs=3, name="floor_kernel3_bytes")[1:]
 
-        keys = lambda key: jax.random.split(key)
-        return (
-            step,
-            lambda key: (_stream_data(keys(key)[0], *first), _stream_data(keys(key)[1], *second)),
-            (first[0] * first[1] + second[0] * second[1]) * TILE_BYTES,
-        )
+        def make(key):
+            key1, key2 = jax.random.split(key)
+            return _stream_data(key1, *first), _stream_data(key2, *second)
+
+        return step, make, _read_bytes(*first) + _read_bytes(*second)
 
     table = {name: single(name) for name in plan}
     table["harness"] = (

@@ -50,3 +50,13 @@ def test_the_launches_read_what_the_nsa_step_reads(dk):
 def test_only_the_paper_head_dims_are_planned():
     with pytest.raises(ValueError, match="dk"):
         decode_floor.read_plan(160)
+
+
+def test_bad_shapes_are_refused():
+    q = jnp.ones((16, 64, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match="x must be"):
+        decode_floor.stream(q, jnp.ones((2, 100, decode_floor.WIDTH), jnp.bfloat16), outputs=0)
+    with pytest.raises(ValueError, match="tiles must be"):
+        decode_floor.stream(q, jnp.ones((2, 64, decode_floor.WIDTH), jnp.bfloat16), outputs=0, tiles=2)
+    with pytest.raises(ValueError, match="partials must be"):
+        decode_floor.pick(jnp.ones((256, 128), jnp.float32))
