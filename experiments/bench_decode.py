@@ -9,13 +9,14 @@
     python experiments/bench_decode.py --quick                              # tiny sizes, any backend
 
 One step = one query token per sequence against a cache of ``S`` tokens (bf16, HQ=64,
-H=4, paper geometry l=32, d=16, l'=64, n=16, w=512). NSA paths, each
-:func:`nsa_jax.decoding.decode_attention`'s two ops:
+H=4, paper geometry l=32, d=16, l'=64, n=16, w=512). NSA paths, each one step of
+:func:`nsa_jax.decoding.decode_attention` (the op ``decode_step``) or of its two parts' ops:
 
-- ``new``: the defaults for the backend (on GPU the ``pallas_triton`` kernels of both
-  ops: compressed attention in kernel 1, the merge, Eq. 9 scores and top-n in kernel 2
+- ``new``: the defaults for the backend (on GPU the ``pallas_triton`` whole step:
+  compressed attention and the Eq. 9 sums in kernel 1, the merge, scores and top-n in kernel 2
   (split over several programs per (sequence, KV head), the last one picking), then the
-  selected + window reads in kernel 3, which merges its own partials);
+  selected + window reads in kernel 3, which merges its own partials; kernel 1 zeroes the
+  counters of kernels 2 and 3);
 - ``prev``: the same kernels under the previous default launches (``PREVIOUS``): kernel
   1's previous tile and stages, one kernel-2 program per (sequence, KV head) as before
   this split (the previous kernel 2's work), kernel 3's previous launch; the nearest
@@ -24,7 +25,7 @@ H=4, paper geometry l=32, d=16, l'=64, n=16, w=512). NSA paths, each
   results/decode_h200.md);
 - ``old``: compressed attention and selection in XLA, the selected + window reads by
   the default kernel;
-- ``xla``: both ops in XLA (the reference of the correctness check; timed only when
+- ``xla``: the step in XLA (the reference of the correctness check; timed only when
   ``--paths`` names it).
 
 Dense: ``jax.nn.dot_product_attention`` on a ``[B, S, H, 128]`` cache with cuDNN and
@@ -36,7 +37,9 @@ error of each branch, block indices of ``new`` equal to ``xla``'s; a differing r
 reported with the reference importance gap of the blocks it swapped, a near-tie when
 tiny); a failure is printed at once, timing goes on, and the run exits non-zero at
 the end. Timing: one jitted ``fori_loop`` runs ``--steps`` steps back to back with no host
-sync between them (each step feeds the next through its query, so nothing is hoisted);
+sync between them (each step feeds the next through its query, so nothing is hoisted: the
+next query is this one negated plus zero times one element of each output, one or two small
+XLA fusions a step; before session 20 the outputs were summed into a sink, three a step);
 when one input set's bytes could stay in L2, the steps cycle through up to ``MAX_SETS`` sets.
 Per-step time = call time / steps, median over ``--repeats`` calls after a warm-up call.
 ``--tune`` then times, at the largest B and S, kernel 1 alone under other launches,
@@ -53,6 +56,7 @@ import functools
 import json
 import pathlib
 import statistics
+import sys
 import time
 
 import jax
@@ -158,22 +162,24 @@ def selection_kwargs(dk: int) -> dict:
 
 
 def looped(step, num_sets: int, steps: int):
-    """Jitted ``fn(q, sets) -> sink``: ``steps`` calls of ``step(q, set)`` in one ``fori_loop``,
-    cycling through the ``num_sets`` input sets; returns ``(fn, steps actually run)``."""
+    """Jitted ``fn(q, sets) -> q``: ``steps`` calls of ``step(q, set)`` in one ``fori_loop``,
+    cycling through the ``num_sets`` input sets; returns ``(fn, steps actually run)``.
+
+    Each step's query is the previous one negated plus zero times one element of each of its
+    outputs: the steps form a chain (none can be hoisted out of the loop, no output dropped),
+    and their bookkeeping is small XLA fusions, the same for every step timed."""
     iterations = -(-steps // num_sets)
 
     @jax.jit
     def run(q, sets):
-        def body(_, carry):
-            q, sink = carry
+        def body(_, q):
             for inputs in sets:
                 outputs = step(q, *inputs)
-                sink = sink + sum(o.astype(jnp.float32) for o in outputs)
-            # The next query depends on this one: the loop body cannot be hoisted.
-            return -q, sink
+                touched = sum(o.reshape(-1)[0].astype(jnp.float32) for o in outputs)
+                q = (0.0 * touched - q.astype(jnp.float32)).astype(q.dtype)
+            return q
 
-        shape = jax.eval_shape(lambda q, inputs: step(q, *inputs)[0], q, sets[0])
-        return jax.lax.fori_loop(0, iterations, body, (q, jnp.zeros(shape.shape, jnp.float32)))[1]
+        return jax.lax.fori_loop(0, iterations, body, q)
 
     return run, iterations * num_sets
 
@@ -201,11 +207,11 @@ def nsa_bytes(batch: int, length: int, dk: int, dv: int) -> int:
 
 
 def block_sums_bytes(batch: int, length: int) -> int:
-    """The ``new`` path's float32 Eq. 9 sums (``own`` and ``back`` per query head and selection
-    block, :mod:`pallas_kernels.gpu.decode_step`), written once and read once."""
+    """The ``new`` path's float32 Eq. 9 sums (one per query head and selection block,
+    :mod:`pallas_kernels.gpu.decode_step`), written once and read once."""
     ratio = PAPER["selection_block_size"] // PAPER["block_stride"]
     blocks = -(-num_compressed_slots(length, PAPER["block_stride"]) // ratio)
-    return 2 * 2 * batch * HEADS * blocks * 4
+    return 2 * batch * HEADS * blocks * 4
 
 
 @functools.partial(jax.jit, static_argnames=("batch", "length", "dk", "dv"))
@@ -340,8 +346,16 @@ def component_split(q, cache, dk: int, steps: int, repeats: int, num_sets: int, 
 # Kernel 1 launches (tile, num_warps, num_stages, target programs) tried by --tune besides the
 # default (None; 90/72 KB), with their sm_90a shared memory at Dk=192/128 (kernel_resources):
 # the previous defaults (94/76 KB, one buffer), two stages (50/40 KB), four stages on one program
-# per SM (130/104 KB), 32-token tiles with four stages (68/54 KB, three programs per SM).
-LAUNCHES = ((128, 4, 2, 264), (128, 8, 2, 264), (64, 4, 2, 264), (64, 4, 4, 132), (32, 4, 4, 264))
+# per SM (130/104 KB), 32-token tiles with four stages (68/54 KB, three programs per SM), and the
+# default with eight warps (128/102 registers against 140/148 with four).
+LAUNCHES = (
+    (128, 4, 2, 264),
+    (128, 8, 2, 264),
+    (64, 4, 2, 264),
+    (64, 4, 4, 132),
+    (32, 4, 4, 264),
+    (64, 8, 3, 264),
+)
 # Kernel 2 launches (num_warps, target programs) tried by --tune, timed as kernels 1 + 2: the
 # default first (4 parts of 256 blocks per (sequence, KV head) at B=16, H=4, S=64K); 2 or 8
 # parts, two warps; a target of 1 gives one program per (sequence, KV head), the previous kernel 2.
@@ -364,36 +378,25 @@ SELECTED_LAUNCHES = (
 def launched_step(dk: int, launch, select_launch, reads_launch, interpret: bool | None = None):
     """``fn(q, cache) -> (compressed, selected, window)``: the ``new`` step under given launches
     (``None``: the default of that kernel)."""
-    from pallas_kernels.gpu import decode, decode_step
+    from pallas_kernels.gpu import decode_step
 
-    kwargs = selection_kwargs(dk)
     interpret = jax.default_backend() != "gpu" if interpret is None else interpret
-    reads = {} if reads_launch is None else {"launch": reads_launch}
 
     def step(q, c):
-        compressed, indices = decode_step.compressed_and_selection(
+        return decode_step.whole_step(
             q,
+            c.keys,
+            c.values,
             c.k_cmp,
             c.v_cmp,
             c.lengths,
-            **kwargs,
+            **selection_kwargs(dk),
+            window=PAPER["window"],
             launch=launch,
             select_launch=select_launch,
+            reads_launch=reads_launch,
             interpret=interpret,
         )
-        outputs = decode.selected_and_window(
-            q,
-            indices,
-            c.keys,
-            c.values,
-            c.lengths,
-            block_size=PAPER["selection_block_size"],
-            window=PAPER["window"],
-            scale=kwargs["scale"],
-            interpret=interpret,
-            **reads,
-        )
-        return compressed, *outputs
 
     return step
 
@@ -632,7 +635,8 @@ def markdown(rows: list[dict], dims, paths, dense_impls, command: str) -> str:
         lines += [
             "",
             "Split of the `new` step (ms per step, same loop method): kernel 1 alone; kernels 1 + 2; "
-            "selected + window (kernel 3 and its XLA merge) alone; the rest of the step is XLA glue.",
+            "selected + window (kernel 3, which merges its partials) alone; the rest of the step is the gaps "
+            "between launches and the loop's fusions.",
             "",
             "| B | S | Dk/Dv | kernel 1 | kernels 1+2 | selected+window | whole step |",
             "|---|---|---|---|---|---|---|",
@@ -696,7 +700,7 @@ def main() -> None:
         batches, lengths, dims, steps, repeats = [1, 2], [1024, 2048], [(192, 128)], 4, 2
     start = time.perf_counter()
     rows = bench(batches, lengths, dims, paths, dense, steps, repeats, args.split_lengths)
-    command = "python experiments/bench_decode.py" + (" --quick" if args.quick else "")
+    command = " ".join(["python experiments/bench_decode.py", *sys.argv[1:]])
     report = markdown(rows, dims, paths, dense, command)
     tuned = []
     if args.tune and jax.default_backend() == "gpu":

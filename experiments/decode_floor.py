@@ -9,7 +9,7 @@ experiments/results/decode_h200.md). This script times kernels that only read th
 each program runs a dot over ``[64, 256]`` bf16 tiles of its own contiguous rows (a dot, so
 that Triton stages the tiles through shared memory as in the NSA kernels; contiguous rows, the
 best case for the memory system) and writes a partial. Every step runs in the jitted loop of
-``bench_decode.looped`` (96 steps, query carried, outputs summed), as the NSA step and dense
+``bench_decode.looped`` (96 steps chained through the query), as the NSA step and dense
 decode do in bench_decode.py. Steps:
 
 - ``harness``: one launch that reads nothing and writes the three ``[B, HQ, Dv]`` outputs;

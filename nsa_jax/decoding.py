@@ -202,6 +202,59 @@ registry.register(
 )
 
 
+def decode_step_at(
+    q: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    k_cmp: jax.Array,
+    v_cmp: jax.Array,
+    lengths: jax.Array,
+    *,
+    block_length: int,
+    block_stride: int,
+    selection_block_size: int,
+    num_selected: int,
+    window: int,
+    num_initial_blocks: int,
+    num_local_blocks: int,
+    scale: float,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Reference of a whole decode step (op ``decode_step``): :func:`compressed_and_selection_at`,
+    then :func:`selected_and_window_at` on its blocks. Implementations may chain their kernels
+    of the two ops more tightly than two op calls can.
+
+    Args:
+      q: ``[B, HQ, Dk]``; keys: ``[3, B, S, H, Dk]`` and values ``[3, B, S, H, Dv]`` (branch 1
+        selected, 2 window); k_cmp: ``[B, Tc, H, Dk]``; v_cmp: ``[B, Tc, H, Dv]``; lengths: int
+        ``[B]``, the query of row ``b`` at ``lengths[b] - 1``.
+
+    Returns:
+      ``(compressed, selected, window)``, each ``[B, HQ, Dv]`` in ``q.dtype``.
+    """
+    compressed, block_indices = compressed_and_selection_at(
+        q,
+        k_cmp,
+        v_cmp,
+        lengths,
+        block_length=block_length,
+        block_stride=block_stride,
+        selection_block_size=selection_block_size,
+        num_selected=num_selected,
+        num_initial_blocks=num_initial_blocks,
+        num_local_blocks=num_local_blocks,
+        scale=scale,
+    )
+    selected, windowed = selected_and_window_at(
+        q, block_indices, keys, values, lengths, block_size=selection_block_size, window=window, scale=scale
+    )
+    return compressed, selected, windowed
+
+
+registry.register(
+    registry.Implementation(op="decode_step", name="xla", fn=decode_step_at, platforms=("cpu", "gpu", "tpu"))
+)
+
+
 def decode_attention(
     q: jax.Array,
     cache: NSACache,
@@ -223,33 +276,26 @@ def decode_attention(
 
     Args:
       q: ``[B, HQ, Dk]``.
-      implementation: of both ops of the step, ``decode_compressed_selection``
-        (compressed attention and top-n) and ``decode_selected_window`` (the selected
-        and window reads); ``None`` picks the best for the backend.
+      implementation: of the op ``decode_step`` (compressed attention and top-n, then the
+        selected and window reads; :func:`decode_step_at`); ``None`` picks the best for the
+        backend.
 
     Returns:
       ``(compressed, selected, window)``, each ``[B, HQ, Dv]`` in ``q.dtype``.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    args = (q, cache.k_cmp, cache.v_cmp, cache.lengths)
+    args = (q, cache.keys, cache.values, cache.k_cmp, cache.v_cmp, cache.lengths)
     kwargs = dict(
         block_length=block_length,
         block_stride=block_stride,
         selection_block_size=selection_block_size,
         num_selected=num_selected,
+        window=window,
         num_initial_blocks=num_initial_blocks,
         num_local_blocks=num_local_blocks,
         scale=scale,
     )
-    compressed, block_indices = registry.resolve(
-        "decode_compressed_selection", implementation, *args, **kwargs
-    )(*args, **kwargs)
-    args = (q, block_indices, cache.keys, cache.values, cache.lengths)
-    kwargs = dict(block_size=selection_block_size, window=window, scale=scale)
-    selected, windowed = registry.resolve("decode_selected_window", implementation, *args, **kwargs)(
-        *args, **kwargs
-    )
-    return compressed, selected, windowed
+    return registry.resolve("decode_step", implementation, *args, **kwargs)(*args, **kwargs)
 
 
 def _compiled_steps(model: Any) -> tuple[Callable[..., Any], Callable[..., Any]]:

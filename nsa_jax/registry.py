@@ -25,6 +25,7 @@ OPS = (
     "sliding_window_attention",
     "decode_selected_window",
     "decode_compressed_selection",
+    "decode_step",
 )
 
 # Modules that register implementations on import. Imported lazily, on the first

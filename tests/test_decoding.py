@@ -53,7 +53,7 @@ def test_token_by_token_equals_full_forward(compression):
 
 
 def test_token_by_token_through_the_decode_kernels_equals_full_forward(monkeypatch):
-    # The layer's decode steps through the pallas_triton kernels of both ops (Pallas interpret
+    # The layer's decode steps through the pallas_triton kernels of the whole step (Pallas interpret
     # mode off the GPU), ragged rows, against the full forward (XLA reference branches).
     import nsa_jax.layer
 
@@ -265,7 +265,7 @@ def test_selection_ties_go_to_the_lower_block(implementation, tie):
         np.testing.assert_array_equal(indices[0, 0], [0, 1, 2, 3, 18])
 
 
-@pytest.mark.parametrize("implementation", nsa_jax.implementations("decode_compressed_selection"))
+@pytest.mark.parametrize("implementation", nsa_jax.implementations("decode_step"))
 def test_decode_attention_equals_the_xla_step(implementation):
     from nsa_jax.decoding import NSACache, decode_attention
     from tests import oracle
@@ -322,11 +322,12 @@ def test_compressed_kernels_with_many_chunks_and_parts_equal_xla(select_launch, 
 
 
 def test_kernel_one_block_sums_have_float32_precision():
-    # Kernel 1's Eq. 9 sums per (head, selection block), relative to each tile's running
-    # maximum, against float64 sums of the same probabilities: small logits keep the float64
+    # Kernel 1's Eq. 9 sums per (head, selection block), relative to the running maximum of the
+    # block's tile, against float64 sums of the same probabilities: small logits keep the float64
     # side's error far below float32's, so a 16-bit shortcut in the sums (errors up to 4e-6)
     # fails while float32 work (about 1e-7) passes. Geometry l=8, d=4, l'=16: own weights
-    # (2, 2, 2, 1) and one back weight a block.
+    # (2, 2, 2, 1) and one back weight a block, the last token of the block before, which for
+    # a tile's first block lies in the tile before (across chunks too: tile 16, 2 chunks of 3).
     from pallas_kernels.gpu import decode_step
     from pallas_kernels.gpu.tiles import LOG2E
 
@@ -336,26 +337,49 @@ def test_kernel_one_block_sums_have_float32_precision():
     length_l, stride, block = _STEP["block_length"], _STEP["block_stride"], _STEP["selection_block_size"]
     ratio = block // stride
     kwargs = dict(_STEP, num_initial_blocks=1, num_local_blocks=2, scale=scale)
-    _, _, _, tile_max, _, own, back = decode_step.compressed_pass(
-        q, k_cmp, v_cmp, lengths, **kwargs, launch=(tile, 4, 2, 264), interpret=True
+    _, _, _, tile_max, _, _, block_sums = decode_step.compressed_pass(
+        q, k_cmp, v_cmp, lengths, **kwargs, launch=(tile, 4, 2, 6), interpret=True
     )
     logits = np.einsum("bgd,bsd->bgs", np.float64(q), np.float64(k_cmp[:, :, 0])) * scale * LOG2E
     first, weights = nsa_jax.reference.selection.overlap_weights(length_l, stride, block)
-    own_weights = np.array(weights[-first:], np.float64)
     slots = logits.shape[-1]
+    blocks_per_tile = tile // ratio
     for b, length in enumerate(_LENGTHS):
         # Compressed tokens complete at the query (spec, Eqs. 7-8).
-        visible = (length - length_l) // stride + 1 if length >= length_l else 0
-        for t in range(-(-visible // tile)):
-            tokens = np.arange(t * tile, (t + 1) * tile)
-            seen = (tokens < min(visible, slots))[None, :]
-            safe = np.minimum(tokens, slots - 1)
-            maxima = np.float64(tile_max[b, 0, t, :group])[:, None]
-            p = np.where(seen, np.exp2(logits[b][:, safe] - maxima), 0.0)
-            by_block = p.reshape(group, tile // ratio, ratio)
-            columns = slice(t * (tile // ratio), (t + 1) * (tile // ratio))
-            np.testing.assert_allclose(own[b, 0, :group, columns], by_block @ own_weights, rtol=1e-6)
-            np.testing.assert_allclose(back[b, 0, :group, columns], by_block[..., ratio - 1], rtol=1e-6)
+        visible = min((length - length_l) // stride + 1 if length >= length_l else 0, slots)
+        checked = 0
+        for j in range(block_sums.shape[-1]):
+            t = j // blocks_per_tile
+            if t * tile > visible:
+                continue
+            tokens = [i for i in range(ratio * j + first, ratio * (j + 1)) if 0 <= i < visible]
+            maxima = np.float64(tile_max[b, 0, t, :group])
+            expected = sum(weights[i - ratio * j - first] * np.exp2(logits[b, :, i] - maxima) for i in tokens)
+            np.testing.assert_allclose(block_sums[b, 0, :group, j], expected, rtol=1e-6, atol=1e-30)
+            checked += 1
+        assert checked == min(-(-(visible + 1) // tile), 5) * blocks_per_tile
+
+
+@pytest.mark.parametrize("launch", [None, (16, 4, 2, 6)], ids=["chunk_start", "tile_start"])
+def test_the_block_after_the_visible_tokens_gets_its_eq9_share_of_the_block_before(launch):
+    # t = 259: 64 compressed tokens visible, the last (63) covering raw tokens 252..259, so
+    # Eq. 9 gives it to block 15 and, as its one back token, to block 16, the query's block,
+    # which holds no visible token. Token 63 aligned with every query head makes blocks 15 and
+    # 16 the two most important; with no forced local blocks, 16 is picked only if its back
+    # share arrives. Slot 64 starts kernel 1's second chunk (default tile 64, two chunks), or
+    # the second tile of the second chunk (tiles of 16, chunks of 3 tiles).
+    from pallas_kernels.gpu import decode_step
+
+    q, k_cmp, v_cmp, _ = _step_inputs(13, 4, 16, 16, jnp.float32, kv_heads=1)
+    k_cmp = k_cmp.at[:, 63, 0].set(2.0 * jnp.sum(q, axis=1))
+    lengths = jnp.full((q.shape[0],), 260, jnp.int32)
+    kwargs = dict(_STEP, num_initial_blocks=1, num_local_blocks=0, scale=0.25)
+    _, indices = decode_step.compressed_and_selection(
+        q, k_cmp, v_cmp, lengths, **kwargs, launch=launch, interpret=True
+    )
+    ref_indices = _compressed_selection("xla", q, k_cmp, v_cmp, lengths, num_local_blocks=0, scale=0.25)[1]
+    np.testing.assert_array_equal(np.asarray(indices), ref_indices)
+    assert all(15 in row and 16 in row for row in ref_indices[:, 0])
 
 
 def test_decode_kernels_reject_selection_blocks_not_a_power_of_two_of_tokens():
@@ -368,3 +392,6 @@ def test_decode_kernels_reject_selection_blocks_not_a_power_of_two_of_tokens():
     with pytest.raises(ValueError, match="power of two"):
         decode_step.check(q, k_cmp, v_cmp, lengths, **kwargs)
     decode_step.check(q, k_cmp, v_cmp, lengths, **dict(kwargs, selection_block_size=64))
+    # The whole step's check (keys and values first) refuses the same.
+    with pytest.raises(ValueError, match="power of two"):
+        decode_step.check_whole_step(q, None, None, k_cmp, v_cmp, lengths, **kwargs, window=40)

@@ -12,9 +12,10 @@ summed) and writes an unnormalised partial ``(max, sum, acc)`` into its
 It then takes a ticket from a per-(sequence, KV head) counter (an acquire-release
 atomic after a block barrier, so that the other programs' partials are visible to the
 last one); the program that draws the last ticket merges each branch's partials and
-writes both normalised outputs, so no XLA merge follows the kernel (the counters are
-zeroed by XLA before the launch). In Pallas interpret mode the programs run one after
-another, so the last ticket goes to the last program and the barrier (a GPU-only
+writes both normalised outputs, so no XLA merge follows the kernel. The counters are
+zeroed before the launch: by XLA, or by kernel 1 of
+:func:`pallas_kernels.gpu.decode_step.whole_step`. In Pallas interpret mode the programs run
+one after another, so the last ticket goes to the last program and the barrier (a GPU-only
 primitive) is left out.
 
 The launch, ``(num_warps, num_stages, target programs, items per step)``, takes the
@@ -237,6 +238,7 @@ def selected_and_window(
     scale: float,
     launch: tuple[int, int, int, int] = _LAUNCH,
     interpret: bool = False,
+    counters: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Selected and window attention of one decode step; see
     :func:`nsa_jax.decoding.selected_and_window_at`.
@@ -246,6 +248,9 @@ def selected_and_window(
       and values ``[3, B, S, H, Dv]`` (branch 1 selected, 2 window); lengths: int
       ``[B]``, the query of row ``b`` at ``lengths[b] - 1``.
       launch: ``(num_warps, num_stages, target programs, items loaded per loop step)``.
+      counters: int32 ``[B, H, 1]`` zeros for the programs' tickets (kernel 1 of
+        :func:`pallas_kernels.gpu.decode_step.whole_step` writes them), ``None`` to make them
+        here (an XLA memset before the launch).
 
     Returns:
       ``(selected, window)``, each ``[B, HQ, Dv]`` in ``q.dtype``.
@@ -317,6 +322,6 @@ def selected_and_window(
         q4,
         keys,
         values,
-        jnp.zeros((batch, kv_heads, 1), jnp.int32),
+        jnp.zeros((batch, kv_heads, 1), jnp.int32) if counters is None else counters,
     )
     return out[0].reshape(batch, q_heads, dv), out[1].reshape(batch, q_heads, dv)

@@ -13,10 +13,15 @@ writes an unnormalised partial ``(max, sum, acc)`` of the compressed attention. 
 applies Eq. 9 to each tile's probabilities, relative to the running maximum ``m`` after
 the tile (``exp2(s - m)``, the factors the online softmax computes anyway): a tile of
 ``tile`` tokens holds ``tile / (l'/d)`` whole selection blocks, and per head it writes
-each block's weighted sum over its own tokens (``own``) and over its last tokens that
-Eq. 9 also gives the next block (``back``; none when ``l = d``), with ``m`` per tile.
-That is ``2 / (l'/d)`` floats per token and head (1/2 of the logits at ``l'/d = 4``),
-instead of every logit. It also zeroes kernel 2's per-(sequence, KV head) counter.
+each block's Eq. 9 sum, over its own tokens and the last tokens of the block before that
+Eq. 9 also gives it (none when ``l = d``), with ``m`` per tile: one float per block and
+head (1/4 of the logits at ``l'/d = 4``), instead of every logit. For a tile's first block
+those last tokens lie in the tile before, whose logits the loop carries; for a chunk's
+first block, in the chunk before: the loop then starts at tile ``-1``, which reads only
+the keys of that last block (and adds nothing to the softmax). Where Eq. 9 gives the
+block after the last visible token a share, its tile is written too (its own tokens add
+nothing). It also zeroes the per-(sequence, KV head) counters of kernel 2 and of kernel 3
+(:func:`whole_step`).
 
 Kernel 2 (``nsa_decode_select``), grid ``(Q, H, B)``: the ``Nb`` selection blocks of a
 (sequence, KV head) are split into ``Q`` parts of ``K <= 256`` blocks. Every program
@@ -24,7 +29,7 @@ merges the ``P`` (max, sum) partials into the per-head log-sum-exp; the first
 ``min(Q, Dv' / W)`` programs each write an equal column slice of the merged compressed
 output, ``W`` columns (one ``[P, G', W]`` load) at a time. Every program scores its
 ``K`` blocks, block ``j``'s importance being (Eqs. 9-10)
-``sum_h exp2(m_h(tile(j)) - lse_h) * own_h[j] + sum_h exp2(m_h(tile(j-1)) - lse_h) * back_h[j-1]``
+``sum_h exp2(m_h(tile(j)) - lse_h) * sums_h[j]``
 (the sums and maxima are loaded first: their addresses need neither the query's position
 nor the log-sum-exp), and writes its best ``c = min(n', K)`` blocks as candidates with
 their ranking scores (forced blocks of Eq. 11 first, then by importance, lowest block on
@@ -38,17 +43,18 @@ writes them sorted ascending with the unused slots (``-1``) last. The row's top 
 among its parts' top ``n``, so the ``n`` sequential reductions run over a part, in
 parallel, not over the row.
 
-Every block's score has the same form, so blocks with equal logits tie exactly where
-their tiles' running maxima are equal (as in constant or periodic inputs); where those
-differ, the two float32 products may differ in the last bit, below the reference's own
-rounding.
+Every block's score has the same form (each token's share ``w * exp2(s - m)`` with ``m``
+its block's tile maximum, summed over the token's offset in its block, own and back sums
+added), so blocks with equal logits tie exactly where their tiles' running maxima are equal
+(as in constant or periodic inputs); where those differ, the float32 products may differ in
+the last bit, below the reference's own rounding.
 
-Two launches and no host sync (with :mod:`pallas_kernels.gpu.decode` for the selected
-and window reads, three kernels make a decode step). Besides the inputs, HBM traffic is
-the ``own``/``back`` sums (written and read once), the
-``[B, H, P, G', Dv']`` partials and the ``[B, H, Q * c]`` candidates and their scores.
-In Pallas interpret mode the programs run one after another, so the last ticket goes
-to the last program and the barrier (a GPU-only primitive) is left out.
+Two launches and no host sync; with :mod:`pallas_kernels.gpu.decode` for the selected and
+window reads, three kernels make a decode step (:func:`whole_step`). Besides the inputs, HBM
+traffic is the Eq. 9 sums (written and read once), the ``[B, H, P, G', Dv']`` partials and
+the ``[B, H, Q * c]`` candidates and their scores. In Pallas interpret mode the programs run
+one after another, so the last ticket goes to the last program and the barrier (a GPU-only
+primitive) is left out.
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from nsa_jax.reference.selection import overlap_weights
+from pallas_kernels.gpu import decode
 from pallas_kernels.gpu.tiles import (
     LOG2E,
     MASKED,
@@ -162,7 +169,7 @@ class _StepGeometry:
 
     @property
     def block_columns(self) -> int:
-        """Selection blocks of kernel 1's ``own``/``back`` rows: every block of every tile."""
+        """Selection blocks of kernel 1's Eq. 9 sums rows: every block of every tile."""
         return self.num_tiles * self.blocks_per_tile
 
     @property
@@ -236,12 +243,25 @@ def _offset_weights(weights: tuple[int, ...]) -> jax.Array:
 
 
 def _compressed_kernel(
-    length_ref, q_ref, k_ref, v_ref, max_ref, sum_ref, acc_ref, tile_max_ref, count_ref, *sum_refs, geo
+    length_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    max_ref,
+    sum_ref,
+    acc_ref,
+    tile_max_ref,
+    count_ref,
+    reads_count_ref,
+    block_sums_ref,
+    *,
+    geo,
 ):
     """One (chunk, KV head, sequence): ``q_ref [G', Dk']``, ``k_ref [Tc, Dk']``,
     ``v_ref [Tc, Dv']``; writes ``max_ref``/``sum_ref [G']`` (log2 units),
-    ``acc_ref [G', Dv']``, ``tile_max_ref [tiles, G']``, a zero to ``count_ref [1]`` and
-    ``sum_refs``: ``own`` (and ``back`` where ``l > d``) ``[G', tiles * tile / (l'/d)]``."""
+    ``acc_ref [G', Dv']``, ``tile_max_ref [tiles, G']``, zeros to ``count_ref [1]`` (kernel 2's
+    counter) and ``reads_count_ref [1]`` (kernel 3's, :mod:`pallas_kernels.gpu.decode`) and the
+    Eq. 9 sums ``block_sums_ref [G', tiles * tile / (l'/d)]``."""
     chunk = pl.program_id(0)
     visible = jnp.minimum(_visible_tokens(length_ref[0] - 1, geo), geo.slots)
     dv_cols = lanes(geo.dv, geo.dv_padded)
@@ -249,77 +269,104 @@ def _compressed_kernel(
     q = load_pieces(q_ref, slice(None), geo.dk, head_rows)
     first = chunk * geo.chunk
     offsets = jnp.arange(geo.tile)
-    # Eq. 9 weights by offset in a block, [1, 1, l'/d], once for every tile: own (and back).
-    weights = [_offset_weights(w)[None, None, :] for w in geo.eq9_weights[: len(sum_refs)]]
+    in_last_block = offsets >= geo.tile - geo.ratio
+    block_lanes = jnp.arange(geo.blocks_per_tile)
+    own_weights, back_weights = (_offset_weights(w) for w in geo.eq9_weights)
+    # [1, J, J]: block b's back share comes from block b - 1, block 0's from block J - 1.
+    from_prior = block_lanes[None, :, None] == (block_lanes[None, None, :] + 1) % geo.blocks_per_tile
 
     def body(i, carry):
-        acc, row_max, row_sum = carry
+        acc, row_max, row_sum, before = carry
         slots = first + i * geo.tile + offsets
-        valid = slots < visible
+        seen = (slots >= 0) & (slots < visible)
+        # Tile -1 reads only the keys of its last block, for the back share of block 0.
+        read = seen & ((i >= 0) | in_last_block)
+        valid = seen & (i >= 0)
         rows = pl.ds(first + i * geo.tile, geo.tile)
-        k = load_pieces(k_ref, rows, geo.dk, valid)
+        k = load_pieces(k_ref, rows, geo.dk, read)
         v = load(v_ref.at[rows, :], tile_mask(valid, dv_cols))
         s = dot_nt_pieces(q, k, geo.precision)
-        s2 = jnp.where(valid[None, :], s * (geo.scale * LOG2E), MASKED)
+        s2 = jnp.where(read[None, :], s * (geo.scale * LOG2E), MASKED)
         new_max = jnp.maximum(row_max, jnp.max(s2, axis=1))
         p = jnp.where(valid[None, :], jnp.exp2(s2 - new_max[:, None]), 0.0)
-        # Eq. 9 per head on this tile's whole selection blocks, relative to new_max.
         by_block = p.reshape(geo.rows, geo.blocks_per_tile, geo.ratio)
-        columns = pl.ds(i * geo.blocks_per_tile, geo.blocks_per_tile)
-        for ref, weight in zip(sum_refs, weights, strict=True):
-            ref[:, columns] = jnp.sum(by_block * weight, axis=2)
-        tile_max_ref[pl.ds(i, 1), :] = new_max[None, :]
+        block_sums = jnp.sum(by_block * own_weights, axis=2)
+        if geo.has_back:
+            # Every back share takes the same form, relative to this tile's running maximum:
+            # block b's from block b - 1 of this tile, block 0's from the last block of the
+            # tile before, whose logits are carried (all masked but the last block's).
+            p_before = jnp.where(before > MASKED, jnp.exp2(before - new_max[:, None]), 0.0)
+            backs = jnp.where(
+                block_lanes[None, :] == geo.blocks_per_tile - 1,
+                jnp.sum(p_before.reshape(by_block.shape) * back_weights, axis=2),
+                jnp.sum(by_block * back_weights, axis=2),
+            )
+            # Rotated one block on: block b takes the back share of block b - 1 (mod J).
+            block_sums = block_sums + jnp.sum(jnp.where(from_prior, backs[:, None, :], 0.0), axis=2)
+            before = jnp.where(in_last_block[None, :], s2, MASKED)
+
+        @pl.when(i >= 0)
+        def _write():
+            block_sums_ref[:, pl.ds(i * geo.blocks_per_tile, geo.blocks_per_tile)] = block_sums
+            tile_max_ref[pl.ds(i, 1), :] = new_max[None, :]
+
         alpha = jnp.exp2(row_max - new_max)
         row_sum = row_sum * alpha + jnp.sum(p, axis=1)
         acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, geo.precision)
-        return acc, new_max, row_sum
+        return acc, new_max, row_sum, before
 
-    # Tiles past the visible tokens are skipped; their sums stay unwritten and are never read.
-    tiles = jnp.clip(jax.lax.div(visible - first + geo.tile - 1, geo.tile), 0, geo.tiles_per_chunk)
+    # Tiles from the first holding no Eq. 9 share of a visible token on are skipped; their sums
+    # stay unwritten and are never read.
+    tiles = jnp.clip(
+        jax.lax.div(_covered(visible, geo) - first + geo.tile - 1, geo.tile), 0, geo.tiles_per_chunk
+    )
     init = (
         jnp.zeros((geo.rows, geo.dv_padded), jnp.float32),
         jnp.full((geo.rows,), MASKED, jnp.float32),
         jnp.zeros((geo.rows,), jnp.float32),
+        jnp.full((geo.rows, geo.tile), MASKED, jnp.float32),
     )
-    acc, row_max, row_sum = jax.lax.fori_loop(0, tiles, body, init)
+    lowest = -jnp.minimum(chunk, 1) if geo.has_back else 0
+    acc, row_max, row_sum, _ = jax.lax.fori_loop(lowest, tiles, body, init)
     max_ref[...] = row_max
     sum_ref[...] = row_sum
     acc_ref[...] = acc
     count_ref[...] = jnp.zeros((1,), jnp.int32)
+    reads_count_ref[...] = jnp.zeros((1,), jnp.int32)
+
+
+def _covered(visible: jax.Array, geo: _StepGeometry) -> jax.Array:
+    """Compressed tokens whose tiles kernel 1 writes: the visible ones, and one more where Eq. 9
+    gives a block a share of the block before (``l > d``), so that the block after the last
+    visible token gets that share also when it starts a tile."""
+    return visible + int(geo.has_back)
 
 
 def _block_terms(
-    geo: _StepGeometry, sum_refs, tile_max_ref, blocks, head_rows
-) -> list[tuple[jax.Array, ...]]:
-    """Kernel 1's Eq. 9 sums of ``blocks`` (int32 ``[J]``) and of the blocks before them (where
-    ``l > d``), with their tiles' running maxima: ``(block, in_range [J], sums [G', J],
-    tile_max [G', J])`` per term, ``in_range`` marking the blocks kernel 1 has columns for.
-    Their addresses do not depend on the query's position, so these loads are issued before
-    the position and the log-sum-exp arrive; sums of tiles kernel 1 skipped (past the query)
-    are loaded unwritten and masked by :func:`_block_importance`."""
+    geo: _StepGeometry, block_sums_ref, tile_max_ref, blocks, head_rows
+) -> tuple[jax.Array, ...]:
+    """Kernel 1's Eq. 9 sums of ``blocks`` (int32 ``[J]``) with their tiles' running maxima:
+    ``(in_range [J], sums [G', J], tile_max [G', J])``, ``in_range`` marking the blocks kernel 1
+    has columns for. Their addresses do not depend on the query's position, so these loads are
+    issued before the position and the log-sum-exp arrive; sums of tiles kernel 1 skipped (past
+    the query) are loaded unwritten and masked by :func:`_block_importance`."""
     rows = jnp.arange(geo.rows)
-    terms = []
-    for ref, block in zip(sum_refs, (blocks, blocks - 1)[: len(sum_refs)], strict=True):
-        ok = (block >= 0) & (block < geo.block_columns)
-        mask = head_rows[:, None] & ok[None, :]
-        safe = jnp.where(ok, block, 0)
-        sums = plt.load(ref.at[rows[:, None], safe[None, :]], mask=mask, other=0)
-        tile = jax.lax.div(safe, geo.blocks_per_tile)
-        tile_max = plt.load(tile_max_ref.at[tile[None, :], rows[:, None]], mask=mask, other=0)
-        terms.append((block, ok, sums, tile_max))
-    return terms
+    in_range = blocks < geo.block_columns
+    mask = head_rows[:, None] & in_range[None, :]
+    safe = jnp.where(in_range, blocks, 0)
+    sums = plt.load(block_sums_ref.at[rows[:, None], safe[None, :]], mask=mask, other=0)
+    tile = jax.lax.div(safe, geo.blocks_per_tile)
+    tile_max = plt.load(tile_max_ref.at[tile[None, :], rows[:, None]], mask=mask, other=0)
+    return in_range, sums, tile_max
 
 
-def _block_importance(geo: _StepGeometry, terms, lse2, head_rows, visible) -> jax.Array:
-    """Importance (Eqs. 9-10) from :func:`_block_terms`: float32 ``[J]``."""
-    importance = None
-    for block, in_range, sums, tile_max in terms:
-        # A tile kernel 1 skipped (all its tokens past the query) holds nothing.
-        tile_start = jax.lax.div(block, geo.blocks_per_tile) * geo.tile
-        mask = head_rows[:, None] & (in_range & (tile_start < visible))[None, :]
-        term = jnp.sum(jnp.where(mask, jnp.exp2(tile_max - lse2[:, None]) * sums, 0.0), axis=0)
-        importance = term if importance is None else importance + term
-    return importance
+def _block_importance(geo: _StepGeometry, blocks, terms, lse2, head_rows, visible) -> jax.Array:
+    """Importance (Eqs. 9-10) of ``blocks`` from :func:`_block_terms`: float32 ``[J]``."""
+    in_range, sums, tile_max = terms
+    # A tile kernel 1 skipped holds nothing.
+    tile_start = jax.lax.div(blocks, geo.blocks_per_tile) * geo.tile
+    mask = head_rows[:, None] & (in_range & (tile_start < _covered(visible, geo)))[None, :]
+    return jnp.sum(jnp.where(mask, jnp.exp2(tile_max - lse2[:, None]) * sums, 0.0), axis=0)
 
 
 def _merge_columns(geo: _StepGeometry, part, max_ref, acc_ref, out_ref, row_max, row_sum) -> None:
@@ -399,22 +446,26 @@ def _select_kernel(
     acc_ref,
     tile_max_ref,
     _count_in,
-    *refs,
+    block_sums_ref,
+    out_ref,
+    picks_ref,
+    scores_ref,
+    blocks_ref,
+    count_ref,
+    *,
     geo,
 ):
     """One (part, KV head, sequence): partials ``max_ref``/``sum_ref [P, G']``,
-    ``acc_ref [P, G', Dv']``, kernel 1's ``tile_max_ref [tiles, G']`` and (in ``refs``)
-    ``own``/``back [G', Nc]``; writes a column slice of ``out_ref [G', Dv']``, its candidate
+    ``acc_ref [P, G', Dv']``, kernel 1's ``tile_max_ref [tiles, G']`` and Eq. 9 sums
+    ``block_sums_ref [G', Nc]``; writes a column slice of ``out_ref [G', Dv']``, its candidate
     blocks ``blocks_ref [Q * c]`` with their ranking scores ``scores_ref [Q * c]`` and, in the
     program that draws the last ticket of ``count_ref [1]`` (aliased to ``_count_in``),
     ``picks_ref [n']``."""
-    sum_refs = refs[: 1 + geo.has_back]
-    out_ref, picks_ref, scores_ref, blocks_ref, count_ref = refs[1 + geo.has_back :]
     part = pl.program_id(0)
     head_rows = jnp.arange(geo.rows) < geo.group
     first_block = part * geo.blocks_per_part
     blocks = first_block + jnp.arange(geo.blocks_per_part)
-    terms = _block_terms(geo, sum_refs, tile_max_ref, blocks, head_rows)
+    terms = _block_terms(geo, block_sums_ref, tile_max_ref, blocks, head_rows)
     position = length_ref[0] - 1
     visible = jnp.minimum(_visible_tokens(position, geo), geo.slots)
 
@@ -427,7 +478,7 @@ def _select_kernel(
     lse2 = jnp.where(nonempty, row_max + jnp.log(jnp.where(nonempty, row_sum, 1.0)) * LOG2E, 0.0)
 
     current = jax.lax.div(position, geo.selection_block_size)
-    importance = _block_importance(geo, terms, lse2, head_rows, visible)
+    importance = _block_importance(geo, blocks, terms, lse2, head_rows, visible)
     # The part's best candidates_per_part blocks, best first, at slots part * c ...
     best, best_scores = _best_lanes(
         _ranking_scores(geo, blocks, importance, current), geo.candidates_per_part
@@ -523,15 +574,14 @@ _STATIC = (
 
 def _compressed_pass(geo: _StepGeometry, q, k_cmp, v_cmp, lengths):
     """Kernel 1: partials ``[B, H, P, G']`` (max, sum), ``[B, H, P, G', Dv']`` (acc), the
-    tiles' running maxima ``[B, H, tiles, G']``, kernel 2's zeroed counters ``[B, H, 1]``
-    and the Eq. 9 sums ``own`` (and ``back`` where ``l > d``) ``[B, H, G', Nc]``."""
+    tiles' running maxima ``[B, H, tiles, G']``, the zeroed counters of kernels 2 and 3
+    (``[B, H, 1]`` each) and the Eq. 9 sums ``[B, H, G', Nc]``."""
     batch, _, kv_heads, _ = k_cmp.shape
     q4 = q.reshape(batch, kv_heads, geo.group, geo.dk)
     partial = lambda *trailing: pl.BlockSpec(
         (None, None, None, *trailing), lambda p, h, b: (b, h, p, *(0,) * len(trailing))
     )
     shape = (batch, kv_heads, geo.chunks, geo.rows)
-    block_sums = 1 + geo.has_back
     return pl.pallas_call(
         functools.partial(_compressed_kernel, geo=geo),
         grid=(geo.chunks, kv_heads, batch),
@@ -547,13 +597,11 @@ def _compressed_pass(geo: _StepGeometry, q, k_cmp, v_cmp, lengths):
             partial(geo.rows, geo.dv_padded),
             pl.BlockSpec((None, None, geo.tiles_per_chunk, geo.rows), lambda p, h, b: (b, h, p, 0)),
             pl.BlockSpec((None, None, 1), lambda p, h, b: (b, h, 0)),
-            *[
-                pl.BlockSpec(
-                    (None, None, geo.rows, geo.tiles_per_chunk * geo.blocks_per_tile),
-                    lambda p, h, b: (b, h, 0, p),
-                )
-            ]
-            * block_sums,
+            pl.BlockSpec((None, None, 1), lambda p, h, b: (b, h, 0)),
+            pl.BlockSpec(
+                (None, None, geo.rows, geo.tiles_per_chunk * geo.blocks_per_tile),
+                lambda p, h, b: (b, h, 0, p),
+            ),
         ],
         out_shape=[
             jax.ShapeDtypeStruct(shape, jnp.float32),
@@ -561,7 +609,8 @@ def _compressed_pass(geo: _StepGeometry, q, k_cmp, v_cmp, lengths):
             jax.ShapeDtypeStruct((*shape, geo.dv_padded), jnp.float32),
             jax.ShapeDtypeStruct((batch, kv_heads, geo.num_tiles, geo.rows), jnp.float32),
             jax.ShapeDtypeStruct((batch, kv_heads, 1), jnp.int32),
-            *[jax.ShapeDtypeStruct((batch, kv_heads, geo.rows, geo.block_columns), jnp.float32)] * block_sums,
+            jax.ShapeDtypeStruct((batch, kv_heads, 1), jnp.int32),
+            jax.ShapeDtypeStruct((batch, kv_heads, geo.rows, geo.block_columns), jnp.float32),
         ],
         compiler_params=plt.CompilerParams(num_warps=geo.launch[1], num_stages=geo.launch[2]),
         interpret=geo.interpret,
@@ -571,7 +620,7 @@ def _compressed_pass(geo: _StepGeometry, q, k_cmp, v_cmp, lengths):
 
 def _select_pass(geo: _StepGeometry, lengths, partials, out_dtype):
     """Kernel 2: compressed output ``[B, H, G, Dv]`` and sorted picks ``[B, H, n]``."""
-    row_max, row_sum, acc, tile_max, counts, *block_sums = partials
+    row_max, row_sum, acc, tile_max, counts, _, block_sums = partials
     batch, kv_heads = row_max.shape[:2]
     per_head = lambda *block: pl.BlockSpec((None, None, *block), lambda q, h, b: (b, h, *(0,) * len(block)))
     out, picks, *_ = pl.pallas_call(
@@ -584,7 +633,7 @@ def _select_pass(geo: _StepGeometry, lengths, partials, out_dtype):
             per_head(geo.chunks, geo.rows, geo.dv_padded),
             per_head(geo.num_tiles, geo.rows),
             per_head(1),
-            *[per_head(geo.rows, geo.block_columns)] * len(block_sums),
+            per_head(geo.rows, geo.block_columns),
         ],
         out_specs=[
             per_head(geo.rows, geo.dv_padded),
@@ -604,7 +653,7 @@ def _select_pass(geo: _StepGeometry, lengths, partials, out_dtype):
         compiler_params=plt.CompilerParams(num_warps=geo.select_launch[0], num_stages=1),
         interpret=geo.interpret,
         name="nsa_decode_select",
-    )(lengths[:, None], row_max, row_sum, acc, tile_max, counts, *block_sums)
+    )(lengths[:, None], row_max, row_sum, acc, tile_max, counts, block_sums)
     return out, picks
 
 
@@ -683,10 +732,11 @@ def compressed_and_selection(
       ``(compressed [B, HQ, Dv]`` in ``q.dtype``, ``block_indices`` int32 ``[B, H, n])``:
       ascending, ``-1`` last.
     """
-    geo = _geometry(
+    compressed, picks, _ = _kernels_one_two(
         q,
         k_cmp,
         v_cmp,
+        lengths,
         launch,
         select_launch,
         interpret=interpret,
@@ -698,10 +748,100 @@ def compressed_and_selection(
         num_local_blocks=num_local_blocks,
         scale=float(scale),
     )
+    return compressed, picks
+
+
+def _kernels_one_two(q, k_cmp, v_cmp, lengths, launch, select_launch, **kwargs):
+    """Kernels 1 and 2: ``(compressed [B, HQ, Dv], picks [B, H, n], zeroed counters of kernel 3
+    [B, H, 1])``; ``kwargs`` as :class:`_StepGeometry`'s."""
+    geo = _geometry(q, k_cmp, v_cmp, launch, select_launch, **kwargs)
     lengths = lengths.astype(jnp.int32)
     partials = _compressed_pass(geo, q, k_cmp, v_cmp, lengths)
     out, picks = _select_pass(geo, lengths, partials, q.dtype)
-    return out.reshape(q.shape[0], -1, geo.dv), picks
+    return out.reshape(q.shape[0], -1, geo.dv), picks, partials[5]
+
+
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "window", "reads_launch"))
+def whole_step(
+    q: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    k_cmp: jax.Array,
+    v_cmp: jax.Array,
+    lengths: jax.Array,
+    *,
+    block_length: int,
+    block_stride: int,
+    selection_block_size: int,
+    num_selected: int,
+    window: int,
+    num_initial_blocks: int,
+    num_local_blocks: int,
+    scale: float,
+    launch: tuple[int, int, int, int] | None = None,
+    select_launch: tuple[int, int] | None = None,
+    reads_launch: tuple[int, int, int, int] | None = None,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One decode step's three branch outputs in three launches: kernels 1 and 2, then
+    :func:`pallas_kernels.gpu.decode.selected_and_window` (kernel 3) on the picks, whose
+    counters kernel 1 zeroes (no XLA memset between the launches); see
+    :func:`nsa_jax.decoding.decode_step_at`.
+
+    Args:
+      q: ``[B, HQ, Dk]``; keys: ``[3, B, S, H, Dk]`` and values ``[3, B, S, H, Dv]`` (branch 1
+        selected, 2 window); k_cmp: ``[B, Tc, H, Dk]``; v_cmp: ``[B, Tc, H, Dv]``; lengths: int
+        ``[B]`` in ``[1, min(S, Tc * d)]``, the query of row ``b`` at ``lengths[b] - 1``.
+      launch, select_launch: as :func:`compressed_and_selection`; reads_launch: kernel 3's
+        ``launch`` (:func:`pallas_kernels.gpu.decode.selected_and_window`); ``None`` for defaults.
+
+    Returns:
+      ``(compressed, selected, window)``, each ``[B, HQ, Dv]`` in ``q.dtype``.
+    """
+    compressed, picks, counters = _kernels_one_two(
+        q,
+        k_cmp,
+        v_cmp,
+        lengths,
+        launch,
+        select_launch,
+        interpret=interpret,
+        block_length=block_length,
+        block_stride=block_stride,
+        selection_block_size=selection_block_size,
+        num_selected=num_selected,
+        num_initial_blocks=num_initial_blocks,
+        num_local_blocks=num_local_blocks,
+        scale=float(scale),
+    )
+    selected, windowed = decode.selected_and_window(
+        q,
+        picks,
+        keys,
+        values,
+        lengths,
+        block_size=selection_block_size,
+        window=window,
+        scale=scale,
+        interpret=interpret,
+        counters=counters,
+        **({} if reads_launch is None else {"launch": reads_launch}),
+    )
+    return compressed, selected, windowed
+
+
+def check_whole_step(
+    q: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    k_cmp: jax.Array,
+    v_cmp: jax.Array,
+    lengths: jax.Array,
+    **kwargs,
+) -> None:
+    """:func:`check` for :func:`whole_step`'s arguments."""
+    del keys, values
+    check(q, k_cmp, v_cmp, lengths, **kwargs)
 
 
 def check(q: jax.Array, k_cmp: jax.Array, v_cmp: jax.Array, lengths: jax.Array, **kwargs) -> None:
