@@ -195,6 +195,18 @@ def test_decode_reads_under_other_launches_equal_xla(launch, dtype):
     for o, r in zip(out, ref, strict=True):
         assert o.dtype == dtype and o.shape == r.shape
         assert oracle.relative_error(o, r) < TOLERANCE[dtype]
+    # Ticket counters handed in (as the whole step's kernel 1 zeroes them) must be int32 [B, H, 1].
+    with pytest.raises(ValueError, match="counters must be int32"):
+        decode.selected_and_window(
+            q,
+            indices,
+            k,
+            v,
+            lengths,
+            **kwargs,
+            interpret=True,
+            counters=jnp.zeros((batch, kv_heads), jnp.int32),
+        )
 
 
 # Small decode geometry: l=8, d=4, l'=16, n=5; capacity 300 (75 compressed slots: not a

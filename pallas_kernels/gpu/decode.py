@@ -259,6 +259,11 @@ def selected_and_window(
         raise ValueError(f"launch entries must be >= 1, got {launch}")
     batch, q_heads, dk = q.shape
     _, _, capacity, kv_heads, dv = values.shape
+    if counters is not None and (counters.shape != (batch, kv_heads, 1) or counters.dtype != jnp.int32):
+        raise ValueError(
+            f"counters must be int32 [B, H, 1] = {(batch, kv_heads, 1)}, "
+            f"got {counters.dtype} {counters.shape}"
+        )
     group = q_heads // kv_heads
     slots = block_indices.shape[-1]
     windowed = window_items(block_size, window)
