@@ -13,7 +13,7 @@ from flax import nnx
 
 import nsa_jax
 from experiments.model import ModelConfig, TransformerLM
-from nsa_jax.decoding import CACHE_LOGICAL_AXES, generate, selected_and_window_at
+from nsa_jax.decoding import CACHE_LOGICAL_AXES, decode_step_at, generate, selected_and_window_at
 from tests.test_layer import SMALL
 
 
@@ -195,18 +195,6 @@ def test_decode_reads_under_other_launches_equal_xla(launch, dtype):
     for o, r in zip(out, ref, strict=True):
         assert o.dtype == dtype and o.shape == r.shape
         assert oracle.relative_error(o, r) < TOLERANCE[dtype]
-    # Ticket counters handed in (as the whole step's kernel 1 zeroes them) must be int32 [B, H, 1].
-    with pytest.raises(ValueError, match="counters must be int32"):
-        decode.selected_and_window(
-            q,
-            indices,
-            k,
-            v,
-            lengths,
-            **kwargs,
-            interpret=True,
-            counters=jnp.zeros((batch, kv_heads), jnp.int32),
-        )
 
 
 # Small decode geometry: l=8, d=4, l'=16, n=5; capacity 300 (75 compressed slots: not a
@@ -257,7 +245,27 @@ def test_compressed_and_selection_equal_the_xla_step(implementation, group, dk, 
     np.testing.assert_array_equal(indices[2], [[0, -1, -1, -1, -1]] * 2)
 
 
-@pytest.mark.parametrize("implementation", nsa_jax.implementations("decode_compressed_selection"))
+def _whole_step_picks(q, k_cmp, v_cmp, lengths, **overrides):
+    """The block indices :func:`pallas_kernels.gpu.decode_step.whole_step` reads (Pallas interpret
+    mode), on random raw keys and values (the picks do not depend on them)."""
+    from pallas_kernels.gpu import decode_step
+
+    batch, _, kv_heads, dk = k_cmp.shape
+    capacity = max(int(jnp.max(lengths)), _CAPACITY)
+    keys = jax.random.split(jax.random.key(7), 2)
+    raw_k = jax.random.normal(keys[0], (3, batch, capacity, kv_heads, dk), q.dtype)
+    raw_v = jax.random.normal(keys[1], (3, batch, capacity, kv_heads, v_cmp.shape[-1]), q.dtype)
+    kwargs = dict(_STEP, num_initial_blocks=1, num_local_blocks=2, scale=q.shape[-1] ** -0.5, window=40)
+    kwargs.update(overrides)
+    *_, picks = decode_step.whole_step(
+        q, raw_k, raw_v, k_cmp, v_cmp, lengths, **kwargs, interpret=True, return_picks=True
+    )
+    return np.asarray(picks)
+
+
+@pytest.mark.parametrize(
+    "implementation", [*nsa_jax.implementations("decode_compressed_selection"), "whole_step"]
+)
 @pytest.mark.parametrize("tie", ["zero_query", "repeated_keys"])
 def test_selection_ties_go_to_the_lower_block(implementation, tie):
     q, k_cmp, v_cmp, lengths = _step_inputs(9, 4, 16, 16, jnp.float32, kv_heads=1)
@@ -268,7 +276,10 @@ def test_selection_ties_go_to_the_lower_block(implementation, tie):
         # Keys repeating every 4 selection blocks (16 slots): blocks j and j + 4 tie, also
         # across the kernel's chunks of compressed tokens.
         k_cmp = jnp.tile(k_cmp[:, :16], (1, -(-k_cmp.shape[1] // 16), 1, 1))[:, : k_cmp.shape[1]]
-    indices = _compressed_selection(implementation, q, k_cmp, v_cmp, lengths, num_local_blocks=1)[1]
+    if implementation == "whole_step":
+        indices = _whole_step_picks(q, k_cmp, v_cmp, lengths, num_local_blocks=1)
+    else:
+        indices = _compressed_selection(implementation, q, k_cmp, v_cmp, lengths, num_local_blocks=1)[1]
     reference = _compressed_selection("xla", q, k_cmp, v_cmp, lengths, num_local_blocks=1)[1]
     np.testing.assert_array_equal(indices, reference)
     if tie == "zero_query":
@@ -331,6 +342,45 @@ def test_compressed_kernels_with_many_chunks_and_parts_equal_xla(select_launch, 
     ref_out, ref_indices = _compressed_selection("xla", q, k_cmp, v_cmp, lengths, **geometry)
     assert oracle.relative_error(out, ref_out) < 1e-5
     np.testing.assert_array_equal(np.asarray(indices), ref_indices)
+
+
+def test_whole_step_picks_from_every_block_of_the_row_equal_xla(dtype):
+    # l = d = l' = 4 over 300 compressed tokens: 300 selection blocks (512 padded), so a selecting
+    # program of the whole step loads the Eq. 9 sums of 8 of the 16 query heads at a time (4096
+    # floats; fails if a head group is skipped) and runs 16 argmax rounds (12 picks, padded) over
+    # the row's 512 blocks; kernel 1 runs in 32 chunks of one 16-token tile. Ragged rows: the
+    # query's block past the first 256, mid-row, the first (no compressed token yet).
+    from pallas_kernels.gpu import decode_step
+    from tests import oracle
+    from tests.conftest import TOLERANCE
+
+    keys = jax.random.split(jax.random.key(23), 5)
+    lengths = jnp.asarray([1197, 530, 3], jnp.int32)
+    q = jax.random.normal(keys[0], (3, 16, 16)).astype(dtype)
+    k_cmp = jax.random.normal(keys[1], (3, 300, 1, 16)).astype(dtype)
+    v_cmp = jax.random.normal(keys[2], (3, 300, 1, 8)).astype(dtype)
+    raw_k = jax.random.normal(keys[3], (3, 3, 1200, 1, 16)).astype(dtype)
+    raw_v = jax.random.normal(keys[4], (3, 3, 1200, 1, 8)).astype(dtype)
+    geometry = dict(block_length=4, block_stride=4, selection_block_size=4, num_selected=12)
+    kwargs = dict(geometry, num_initial_blocks=1, num_local_blocks=2, scale=0.25, window=9)
+    *outputs, picks = decode_step.whole_step(
+        q,
+        raw_k,
+        raw_v,
+        k_cmp,
+        v_cmp,
+        lengths,
+        **kwargs,
+        launch=(16, 4, 2, 96),
+        interpret=True,
+        return_picks=True,
+    )
+    ref_indices = _compressed_selection("xla", q, k_cmp, v_cmp, lengths, **geometry, scale=0.25)[1]
+    np.testing.assert_array_equal(np.asarray(picks), ref_indices)
+    reference = decode_step_at(q, raw_k, raw_v, k_cmp, v_cmp, lengths, **kwargs)
+    for out, ref in zip(outputs, reference, strict=True):
+        assert out.dtype == dtype
+        assert oracle.relative_error(out, ref) < TOLERANCE[dtype]
 
 
 def test_kernel_one_block_sums_have_float32_precision():

@@ -13,10 +13,14 @@ It then takes a ticket from a per-(sequence, KV head) counter (an acquire-releas
 atomic after a block barrier, so that the other programs' partials are visible to the
 last one); the program that draws the last ticket merges each branch's partials and
 writes both normalised outputs, so no XLA merge follows the kernel. The counters are
-zeroed before the launch: by XLA, or by kernel 1 of
-:func:`pallas_kernels.gpu.decode_step.whole_step`. In Pallas interpret mode the programs run
-one after another, so the last ticket goes to the last program and the barrier (a GPU-only
+zeroed by XLA before the launch. In Pallas interpret mode the programs run one after
+another, so the last ticket goes to the last program and the barrier (a GPU-only
 primitive) is left out.
+
+The programs' work (:func:`read_and_merge`) is also the second half of
+:func:`pallas_kernels.gpu.decode_step.whole_step`'s second kernel, whose selected-block
+programs first pick the blocks themselves (:func:`reads_geometry` and :func:`reads_specs`
+give it the same programs and blocks).
 
 The launch, ``(num_warps, num_stages, target programs, items per step)``, takes the
 fewest items per program whose programs stay within the target (the programs that fit
@@ -53,8 +57,9 @@ from pallas_kernels.gpu.tiles import (
 # per SM of an H100/H200 (132). Fastest of the H200 sweep at B=16, S=64K: 0.041 / 0.034 ms
 # (Dk=192 / 128) against 0.052 / 0.040 for (4, 2, 396, 1); timed inside the whole step (session
 # 12, Dk=128 / 192), 20.1 / 23.0 us against 20.7-27.8 / 24.4-31.5 for five other launches
-# (experiments/results/decode_h200.md).
-_LAUNCH = (4, 3, 264, 1)
+# (experiments/results/decode_h200.md). The whole step's second kernel (selection + these reads) takes
+# it too: 87.4 us a step against 86.8-95.6 for four others at Dk=192 (session 21, --tune).
+DEFAULT_LAUNCH = (4, 3, 264, 1)
 # Partials the merging program loads per step.
 _MERGE_UNROLL = 8
 
@@ -133,18 +138,38 @@ def _decode_kernel(
     geo,
 ):
     """One (work-item group, KV head, sequence): ``indices_ref [n']`` (the row's selected
-    blocks), ``q_ref [rows, Dk']``, ``k_ref [S, Dk']``; writes its partial into
-    ``max_ref``/``sum_ref [2, P', rows]`` and ``acc_ref [2, P', rows, Dv']``, and, in the
-    program that draws the last ticket of ``count_ref [1]`` (aliased to ``_count_in``),
-    both branches' outputs ``out_ref [2, rows, Dv']``."""
-    program = pl.program_id(0)
-    position = length_ref[0] - 1
+    blocks), the rest as :func:`read_and_merge`'s (``count_ref`` aliased to ``_count_in``)."""
+    # The row's selected blocks, loaded once (the block is padded to a power of two).
+    indices = load(indices_ref, lanes(geo.slots, indices_ref.shape[0]))
+    refs = (q_ref, k_ref, v_ref, out_ref, max_ref, sum_ref, acc_ref, count_ref)
+    read_and_merge(geo, pl.program_id(0), length_ref[0] - 1, indices, *refs)
+
+
+def read_and_merge(
+    geo: _DecodeGeometry,
+    program,
+    position,
+    indices,
+    q_ref,
+    k_ref,
+    v_ref,
+    out_ref,
+    max_ref,
+    sum_ref,
+    acc_ref,
+    count_ref,
+) -> None:
+    """The reads of ``program`` (``pl.program_id(0)``, read by the caller: interpret mode
+    takes it only outside ``pl.when``) for the query at ``position``, with the row's
+    selected blocks ``indices [n']`` (int32, ``-1`` for none; window programs ignore them):
+    ``q_ref [rows, Dk']``, ``k_ref [S, Dk']``, ``v_ref [S, Dv']``. Writes its partial into
+    ``max_ref``/``sum_ref [2, P', rows]`` and ``acc_ref [2, P', rows, Dv']`` and, in the
+    program that draws the last ticket of ``count_ref [1]``, both branches' outputs
+    ``out_ref [2, rows, Dv']``."""
     lowest = jnp.where(program >= geo.selected_programs, position - geo.window + 1, 0)
     head_rows = lanes(geo.group, geo.rows)
     dv_cols = lanes(geo.dv, padded(geo.dv))
     q = load_pieces(q_ref, slice(None), geo.dk, head_rows)
-    # The row's selected blocks, loaded once (the block is padded to a power of two).
-    indices = load(indices_ref, lanes(geo.slots, indices_ref.shape[0]))
     log2_scale = geo.scale * LOG2E
     offsets = jnp.arange(geo.tile)
 
@@ -225,6 +250,77 @@ def _items_per_program(slots: int, windowed: int, rows: int, launch: tuple[int, 
     return most
 
 
+def reads_geometry(
+    q: jax.Array,
+    values: jax.Array,
+    slots: int,
+    *,
+    block_size: int,
+    window: int,
+    scale: float,
+    launch: tuple[int, int, int, int],
+    interpret: bool,
+) -> _DecodeGeometry:
+    """The reads' programs for ``q [B, HQ, Dk]``, ``values [3, B, S, H, Dv]`` and ``slots``
+    selected blocks a row, under ``launch`` (see :func:`selected_and_window`)."""
+    if min(launch) < 1:
+        raise ValueError(f"launch entries must be >= 1, got {launch}")
+    batch, q_heads, dk = q.shape
+    _, _, capacity, kv_heads, dv = values.shape
+    windowed = window_items(block_size, window)
+    per = _items_per_program(slots, windowed, batch * kv_heads, launch)
+    return _DecodeGeometry(
+        capacity=capacity,
+        slots=slots,
+        block_size=block_size,
+        window=window,
+        group=q_heads // kv_heads,
+        dk=dk,
+        dv=dv,
+        scale=float(scale),
+        selected_programs=-(-slots // per),
+        window_programs=-(-windowed // per),
+        items_per_program=per,
+        items_per_step=launch[3],
+        interpret=interpret,
+    )
+
+
+def reads_specs(geo: _DecodeGeometry, batch: int, kv_heads: int, dtype) -> tuple[list, list, list]:
+    """Block specs of a grid ``(programs, H, B)`` over the reads: ``(in_specs`` of ``q [B, H,
+    rows, Dk']``, ``keys``, ``values`` and the counters ``[B, H, 1]``, ``out_specs, out_shape)``
+    of the outputs ``[2, B, H, G, Dv]``, the partials' scratch and the counters."""
+    dkp, dvp = padded(geo.dk), padded(geo.dv)
+
+    def branch_of(program):
+        return 1 + (program >= geo.selected_programs).astype(jnp.int32)
+
+    per_head = lambda *block: pl.BlockSpec((None, None, *block), lambda p, h, b: (b, h, *(0,) * len(block)))
+    capacity = geo.capacity
+    partials = (batch, kv_heads, 2, geo.partials, geo.rows)
+    in_specs = [
+        pl.BlockSpec((None, None, geo.rows, dkp), lambda p, h, b: (b, h, 0, 0)),
+        pl.BlockSpec((None, None, capacity, None, dkp), lambda p, h, b: (branch_of(p), b, 0, h, 0)),
+        pl.BlockSpec((None, None, capacity, None, dvp), lambda p, h, b: (branch_of(p), b, 0, h, 0)),
+        per_head(1),
+    ]
+    out_specs = [
+        pl.BlockSpec((2, None, None, geo.rows, dvp), lambda p, h, b: (0, b, h, 0, 0)),
+        per_head(2, geo.partials, geo.rows),
+        per_head(2, geo.partials, geo.rows),
+        per_head(2, geo.partials, geo.rows, dvp),
+        per_head(1),
+    ]
+    out_shape = [
+        jax.ShapeDtypeStruct((2, batch, kv_heads, geo.group, geo.dv), dtype),
+        jax.ShapeDtypeStruct(partials, jnp.float32),
+        jax.ShapeDtypeStruct(partials, jnp.float32),
+        jax.ShapeDtypeStruct((*partials, dvp), jnp.float32),
+        jax.ShapeDtypeStruct((batch, kv_heads, 1), jnp.int32),
+    ]
+    return in_specs, out_specs, out_shape
+
+
 @functools.partial(jax.jit, static_argnames=("block_size", "window", "scale", "launch", "interpret"))
 def selected_and_window(
     q: jax.Array,
@@ -236,9 +332,8 @@ def selected_and_window(
     block_size: int,
     window: int,
     scale: float,
-    launch: tuple[int, int, int, int] = _LAUNCH,
+    launch: tuple[int, int, int, int] = DEFAULT_LAUNCH,
     interpret: bool = False,
-    counters: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Selected and window attention of one decode step; see
     :func:`nsa_jax.decoding.selected_and_window_at`.
@@ -248,49 +343,24 @@ def selected_and_window(
       and values ``[3, B, S, H, Dv]`` (branch 1 selected, 2 window); lengths: int
       ``[B]``, the query of row ``b`` at ``lengths[b] - 1``.
       launch: ``(num_warps, num_stages, target programs, items loaded per loop step)``.
-      counters: int32 ``[B, H, 1]`` zeros for the programs' tickets (kernel 1 of
-        :func:`pallas_kernels.gpu.decode_step.whole_step` writes them), ``None`` to make them
-        here (an XLA memset before the launch).
 
     Returns:
       ``(selected, window)``, each ``[B, HQ, Dv]`` in ``q.dtype``.
     """
-    if min(launch) < 1:
-        raise ValueError(f"launch entries must be >= 1, got {launch}")
     batch, q_heads, dk = q.shape
-    _, _, capacity, kv_heads, dv = values.shape
-    if counters is not None and (counters.shape != (batch, kv_heads, 1) or counters.dtype != jnp.int32):
-        raise ValueError(
-            f"counters must be int32 [B, H, 1] = {(batch, kv_heads, 1)}, "
-            f"got {counters.dtype} {counters.shape}"
-        )
-    group = q_heads // kv_heads
+    kv_heads = values.shape[3]
     slots = block_indices.shape[-1]
-    windowed = window_items(block_size, window)
-    per = _items_per_program(slots, windowed, batch * kv_heads, launch)
-    geo = _DecodeGeometry(
-        capacity=capacity,
-        slots=slots,
+    geo = reads_geometry(
+        q,
+        values,
+        slots,
         block_size=block_size,
         window=window,
-        group=group,
-        dk=dk,
-        dv=dv,
-        scale=float(scale),
-        selected_programs=-(-slots // per),
-        window_programs=-(-windowed // per),
-        items_per_program=per,
-        items_per_step=launch[3],
+        scale=scale,
+        launch=launch,
         interpret=interpret,
     )
-    q4 = q.reshape(batch, kv_heads, group, dk)
-    dkp, dvp = padded(dk), padded(dv)
-
-    def branch_of(program):
-        return 1 + (program >= geo.selected_programs).astype(jnp.int32)
-
-    per_head = lambda *block: pl.BlockSpec((None, None, *block), lambda p, h, b: (b, h, *(0,) * len(block)))
-    partials = (batch, kv_heads, 2, geo.partials, geo.rows)
+    in_specs, out_specs, out_shape = reads_specs(geo, batch, kv_heads, q.dtype)
     out, *_ = pl.pallas_call(
         functools.partial(_decode_kernel, geo=geo),
         grid=(geo.programs, kv_heads, batch),
@@ -298,25 +368,10 @@ def selected_and_window(
             pl.BlockSpec((None, 1), lambda p, h, b: (b, 0)),
             # Power-of-two block for the Triton lowering; only the first n entries are read.
             pl.BlockSpec((None, None, padded(slots)), lambda p, h, b: (b, h, 0)),
-            pl.BlockSpec((None, None, geo.rows, dkp), lambda p, h, b: (b, h, 0, 0)),
-            pl.BlockSpec((None, None, capacity, None, dkp), lambda p, h, b: (branch_of(p), b, 0, h, 0)),
-            pl.BlockSpec((None, None, capacity, None, dvp), lambda p, h, b: (branch_of(p), b, 0, h, 0)),
-            per_head(1),
+            *in_specs,
         ],
-        out_specs=[
-            pl.BlockSpec((2, None, None, geo.rows, dvp), lambda p, h, b: (0, b, h, 0, 0)),
-            per_head(2, geo.partials, geo.rows),
-            per_head(2, geo.partials, geo.rows),
-            per_head(2, geo.partials, geo.rows, dvp),
-            per_head(1),
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct((2, batch, kv_heads, group, dv), q.dtype),
-            jax.ShapeDtypeStruct(partials, jnp.float32),
-            jax.ShapeDtypeStruct(partials, jnp.float32),
-            jax.ShapeDtypeStruct((*partials, dvp), jnp.float32),
-            jax.ShapeDtypeStruct((batch, kv_heads, 1), jnp.int32),
-        ],
+        out_specs=out_specs,
+        out_shape=out_shape,
         input_output_aliases={5: 4},
         compiler_params=plt.CompilerParams(num_warps=launch[0], num_stages=launch[1]),
         interpret=interpret,
@@ -324,9 +379,9 @@ def selected_and_window(
     )(
         lengths.astype(jnp.int32)[:, None],
         block_indices.astype(jnp.int32),
-        q4,
+        q.reshape(batch, kv_heads, geo.group, dk),
         keys,
         values,
-        jnp.zeros((batch, kv_heads, 1), jnp.int32) if counters is None else counters,
+        jnp.zeros((batch, kv_heads, 1), jnp.int32),
     )
-    return out[0].reshape(batch, q_heads, dv), out[1].reshape(batch, q_heads, dv)
+    return out[0].reshape(batch, q_heads, geo.dv), out[1].reshape(batch, q_heads, geo.dv)

@@ -1,4 +1,5 @@
-"""Compressed attention and block selection of one decode step as two Pallas kernels (Triton lowering).
+"""Compressed attention and block selection of one decode step, and the whole step, as Pallas kernels
+(Triton lowering).
 
 Spec, "Decoding", "Compression branch (Eqs. 7-8)", "Selection scores (Eqs. 8-10)" and
 Eq. 11, for one query per sequence at position ``t = lengths - 1`` (no segments: the
@@ -20,8 +21,8 @@ those last tokens lie in the tile before, whose logits the loop carries; for a c
 first block, in the chunk before: the loop then starts at tile ``-1``, which reads only
 the keys of that last block (and adds nothing to the softmax). Where Eq. 9 gives the
 block after the last visible token a share, its tile is written too (its own tokens add
-nothing). It also zeroes the per-(sequence, KV head) counters of kernel 2 and of kernel 3
-(:func:`whole_step`).
+nothing). It also zeroes the per-(sequence, KV head) ticket counters of kernel 2 and of
+the whole step's second kernel.
 
 Kernel 2 (``nsa_decode_select``), grid ``(Q, H, B)``: the ``Nb`` selection blocks of a
 (sequence, KV head) are split into ``Q`` parts of ``K <= 256`` blocks. Every program
@@ -49,10 +50,24 @@ added), so blocks with equal logits tie exactly where their tiles' running maxim
 (as in constant or periodic inputs); where those differ, the float32 products may differ in
 the last bit, below the reference's own rounding.
 
-Two launches and no host sync; with :mod:`pallas_kernels.gpu.decode` for the selected and
-window reads, three kernels make a decode step (:func:`whole_step`). Besides the inputs, HBM
-traffic is the Eq. 9 sums (written and read once), the ``[B, H, P, G', Dv']`` partials and
-the ``[B, H, Q * c]`` candidates and their scores. In Pallas interpret mode the programs run
+Two launches and no host sync (:func:`compressed_and_selection`); with
+:mod:`pallas_kernels.gpu.decode` for the selected and window reads, three kernels make a
+decode step. Besides the inputs, HBM traffic is the Eq. 9 sums (written and read once), the
+``[B, H, P, G', Dv']`` partials and the ``[B, H, Q * c]`` candidates and their scores.
+
+The whole step (:func:`whole_step`) takes two launches: kernel 1, then
+``nsa_decode_select_read`` over the programs of :mod:`pallas_kernels.gpu.decode`'s reads
+(grid ``(R, H, B)``, a row's selected blocks and window blocks dealt to its programs).
+A window program needs no picks: it writes its column slice of the merged compressed output
+and streams its window blocks at once. Every selected-block program picks the row's blocks
+itself (:func:`_row_picks`, the first one also writes them): it scores all ``Nb`` blocks
+from kernel 1's sums as kernel 2 scores a part (``heads_per_load`` heads at a time, so the
+loaded sums stay within registers) and takes the top ``n`` with ``n'`` argmax rounds over the
+row, in kernel 2's order, then streams its blocks. The selection thus runs while the
+window streams, with no launch between it and the reads; the programs of a row repeat it
+(two at B=16, S=64K, from L2), which costs less than the launch it replaces (session 21:
+85.5 against 91.7 us a step at B=16, S=64K, Dk=192,
+``experiments/results/session21_h200.md``). In Pallas interpret mode the programs run
 one after another, so the last ticket goes to the last program and the barrier (a GPU-only
 primitive) is left out.
 """
@@ -102,6 +117,8 @@ _CANDIDATES = 128
 _RANK_COLUMNS = 32
 # Floats of kernel 1's partials that kernel 2 loads at once when merging (64 a thread at the default 4 warps).
 _MERGE_ELEMENTS = 8192
+# Floats of Eq. 9 sums a selecting program of the whole step loads at once (32 a thread at 4 warps).
+_ROW_ELEMENTS = 4096
 # Score of a block that cannot be picked: below every importance (those are >= 0).
 _UNAVAILABLE = -1.0
 # Score of a block already picked: below every other.
@@ -193,6 +210,17 @@ class _StepGeometry:
     def num_blocks(self) -> int:
         """Selection blocks that can hold a query: ``ceil(Tc * d / l')`` (``lengths <= Tc * d``)."""
         return -(-self.slots * self.block_stride // self.selection_block_size)
+
+    @property
+    def row_blocks(self) -> int:
+        """Selection blocks a row's picks are chosen from: ``Nb`` padded to a power of two."""
+        return padded(self.num_blocks)
+
+    @property
+    def heads_per_load(self) -> int:
+        """Query heads whose Eq. 9 sums over all ``row_blocks`` the selecting programs of
+        :func:`whole_step` load at once: at most ``_ROW_ELEMENTS`` floats."""
+        return min(self.rows, _largest_power_of_two(_ROW_ELEMENTS // self.row_blocks))
 
     @property
     def blocks_per_part(self) -> int:
@@ -343,14 +371,14 @@ def _covered(visible: jax.Array, geo: _StepGeometry) -> jax.Array:
 
 
 def _block_terms(
-    geo: _StepGeometry, block_sums_ref, tile_max_ref, blocks, head_rows
+    geo: _StepGeometry, block_sums_ref, tile_max_ref, blocks, rows, head_rows
 ) -> tuple[jax.Array, ...]:
-    """Kernel 1's Eq. 9 sums of ``blocks`` (int32 ``[J]``) with their tiles' running maxima:
-    ``(in_range [J], sums [G', J], tile_max [G', J])``, ``in_range`` marking the blocks kernel 1
+    """Kernel 1's Eq. 9 sums of ``blocks`` (int32 ``[J]``) and query heads ``rows`` (int32
+    ``[R]``, ``head_rows`` marking the real ones) with their tiles' running maxima:
+    ``(in_range [J], sums [R, J], tile_max [R, J])``, ``in_range`` marking the blocks kernel 1
     has columns for. Their addresses do not depend on the query's position, so these loads are
     issued before the position and the log-sum-exp arrive; sums of tiles kernel 1 skipped (past
     the query) are loaded unwritten and masked by :func:`_block_importance`."""
-    rows = jnp.arange(geo.rows)
     in_range = blocks < geo.block_columns
     mask = head_rows[:, None] & in_range[None, :]
     safe = jnp.where(in_range, blocks, 0)
@@ -361,7 +389,8 @@ def _block_terms(
 
 
 def _block_importance(geo: _StepGeometry, blocks, terms, lse2, head_rows, visible) -> jax.Array:
-    """Importance (Eqs. 9-10) of ``blocks`` from :func:`_block_terms`: float32 ``[J]``."""
+    """Importance (Eqs. 9-10) of ``blocks`` from :func:`_block_terms` of the heads with
+    log2-sum-exp ``lse2 [R]``: float32 ``[J]``, their sum over those heads."""
     in_range, sums, tile_max = terms
     # A tile kernel 1 skipped holds nothing.
     tile_start = jax.lax.div(blocks, geo.blocks_per_tile) * geo.tile
@@ -369,12 +398,24 @@ def _block_importance(geo: _StepGeometry, blocks, terms, lse2, head_rows, visibl
     return jnp.sum(jnp.where(mask, jnp.exp2(tile_max - lse2[:, None]) * sums, 0.0), axis=0)
 
 
-def _merge_columns(geo: _StepGeometry, part, max_ref, acc_ref, out_ref, row_max, row_sum) -> None:
+def _log2_sum_exp(maxes: jax.Array, sums: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Kernel 1's partials ``maxes``/``sums [P, R]`` (log2 units) merged per head: ``(max, sum,
+    log2-sum-exp)``, each float32 ``[R]``."""
+    row_max = jnp.max(maxes, axis=0)
+    row_sum = jnp.sum(sums * jnp.exp2(maxes - row_max[None, :]), axis=0)
+    nonempty = row_sum > 0
+    # With nothing visible every probability is masked, any finite value does.
+    lse2 = jnp.where(nonempty, row_max + jnp.log(jnp.where(nonempty, row_sum, 1.0)) * LOG2E, 0.0)
+    return row_max, row_sum, lse2
+
+
+def _merge_columns(geo: _StepGeometry, part, parts: int, max_ref, acc_ref, out_ref, row_max, row_sum) -> None:
     """Writes columns ``[part * C, (part + 1) * C)`` of the merged compressed output, ``C =
-    Dv' / merge_parts``, in slices of ``merge_width`` columns: one load of ``[P, G', W]`` each."""
+    Dv' / parts`` (``parts`` at most :attr:`_StepGeometry.merge_parts`), in slices of
+    ``merge_width`` columns: one load of ``[P, G', W]`` each."""
     weights = jnp.exp2(max_ref[...] - row_max[None, :])
     norm = jnp.where(row_sum > 0, row_sum, 1.0)
-    slices = geo.dv_padded // (geo.merge_parts * geo.merge_width)
+    slices = geo.dv_padded // (parts * geo.merge_width)
 
     def merge(i, carry):
         first = (part * slices + i) * geo.merge_width
@@ -411,9 +452,9 @@ def _ranking_scores(geo: _StepGeometry, blocks: jax.Array, importance: jax.Array
     return jnp.where(blocks <= current, jnp.where(forced, jnp.inf, importance), _UNAVAILABLE)
 
 
-def _best_lanes(scores: jax.Array, count: int) -> tuple[jax.Array, jax.Array]:
+def _best_lanes(scores: jax.Array, count: int) -> jax.Array:
     """Lanes of the ``count`` best ``scores [K]`` in rank order (``count`` argmax reductions,
-    lowest lane on ties, as ``lax.top_k``) and their scores: int32 and float32 ``[count]``."""
+    lowest lane on ties, as ``lax.top_k``): int32 ``[count]``."""
     lanes_ = jnp.arange(scores.shape[0])
     slots = jnp.arange(count)
 
@@ -423,9 +464,7 @@ def _best_lanes(scores: jax.Array, count: int) -> tuple[jax.Array, jax.Array]:
         best = jnp.where(slots == i, lane, best)
         return jnp.where(lanes_ == lane, _TAKEN, remaining), best
 
-    best = jax.lax.fori_loop(0, count, pick, (scores, jnp.zeros((count,), jnp.int32)))[1]
-    # One masked sum for all the picks, not a second reduction in every argmax round.
-    return best, jnp.sum(jnp.where(lanes_[None, :] == best[:, None], scores[None, :], 0.0), axis=1)
+    return jax.lax.fori_loop(0, count, pick, (scores, jnp.zeros((count,), jnp.int32)))[1]
 
 
 def _ascending(geo: _StepGeometry, picks: jax.Array) -> jax.Array:
@@ -437,6 +476,30 @@ def _ascending(geo: _StepGeometry, picks: jax.Array) -> jax.Array:
     )
     rank = jnp.sum(before.astype(jnp.int32), axis=1)
     return jnp.sum(jnp.where(rank[None, :] == lanes_[:, None], picks[None, :], 0), axis=1)
+
+
+def _row_picks(geo: _StepGeometry, max_ref, sum_ref, tile_max_ref, block_sums_ref, position) -> jax.Array:
+    """The query's top-``n`` blocks (Eqs. 9-11) in one program: every block of the row scored
+    from kernel 1's partials and Eq. 9 sums (refs as :func:`_select_kernel`'s), ``heads_per_load``
+    heads at a time, then ``n'`` argmax rounds over the row; int32 ``[n']``, ascending, ``-1``
+    last. The same order as kernel 2's (forced blocks first, then by importance, lowest block
+    on ties)."""
+    blocks = jnp.arange(geo.row_blocks)
+    visible = jnp.minimum(_visible_tokens(position, geo), geo.slots)
+    importance = jnp.zeros((geo.row_blocks,), jnp.float32)
+    for first in range(0, geo.rows, geo.heads_per_load):
+        heads = pl.ds(first, geo.heads_per_load)
+        rows = first + jnp.arange(geo.heads_per_load)
+        head_rows = rows < geo.group
+        terms = _block_terms(geo, block_sums_ref, tile_max_ref, blocks, rows, head_rows)
+        lse2 = _log2_sum_exp(max_ref[:, heads], sum_ref[:, heads])[2]
+        importance = importance + _block_importance(geo, blocks, terms, lse2, head_rows, visible)
+    current = jax.lax.div(position, geo.selection_block_size)
+    best = _best_lanes(_ranking_scores(geo, blocks, importance, current), geo.picks_padded)
+    # Blocks 0..current all score >= 0, above every block past the query, so the first
+    # min(n, current + 1) ranks are the picks.
+    rank = jnp.arange(geo.picks_padded)
+    return _ascending(geo, jnp.where((rank < geo.num_selected) & (rank <= current), best, -1))
 
 
 def _select_kernel(
@@ -462,30 +525,25 @@ def _select_kernel(
     program that draws the last ticket of ``count_ref [1]`` (aliased to ``_count_in``),
     ``picks_ref [n']``."""
     part = pl.program_id(0)
-    head_rows = jnp.arange(geo.rows) < geo.group
+    rows = jnp.arange(geo.rows)
+    head_rows = rows < geo.group
     first_block = part * geo.blocks_per_part
     blocks = first_block + jnp.arange(geo.blocks_per_part)
-    terms = _block_terms(geo, block_sums_ref, tile_max_ref, blocks, head_rows)
+    terms = _block_terms(geo, block_sums_ref, tile_max_ref, blocks, rows, head_rows)
     position = length_ref[0] - 1
     visible = jnp.minimum(_visible_tokens(position, geo), geo.slots)
-
-    maxes = max_ref[...]
-    row_max = jnp.max(maxes, axis=0)
-    row_sum = jnp.sum(sum_ref[...] * jnp.exp2(maxes - row_max[None, :]), axis=0)
-
-    nonempty = row_sum > 0
-    # log2-sum-exp; with nothing visible every probability is masked, any finite value does.
-    lse2 = jnp.where(nonempty, row_max + jnp.log(jnp.where(nonempty, row_sum, 1.0)) * LOG2E, 0.0)
+    row_max, row_sum, lse2 = _log2_sum_exp(max_ref[...], sum_ref[...])
 
     current = jax.lax.div(position, geo.selection_block_size)
     importance = _block_importance(geo, blocks, terms, lse2, head_rows, visible)
     # The part's best candidates_per_part blocks, best first, at slots part * c ...
-    best, best_scores = _best_lanes(
-        _ranking_scores(geo, blocks, importance, current), geo.candidates_per_part
-    )
+    scores = _ranking_scores(geo, blocks, importance, current)
+    best = _best_lanes(scores, geo.candidates_per_part)
     slots = pl.ds(part * geo.candidates_per_part, geo.candidates_per_part)
     blocks_ref[slots] = first_block + best
-    scores_ref[slots] = best_scores
+    # One masked sum for all the picks' scores, not a second reduction in every argmax round.
+    lanes_ = jnp.arange(geo.blocks_per_part)
+    scores_ref[slots] = jnp.sum(jnp.where(lanes_[None, :] == best[:, None], scores[None, :], 0.0), axis=1)
     if not geo.interpret:
         # Every thread's candidate stores before the ticket (released by one thread).
         plt.debug_barrier()
@@ -494,7 +552,7 @@ def _select_kernel(
     # After the ticket: the last part's pick does not read the merged output.
     @pl.when(part < geo.merge_parts)
     def _merge():
-        _merge_columns(geo, part, max_ref, acc_ref, out_ref, row_max, row_sum)
+        _merge_columns(geo, part, geo.merge_parts, max_ref, acc_ref, out_ref, row_max, row_sum)
 
     @pl.when(ticket == geo.parts - 1)
     def _pick():
@@ -513,6 +571,62 @@ def _select_kernel(
             jnp.where(chosen[None, :] & (rank[None, :] == by_rank[:, None]), blocks[None, :] + 1, 0), axis=1
         )
         store(picks_ref, _ascending(geo, picks - 1), lanes(geo.num_selected, geo.picks_padded))
+
+
+def _select_read_kernel(
+    length_ref,
+    max_ref,
+    sum_ref,
+    acc_ref,
+    tile_max_ref,
+    block_sums_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    _count_in,
+    compressed_ref,
+    picks_ref,
+    *read_refs,
+    geo,
+    reads,
+):
+    """Kernel 2 of :func:`whole_step`, one (program, KV head, sequence) of the reads
+    (:func:`pallas_kernels.gpu.decode.read_and_merge`, ``read_refs`` its outputs, the counter
+    aliased to ``_count_in``): a selected-block program first picks the row's blocks
+    (:func:`_row_picks`; the first one writes them to ``picks_ref [n']``); a window program,
+    which needs no picks, first writes its column slice of the merged compressed output
+    ``compressed_ref [G', Dv']``. Kernel 1's outputs as :func:`_select_kernel`'s."""
+    program = pl.program_id(0)
+    position = length_ref[0] - 1
+    refs = (q_ref, k_ref, v_ref, *read_refs)
+
+    @pl.when(program < reads.selected_programs)
+    def _selected():
+        picks = _row_picks(geo, max_ref, sum_ref, tile_max_ref, block_sums_ref, position)
+
+        @pl.when(program == 0)
+        def _write_picks():
+            store(picks_ref, picks, lanes(geo.num_selected, geo.picks_padded))
+
+        decode.read_and_merge(reads, program, position, picks, *refs)
+
+    @pl.when(program >= reads.selected_programs)
+    def _window():
+        part = program - reads.selected_programs
+        parts = _merge_parts_of(geo, reads)
+
+        @pl.when(part < parts)
+        def _merge():
+            row_max, row_sum, _ = _log2_sum_exp(max_ref[...], sum_ref[...])
+            _merge_columns(geo, part, parts, max_ref, acc_ref, compressed_ref, row_max, row_sum)
+
+        decode.read_and_merge(reads, program, position, jnp.full((geo.picks_padded,), -1, jnp.int32), *refs)
+
+
+def _merge_parts_of(geo: _StepGeometry, reads) -> int:
+    """Window programs of :func:`_select_read_kernel` that merge the compressed output: a power
+    of two of them, each an equal slice of ``merge_width`` columns."""
+    return min(_largest_power_of_two(reads.window_programs), geo.dv_padded // geo.merge_width)
 
 
 def _geometry(
@@ -618,29 +732,43 @@ def _compressed_pass(geo: _StepGeometry, q, k_cmp, v_cmp, lengths):
     )(lengths[:, None], q4, k_cmp, v_cmp)
 
 
+def _per_head(*block: int) -> pl.BlockSpec:
+    """A ``[B, H, *block]`` array's block of one (sequence, KV head) on a grid ``(., H, B)``."""
+    return pl.BlockSpec((None, None, *block), lambda _, h, b: (b, h, *(0,) * len(block)))
+
+
+def _kernel_one_specs(geo: _StepGeometry) -> list[pl.BlockSpec]:
+    """Blocks of kernel 1's outputs that the kernels after it read, per (sequence, KV head): the
+    partials' maxima, sums and accumulators, the tiles' running maxima and the Eq. 9 sums."""
+    return [
+        _per_head(geo.chunks, geo.rows),
+        _per_head(geo.chunks, geo.rows),
+        _per_head(geo.chunks, geo.rows, geo.dv_padded),
+        _per_head(geo.num_tiles, geo.rows),
+        _per_head(geo.rows, geo.block_columns),
+    ]
+
+
 def _select_pass(geo: _StepGeometry, lengths, partials, out_dtype):
     """Kernel 2: compressed output ``[B, H, G, Dv]`` and sorted picks ``[B, H, n]``."""
     row_max, row_sum, acc, tile_max, counts, _, block_sums = partials
     batch, kv_heads = row_max.shape[:2]
-    per_head = lambda *block: pl.BlockSpec((None, None, *block), lambda q, h, b: (b, h, *(0,) * len(block)))
+    *partials_specs, sums_spec = _kernel_one_specs(geo)
     out, picks, *_ = pl.pallas_call(
         functools.partial(_select_kernel, geo=geo),
         grid=(geo.parts, kv_heads, batch),
         in_specs=[
             pl.BlockSpec((None, 1), lambda q, h, b: (b, 0)),
-            per_head(geo.chunks, geo.rows),
-            per_head(geo.chunks, geo.rows),
-            per_head(geo.chunks, geo.rows, geo.dv_padded),
-            per_head(geo.num_tiles, geo.rows),
-            per_head(1),
-            per_head(geo.rows, geo.block_columns),
+            *partials_specs,
+            _per_head(1),
+            sums_spec,
         ],
         out_specs=[
-            per_head(geo.rows, geo.dv_padded),
-            per_head(geo.picks_padded),
-            per_head(geo.candidates),
-            per_head(geo.candidates),
-            per_head(1),
+            _per_head(geo.rows, geo.dv_padded),
+            _per_head(geo.picks_padded),
+            _per_head(geo.candidates),
+            _per_head(geo.candidates),
+            _per_head(1),
         ],
         out_shape=[
             jax.ShapeDtypeStruct((batch, kv_heads, geo.group, geo.dv), out_dtype),
@@ -655,6 +783,41 @@ def _select_pass(geo: _StepGeometry, lengths, partials, out_dtype):
         name="nsa_decode_select",
     )(lengths[:, None], row_max, row_sum, acc, tile_max, counts, block_sums)
     return out, picks
+
+
+def _select_and_read(geo: _StepGeometry, reads, launch, lengths, partials, q, keys, values):
+    """Kernel 2 of :func:`whole_step` (:func:`_select_read_kernel`): compressed, selected and
+    window outputs ``[B, H, G, Dv]`` each, and the picks ``[B, H, n]``."""
+    row_max, row_sum, acc, tile_max, _, counters, block_sums = partials
+    batch, kv_heads = row_max.shape[:2]
+    in_specs, out_specs, out_shape = decode.reads_specs(reads, batch, kv_heads, q.dtype)
+    compressed, picks, out, *_ = pl.pallas_call(
+        functools.partial(_select_read_kernel, geo=geo, reads=reads),
+        grid=(reads.programs, kv_heads, batch),
+        in_specs=[pl.BlockSpec((None, 1), lambda p, h, b: (b, 0)), *_kernel_one_specs(geo), *in_specs],
+        out_specs=[_per_head(geo.rows, geo.dv_padded), _per_head(geo.picks_padded), *out_specs],
+        out_shape=[
+            jax.ShapeDtypeStruct((batch, kv_heads, geo.group, geo.dv), q.dtype),
+            jax.ShapeDtypeStruct((batch, kv_heads, geo.num_selected), jnp.int32),
+            *out_shape,
+        ],
+        input_output_aliases={9: 6},
+        compiler_params=plt.CompilerParams(num_warps=launch[0], num_stages=launch[1]),
+        interpret=geo.interpret,
+        name="nsa_decode_select_read",
+    )(
+        lengths[:, None],
+        row_max,
+        row_sum,
+        acc,
+        tile_max,
+        block_sums,
+        q.reshape(batch, kv_heads, geo.group, geo.dk),
+        keys,
+        values,
+        counters,
+    )
+    return compressed, out[0], out[1], picks
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -732,11 +895,10 @@ def compressed_and_selection(
       ``(compressed [B, HQ, Dv]`` in ``q.dtype``, ``block_indices`` int32 ``[B, H, n])``:
       ascending, ``-1`` last.
     """
-    compressed, picks, _ = _kernels_one_two(
+    geo = _geometry(
         q,
         k_cmp,
         v_cmp,
-        lengths,
         launch,
         select_launch,
         interpret=interpret,
@@ -748,20 +910,16 @@ def compressed_and_selection(
         num_local_blocks=num_local_blocks,
         scale=float(scale),
     )
-    return compressed, picks
-
-
-def _kernels_one_two(q, k_cmp, v_cmp, lengths, launch, select_launch, **kwargs):
-    """Kernels 1 and 2: ``(compressed [B, HQ, Dv], picks [B, H, n], zeroed counters of kernel 3
-    [B, H, 1])``; ``kwargs`` as :class:`_StepGeometry`'s."""
-    geo = _geometry(q, k_cmp, v_cmp, launch, select_launch, **kwargs)
     lengths = lengths.astype(jnp.int32)
     partials = _compressed_pass(geo, q, k_cmp, v_cmp, lengths)
     out, picks = _select_pass(geo, lengths, partials, q.dtype)
-    return out.reshape(q.shape[0], -1, geo.dv), picks, partials[5]
+    return out.reshape(q.shape[0], -1, geo.dv), picks
 
 
-@functools.partial(jax.jit, static_argnames=(*_STATIC, "window", "reads_launch"))
+@functools.partial(
+    jax.jit,
+    static_argnames=(*(n for n in _STATIC if n != "select_launch"), "window", "reads_launch", "return_picks"),
+)
 def whole_step(
     q: jax.Array,
     keys: jax.Array,
@@ -779,12 +937,12 @@ def whole_step(
     num_local_blocks: int,
     scale: float,
     launch: tuple[int, int, int, int] | None = None,
-    select_launch: tuple[int, int] | None = None,
     reads_launch: tuple[int, int, int, int] | None = None,
     interpret: bool = False,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One decode step's three branch outputs in three launches: kernels 1 and 2, then
-    :func:`pallas_kernels.gpu.decode.selected_and_window` (kernel 3) on the picks, whose
+    return_picks: bool = False,
+) -> tuple[jax.Array, ...]:
+    """One decode step's three branch outputs in two launches: kernel 1, then the selection
+    and the reads in one kernel (``nsa_decode_select_read``, see the module docstring), whose
     counters kernel 1 zeroes (no XLA memset between the launches); see
     :func:`nsa_jax.decoding.decode_step_at`.
 
@@ -792,19 +950,21 @@ def whole_step(
       q: ``[B, HQ, Dk]``; keys: ``[3, B, S, H, Dk]`` and values ``[3, B, S, H, Dv]`` (branch 1
         selected, 2 window); k_cmp: ``[B, Tc, H, Dk]``; v_cmp: ``[B, Tc, H, Dv]``; lengths: int
         ``[B]`` in ``[1, min(S, Tc * d)]``, the query of row ``b`` at ``lengths[b] - 1``.
-      launch, select_launch: as :func:`compressed_and_selection`; reads_launch: kernel 3's
-        ``launch`` (:func:`pallas_kernels.gpu.decode.selected_and_window`); ``None`` for defaults.
+      launch: kernel 1's, as :func:`compressed_and_selection`'s; reads_launch: the second
+        kernel's, as :func:`pallas_kernels.gpu.decode.selected_and_window`'s ``launch``; ``None``
+        for the defaults.
+      return_picks: also return the picked blocks (for checks and benchmarks).
 
     Returns:
-      ``(compressed, selected, window)``, each ``[B, HQ, Dv]`` in ``q.dtype``.
+      ``(compressed, selected, window)``, each ``[B, HQ, Dv]`` in ``q.dtype``, and with
+      ``return_picks`` the block indices, int32 ``[B, H, n]``, ascending, ``-1`` last.
     """
-    compressed, picks, counters = _kernels_one_two(
+    geo = _geometry(
         q,
         k_cmp,
         v_cmp,
-        lengths,
         launch,
-        select_launch,
+        None,
         interpret=interpret,
         block_length=block_length,
         block_stride=block_stride,
@@ -814,20 +974,22 @@ def whole_step(
         num_local_blocks=num_local_blocks,
         scale=float(scale),
     )
-    selected, windowed = decode.selected_and_window(
+    reads_launch = decode.DEFAULT_LAUNCH if reads_launch is None else reads_launch
+    reads = decode.reads_geometry(
         q,
-        picks,
-        keys,
         values,
-        lengths,
+        num_selected,
         block_size=selection_block_size,
         window=window,
         scale=scale,
+        launch=reads_launch,
         interpret=interpret,
-        counters=counters,
-        **({} if reads_launch is None else {"launch": reads_launch}),
     )
-    return compressed, selected, windowed
+    lengths = lengths.astype(jnp.int32)
+    partials = _compressed_pass(geo, q, k_cmp, v_cmp, lengths)
+    *outputs, picks = _select_and_read(geo, reads, reads_launch, lengths, partials, q, keys, values)
+    outputs = tuple(o.reshape(q.shape[0], -1, geo.dv) for o in outputs)
+    return (*outputs, picks) if return_picks else outputs
 
 
 def check_whole_step(
