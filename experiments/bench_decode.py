@@ -75,6 +75,11 @@ HEADS, KV_HEADS, DENSE_DIM = 64, 4, 128
 ROTATION_BYTES = 200e6
 MAX_SETS = 4
 PATHS = ("new", "prev", "old", "xla")
+# Seconds of calls before a timing. One warm-up call (9 ms of an NSA step's loop) was not enough
+# after the GPU sat idle while the step compiled: interleaved rounds ran their first round
+# 2-4 us a step slower, and the path timed first after a compile read slower than in A/B scripts
+# (session 21, results/session21_h200.md).
+WARMUP_S = 0.5
 # Relative-error bound of a bf16 path against the xla path.
 TOLERANCE = 1e-2
 # Reference-importance gap below which differing block indices count as a near-tie.
@@ -163,8 +168,12 @@ def looped(step, num_sets: int, steps: int):
 
 
 def time_loop(fn, args, steps: int, repeats: int) -> float:
-    """Median milliseconds per step over ``repeats`` calls, after one warm-up call."""
+    """Median milliseconds per step over ``repeats`` calls, after a first call (which compiles)
+    and warm-up calls for ``WARMUP_S`` seconds."""
     jax.block_until_ready(fn(*args))
+    start = time.perf_counter()
+    while time.perf_counter() - start < WARMUP_S:
+        jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
