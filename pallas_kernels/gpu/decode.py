@@ -48,6 +48,7 @@ from pallas_kernels.gpu.tiles import (
     load_pieces,
     online_softmax_step,
     padded,
+    per_sequence_block,
     store,
     tile_mask,
 )
@@ -295,21 +296,20 @@ def reads_specs(geo: _DecodeGeometry, batch: int, kv_heads: int, dtype) -> tuple
     def branch_of(program):
         return 1 + (program >= geo.selected_programs).astype(jnp.int32)
 
-    per_head = lambda *block: pl.BlockSpec((None, None, *block), lambda p, h, b: (b, h, *(0,) * len(block)))
     capacity = geo.capacity
     partials = (batch, kv_heads, 2, geo.partials, geo.rows)
     in_specs = [
         pl.BlockSpec((None, None, geo.rows, dkp), lambda p, h, b: (b, h, 0, 0)),
         pl.BlockSpec((None, None, capacity, None, dkp), lambda p, h, b: (branch_of(p), b, 0, h, 0)),
         pl.BlockSpec((None, None, capacity, None, dvp), lambda p, h, b: (branch_of(p), b, 0, h, 0)),
-        per_head(1),
+        per_sequence_block(1),
     ]
     out_specs = [
         pl.BlockSpec((2, None, None, geo.rows, dvp), lambda p, h, b: (0, b, h, 0, 0)),
-        per_head(2, geo.partials, geo.rows),
-        per_head(2, geo.partials, geo.rows),
-        per_head(2, geo.partials, geo.rows, dvp),
-        per_head(1),
+        per_sequence_block(2, geo.partials, geo.rows),
+        per_sequence_block(2, geo.partials, geo.rows),
+        per_sequence_block(2, geo.partials, geo.rows, dvp),
+        per_sequence_block(1),
     ]
     out_shape = [
         jax.ShapeDtypeStruct((2, batch, kv_heads, geo.group, geo.dv), dtype),
@@ -367,7 +367,7 @@ def selected_and_window(
         in_specs=[
             pl.BlockSpec((None, 1), lambda p, h, b: (b, 0)),
             # Power-of-two block for the Triton lowering; only the first n entries are read.
-            pl.BlockSpec((None, None, padded(slots)), lambda p, h, b: (b, h, 0)),
+            per_sequence_block(padded(slots)),
             *in_specs,
         ],
         out_specs=out_specs,

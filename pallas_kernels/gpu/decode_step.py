@@ -93,6 +93,7 @@ from pallas_kernels.gpu.tiles import (
     load,
     load_pieces,
     padded,
+    per_sequence_block,
     require_supported_dtype,
     store,
     tile_mask,
@@ -710,8 +711,8 @@ def _compressed_pass(geo: _StepGeometry, q, k_cmp, v_cmp, lengths):
             partial(geo.rows),
             partial(geo.rows, geo.dv_padded),
             pl.BlockSpec((None, None, geo.tiles_per_chunk, geo.rows), lambda p, h, b: (b, h, p, 0)),
-            pl.BlockSpec((None, None, 1), lambda p, h, b: (b, h, 0)),
-            pl.BlockSpec((None, None, 1), lambda p, h, b: (b, h, 0)),
+            per_sequence_block(1),
+            per_sequence_block(1),
             pl.BlockSpec(
                 (None, None, geo.rows, geo.tiles_per_chunk * geo.blocks_per_tile),
                 lambda p, h, b: (b, h, 0, p),
@@ -732,20 +733,15 @@ def _compressed_pass(geo: _StepGeometry, q, k_cmp, v_cmp, lengths):
     )(lengths[:, None], q4, k_cmp, v_cmp)
 
 
-def _per_head(*block: int) -> pl.BlockSpec:
-    """A ``[B, H, *block]`` array's block of one (sequence, KV head) on a grid ``(., H, B)``."""
-    return pl.BlockSpec((None, None, *block), lambda _, h, b: (b, h, *(0,) * len(block)))
-
-
 def _kernel_one_specs(geo: _StepGeometry) -> list[pl.BlockSpec]:
     """Blocks of kernel 1's outputs that the kernels after it read, per (sequence, KV head): the
     partials' maxima, sums and accumulators, the tiles' running maxima and the Eq. 9 sums."""
     return [
-        _per_head(geo.chunks, geo.rows),
-        _per_head(geo.chunks, geo.rows),
-        _per_head(geo.chunks, geo.rows, geo.dv_padded),
-        _per_head(geo.num_tiles, geo.rows),
-        _per_head(geo.rows, geo.block_columns),
+        per_sequence_block(geo.chunks, geo.rows),
+        per_sequence_block(geo.chunks, geo.rows),
+        per_sequence_block(geo.chunks, geo.rows, geo.dv_padded),
+        per_sequence_block(geo.num_tiles, geo.rows),
+        per_sequence_block(geo.rows, geo.block_columns),
     ]
 
 
@@ -760,15 +756,15 @@ def _select_pass(geo: _StepGeometry, lengths, partials, out_dtype):
         in_specs=[
             pl.BlockSpec((None, 1), lambda q, h, b: (b, 0)),
             *partials_specs,
-            _per_head(1),
+            per_sequence_block(1),
             sums_spec,
         ],
         out_specs=[
-            _per_head(geo.rows, geo.dv_padded),
-            _per_head(geo.picks_padded),
-            _per_head(geo.candidates),
-            _per_head(geo.candidates),
-            _per_head(1),
+            per_sequence_block(geo.rows, geo.dv_padded),
+            per_sequence_block(geo.picks_padded),
+            per_sequence_block(geo.candidates),
+            per_sequence_block(geo.candidates),
+            per_sequence_block(1),
         ],
         out_shape=[
             jax.ShapeDtypeStruct((batch, kv_heads, geo.group, geo.dv), out_dtype),
@@ -795,7 +791,11 @@ def _select_and_read(geo: _StepGeometry, reads, launch, lengths, partials, q, ke
         functools.partial(_select_read_kernel, geo=geo, reads=reads),
         grid=(reads.programs, kv_heads, batch),
         in_specs=[pl.BlockSpec((None, 1), lambda p, h, b: (b, 0)), *_kernel_one_specs(geo), *in_specs],
-        out_specs=[_per_head(geo.rows, geo.dv_padded), _per_head(geo.picks_padded), *out_specs],
+        out_specs=[
+            per_sequence_block(geo.rows, geo.dv_padded),
+            per_sequence_block(geo.picks_padded),
+            *out_specs,
+        ],
         out_shape=[
             jax.ShapeDtypeStruct((batch, kv_heads, geo.group, geo.dv), q.dtype),
             jax.ShapeDtypeStruct((batch, kv_heads, geo.num_selected), jnp.int32),

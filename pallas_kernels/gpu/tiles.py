@@ -172,6 +172,12 @@ def per_query_block(*trailing: int) -> pl.BlockSpec:
     return pl.BlockSpec((None, None, None, *trailing), lambda t, h, b: (b, t, h, *zeros))
 
 
+def per_sequence_block(*trailing: int) -> pl.BlockSpec:
+    """Block of one (sequence, KV head) of a ``[B, H, ...]`` array for grid ``(., H, B)``."""
+    zeros = (0,) * len(trailing)
+    return pl.BlockSpec((None, None, *trailing), lambda _, h, b: (b, h, *zeros))
+
+
 def require_supported_dtype(q: jax.Array) -> None:
     """Raises ``ValueError`` unless ``q`` is float16, bfloat16 or float32 (what ``tl.dot`` takes)."""
     if jnp.dtype(q.dtype) not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
