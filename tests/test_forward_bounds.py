@@ -1,0 +1,117 @@
+"""experiments/forward_bounds.py: its work counts against the reference's own masks and picks."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nsa_jax
+from experiments import forward_bounds
+from nsa_jax.reference.compressed import compressed_visibility
+from nsa_jax.reference.selected import selected_key_positions
+from nsa_jax.segments import compressed_token_starts, num_compressed_slots
+
+# Lengths that are not multiples of l, d or l'.
+LENGTH = 301
+
+
+@pytest.mark.parametrize("block_length, block_stride", [(32, 16), (8, 4), (16, 16)])
+def test_visible_compressed_tokens_count_the_reference_mask(block_length, block_stride):
+    starts = jnp.zeros((1, LENGTH), jnp.int32)
+    slots = num_compressed_slots(LENGTH, block_stride)
+    tokens = compressed_token_starts(starts, slots, block_length=block_length, block_stride=block_stride)
+    positions = jnp.arange(LENGTH, dtype=jnp.int32)[None]
+    visible = compressed_visibility(positions, starts, tokens, block_length) & (tokens[:, None, :] >= 0)
+    expected = np.asarray(visible.sum(-1))[0]
+    np.testing.assert_array_equal(
+        forward_bounds.visible_compressed_tokens(LENGTH, block_length, block_stride), expected
+    )
+
+
+def test_window_keys_count_the_spec_window():
+    window = 40
+    t = np.arange(LENGTH)
+    expected = [len(range(max(0, p - window + 1), p + 1)) for p in t]
+    np.testing.assert_array_equal(forward_bounds.window_keys(LENGTH, window), expected)
+
+
+def test_selected_keys_count_the_reference_picks():
+    """Keys up to ``t`` in the blocks the reference picks on random inputs (n = 5, l' = 32)."""
+    geometry = dict(block_length=16, block_stride=8, selection_block_size=32, num_selected=5)
+    q_heads, kv_heads, dk = 4, 2, 16
+    keys = jax.random.split(jax.random.key(0), 2)
+    q = jax.random.normal(keys[0], (1, LENGTH, q_heads, dk), jnp.float32)
+    k_cmp = jax.random.normal(keys[1], (1, num_compressed_slots(LENGTH, 8), kv_heads, dk), jnp.float32)
+    lse = nsa_jax.compressed_attention(
+        q, k_cmp, k_cmp, block_length=16, block_stride=8, implementation="xla"
+    )[1]
+    picks = nsa_jax.select_blocks(q, k_cmp, lse, **geometry, implementation="xla")
+    positions = selected_key_positions(picks, jnp.zeros((1, LENGTH), jnp.int32), 32)
+    t = jnp.arange(LENGTH)[None, :, None, None, None]
+    attended = (picks[..., None] >= 0) & (positions <= t)
+    counts = np.asarray(attended.sum((-1, -2)))[0]  # [T, H]
+    expected = forward_bounds.selected_keys(LENGTH, 32, 5)
+    for head in range(kv_heads):
+        np.testing.assert_array_equal(counts[:, head], expected)
+    np.testing.assert_array_equal(
+        np.asarray((picks >= 0).sum(-1))[0, :, 0], forward_bounds.selected_blocks(LENGTH, 32, 5)
+    )
+
+
+def _layer_row(length: int, dk: int, compressed_ms: float, dense_ms: float) -> dict:
+    defaults = {
+        "compressed_attention": "cudnn",
+        "select_blocks": "pallas_triton",
+        "selected_attention": "pallas_triton",
+        "sliding_window_attention": "cudnn",
+    }
+    ops = {op: {name: {"fwd_ms": 1.0}} for op, name in defaults.items()}
+    ops["compressed_attention"]["cudnn"]["fwd_ms"] = compressed_ms
+    return {
+        "T": length,
+        "Dk": dk,
+        "Dv": 128,
+        "defaults": defaults,
+        "ops": ops,
+        "nsa": {"fwd_ms": 4.0},
+        "cudnn_dense": {"fwd_ms": 2 * dense_ms},
+        "cudnn_dense_native_dv": {"fwd_ms": dense_ms},
+    }
+
+
+def test_bounds_scale_with_the_ceilings_and_the_budget_is_a_sixth_of_dense(tmp_path, monkeypatch, capsys):
+    layer = {
+        "device": "test",
+        "command": "bench_layer.py --parts time",
+        "heads": {"q_heads": 64, "kv_heads": 4},
+        "time": [_layer_row(65536, 192, compressed_ms=11.0, dense_ms=150.0)],
+    }
+    path = tmp_path / "layer.json"
+    path.write_text(json.dumps(layer))
+
+    def run(*flags):
+        argv = ["forward_bounds", "--layer", str(path), "--out", str(tmp_path), *flags]
+        monkeypatch.setattr("sys.argv", argv)
+        assert forward_bounds.main() == 0
+        return json.loads((tmp_path / "forward_bounds.json").read_text())["rows"][0]
+
+    base = run()
+    faster = run("--gemm-tflops", str(2 * 788.0))
+    assert base["budget_ms"] == pytest.approx(150.0 / 6)
+    for branch in ("compressed", "select_blocks", "window"):
+        assert faster["bounds_device_ms"][branch] == pytest.approx(base["bounds_device_ms"][branch] / 2)
+    assert faster["bounds_device_ms"]["selected"] == base["bounds_device_ms"]["selected"]
+    # At cuDNN's rate the compressed bound is the measured cuDNN compressed time itself.
+    assert base["bounds_cudnn_ms"]["compressed"] == pytest.approx(11.0)
+    assert base["sum_device_ms"] == pytest.approx(sum(base["bounds_device_ms"].values()))
+    assert "| 65536 | 192/128 |" in capsys.readouterr().out
+
+
+def test_a_report_without_time_rows_is_refused(tmp_path, monkeypatch):
+    path = tmp_path / "layer.json"
+    path.write_text(json.dumps({"heads": {"q_heads": 8, "kv_heads": 2}}))
+    monkeypatch.setattr("sys.argv", ["forward_bounds", "--layer", str(path), "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="no 'time' rows"):
+        forward_bounds.main()
