@@ -47,6 +47,7 @@ import pathlib
 import numpy as np
 
 from experiments.bench_layer import PAPER
+from experiments.measure import write_report
 
 BYTES_16BIT = 2
 FORWARD_TARGET = 6.0
@@ -202,12 +203,7 @@ def main() -> int:
         "ceilings": {"gemm_tflops": args.gemm_tflops, "hbm_tbs": args.hbm_tbs, "l2_tbs": args.l2_tbs},
         "rows": [row_bounds(row, layer["heads"], device) for row in layer["time"]],
     }
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "forward_bounds.json").write_text(json.dumps(report, indent=1))
-    text = markdown(report)
-    (out / "forward_bounds.md").write_text(text)
-    print(text)
+    write_report(args.out, "forward_bounds", report, markdown(report))
     return 0
 
 

@@ -21,6 +21,16 @@ def relative_error(x: jax.Array, ref: jax.Array) -> float:
     return float(jnp.linalg.norm(x - ref) / jnp.linalg.norm(ref))
 
 
+def write_report(out: str | pathlib.Path, stem: str, report: dict, markdown: str) -> None:
+    """Writes ``stem.json`` (the report) and ``stem.md`` into the folder ``out`` (made if missing),
+    then prints the Markdown."""
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    (out / f"{stem}.md").write_text(markdown)
+    print(markdown)
+
+
 def time_jax(fn: Callable, *args, iters: int, warmup: int = 2) -> float:
     """Median milliseconds of ``iters`` calls of ``fn(*args)`` after ``warmup`` calls, each
     call waited for with ``block_until_ready``."""

@@ -189,6 +189,8 @@ def mps_daemon(start: bool, env: dict) -> None:
 def launch(args) -> int:
     import jax
 
+    from experiments.measure import write_report
+
     runs = []
     env = dict(os.environ)
     runs.append(("time slicing", run_schedule(args, env)))
@@ -226,12 +228,7 @@ def launch(args) -> int:
             for name, reports in runs
         ],
     }
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "overlap.json").write_text(json.dumps(report, indent=1))
-    text = markdown(report)
-    (out / "overlap.md").write_text(text)
-    print(text)
+    write_report(args.out, "overlap", report, markdown(report))
     return 0
 
 
