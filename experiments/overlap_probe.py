@@ -17,9 +17,9 @@ can run at once; each ``--sm-percent`` value is a run with ``CUDA_MPS_ACTIVE_THR
 set for the clients (50: each process gets half the SMs).
 
 For each phase of two branches it reports each branch's time a call and its *share*: its
-time a call when it runs alone on the whole GPU (the no-MPS run's phases of one branch, or
-the first run's) over its time a call in the phase. A sum of shares above 1 means the pair
-did more work together than in turn. Writes ``overlap.json`` and ``overlap.md``.
+time a call when it runs alone on the whole GPU (the phases of one branch in the first run,
+which shares the GPU by time slicing) over its time a call in the phase. A sum of shares
+above 1 means the pair did more work together than in turn. Writes ``overlap.json`` and ``overlap.md``.
 """
 
 from __future__ import annotations
@@ -78,7 +78,11 @@ def run_role(role: str, t0: float, phase_s: float, length: int, dk: int, dv: int
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
     call_s = time.perf_counter() - start
-    late_s = max(0.0, time.time() - t0)
+    if time.time() > t0:
+        raise RuntimeError(
+            f"{role}: ready {time.time() - t0:.1f} s after the first phase began, so its phases would not "
+            "line up with the other processes'; give a longer --lead-s"
+        )
     rows = []
     for i, phase in enumerate(PHASES):
         begin, end = t0 + i * phase_s, t0 + (i + 1) * phase_s
@@ -96,7 +100,7 @@ def run_role(role: str, t0: float, phase_s: float, length: int, dk: int, dv: int
         if not calls:
             raise RuntimeError(f"{role}: no call fits in phase {phase}; give a longer --phase-s")
         rows.append({"phase": i, "name": phase, "calls": calls, "ms_per_call": 1e3 * busy / calls})
-    return {"role": role, "late_s": late_s, "phases": rows}
+    return {"role": role, "phases": rows}
 
 
 def run_schedule(args, env: dict) -> dict[str, dict]:
@@ -118,6 +122,8 @@ def run_schedule(args, env: dict) -> dict[str, dict]:
                 str(args.length),
                 "--dk",
                 str(args.dk),
+                "--dv",
+                str(args.dv),
                 "--out",
                 str(folder),
             ],
@@ -127,6 +133,8 @@ def run_schedule(args, env: dict) -> dict[str, dict]:
     }
     for role, proc in procs.items():
         if proc.wait() != 0:
+            for other in procs.values():
+                other.kill()
             raise RuntimeError(f"the {role} process failed (exit {proc.returncode})")
     return {role: json.loads((folder / f"{role}.json").read_text()) for role in ROLES}
 
