@@ -569,6 +569,25 @@ def time_fla(torch, triton, parallel_nsa, arrays, iters: int) -> dict:
 # ---------------------------------------------------------------------------- time
 
 
+def add_branch_inputs(x: dict, implementations: dict[str, str]) -> None:
+    """Adds to :func:`op_inputs`' ``x`` the branch inputs that come from earlier branches in
+    ``nsa_attention``, computed once with ``implementations`` (op -> name): ``lse`` float32
+    ``[B, T, HQ]`` of the compressed attention and ``block_indices`` int32 ``[B, T, H, n]`` of
+    select_blocks on it (paper geometry)."""
+    compressed_kw = {k: PAPER[k] for k in ("block_length", "block_stride")}
+    x["lse"] = jax.jit(
+        lambda q, k, v: nsa_jax.compressed_attention(
+            q, k, v, **compressed_kw, implementation=implementations["compressed_attention"]
+        )[1]
+    )(x["q"], x["k_cmp"], x["v_cmp"])
+    selection = {k: PAPER[k] for k in SELECTION_KEYS}
+    x["block_indices"] = jax.jit(
+        lambda q, k, lse: nsa_jax.select_blocks(
+            q, k, lse, **selection, implementation=implementations["select_blocks"]
+        )
+    )(x["q"], x["k_cmp"], x["lse"])
+
+
 def branch_fns(x: dict, geometry: dict) -> dict[str, tuple[Callable, tuple, int]]:
     """Per-op ``(fn(implementation) -> callable, args, differentiable arg count)``."""
     compressed_kw = {k: geometry[k] for k in ("block_length", "block_stride")}
@@ -623,18 +642,7 @@ def time_config(length: int, dk: int, dv: int, iters: int, alternatives: bool) -
         return nsa_jax.nsa_attention(*arrays, **PAPER, implementation=OVERRIDES or None)
 
     row["nsa"] = time_pair(nsa, tuple(x[k] for k in NSA_INPUTS), len(NSA_INPUTS), x["cotangent"], n)
-    # Branch inputs that come from earlier branches in nsa_attention, computed once.
-    compressed_kw = {k: PAPER[k] for k in ("block_length", "block_stride")}
-    impl = row["defaults"]
-    x["lse"] = jax.jit(
-        lambda q, k, v: nsa_jax.compressed_attention(
-            q, k, v, **compressed_kw, implementation=impl["compressed_attention"]
-        )[1]
-    )(x["q"], x["k_cmp"], x["v_cmp"])
-    selection = {k: PAPER[k] for k in SELECTION_KEYS}
-    x["block_indices"] = jax.jit(
-        lambda q, k, lse: nsa_jax.select_blocks(q, k, lse, **selection, implementation=impl["select_blocks"])
-    )(x["q"], x["k_cmp"], x["lse"])
+    add_branch_inputs(x, row["defaults"])
     candidates = native_candidates(x, PAPER) if alternatives else {}
     for op, (make, args, num_diff) in branch_fns(x, PAPER).items():
         names = [row["defaults"][op]] + [c for c in candidates.get(op, []) if c != row["defaults"][op]]

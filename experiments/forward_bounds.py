@@ -49,6 +49,7 @@ import numpy as np
 
 from experiments.bench_layer import PAPER
 from experiments.measure import write_report
+from experiments.plot_benchmarks import dense_peer
 
 BYTES_16BIT = 2
 FORWARD_TARGET = 6.0
@@ -128,11 +129,6 @@ def bounds_ms(work: dict, ceilings: Ceilings) -> dict[str, float]:
     }
 
 
-def dense_forward_ms(row: dict) -> float:
-    """The dense peer's forward: cuDNN's own ``Dv != Dk`` path where the report has it."""
-    return row.get("cudnn_dense_native_dv", row["cudnn_dense"])["fwd_ms"]
-
-
 def row_bounds(row: dict, heads: dict, device: Ceilings) -> dict:
     """One ``time`` row: the work, the bounds under both ceilings, the budget of the 6x target."""
     work = branch_work(row["T"], heads["q_heads"], heads["kv_heads"], row["Dk"], row["Dv"], PAPER)
@@ -147,7 +143,7 @@ def row_bounds(row: dict, heads: dict, device: Ceilings) -> dict:
         out[f"bounds_{name}_ms"] = parts
         out[f"sum_{name}_ms"] = sum(parts.values())
     out["nsa_fwd_ms"] = row["nsa"]["fwd_ms"]
-    out["dense_fwd_ms"] = dense_forward_ms(row)
+    out["dense_fwd_ms"] = dense_peer(row)["fwd_ms"]
     out["budget_ms"] = out["dense_fwd_ms"] / FORWARD_TARGET
     return out
 

@@ -47,25 +47,21 @@ def build(role: str, length: int, dk: int, dv: int):
     import jax
 
     import nsa_jax
-    from experiments.bench_layer import PAPER, SELECTION_KEYS, op_inputs
+    from experiments.bench_layer import PAPER, add_branch_inputs, branch_fns, defaults, op_inputs
 
     x = op_inputs(length, dk, dv, PAPER)
-    compressed_kw = {k: PAPER[k] for k in ("block_length", "block_stride")}
-    selection = {k: PAPER[k] for k in SELECTION_KEYS}
-    compressed = jax.jit(lambda q, k, v: nsa_jax.compressed_attention(q, k, v, **compressed_kw))
-    if role == "compressed":
+    if role == "compressed":  # with its lse, as nsa_attention calls it (branch_fns times the output alone)
+        compressed_kw = {k: PAPER[k] for k in ("block_length", "block_stride")}
+        compressed = jax.jit(lambda q, k, v: nsa_jax.compressed_attention(q, k, v, **compressed_kw))
         return compressed, (x["q"], x["k_cmp"], x["v_cmp"])
-    if role == "window":
+    if role == "window":  # needs no earlier branch's output
         window = jax.jit(lambda q, k, v: nsa_jax.sliding_window_attention(q, k, v, window=PAPER["window"]))
         return window, (x["q"], x["k_win"], x["v_win"])
-    lse = compressed(x["q"], x["k_cmp"], x["v_cmp"])[1]
-    select = jax.jit(lambda q, k, lse: nsa_jax.select_blocks(q, k, lse, **selection))
-    if role == "select":
-        return select, (x["q"], x["k_cmp"], lse)
-    indices = select(x["q"], x["k_cmp"], lse)
-    block = PAPER["selection_block_size"]
-    selected = jax.jit(lambda q, k, v, i: nsa_jax.selected_attention(q, k, v, i, block_size=block))
-    return selected, (x["q"], x["k_slc"], x["v_slc"], indices)
+    implementations = defaults(x, PAPER)
+    add_branch_inputs(x, implementations)
+    op = {"select": "select_blocks", "selected": "selected_attention"}[role]
+    make, args, _ = branch_fns(x, PAPER)[op]
+    return jax.jit(make(implementations[op])), args
 
 
 def run_role(role: str, t0: float, phase_s: float, length: int, dk: int, dv: int) -> dict:

@@ -59,7 +59,7 @@ def _require(report: dict[str, Any], key: str, argument: str) -> list[dict[str, 
     return rows
 
 
-def _dense_peer(row: dict[str, Any]) -> dict[str, float]:
+def dense_peer(row: dict[str, Any]) -> dict[str, float]:
     """cuDNN dense with the op's own head dims (Dv != Dk through cuDNN's native path)."""
     return row.get("cudnn_dense_native_dv") or row["cudnn_dense"]
 
@@ -111,7 +111,7 @@ def plot_op(report: dict[str, Any], path: pathlib.Path) -> None:
         for series, (color, (dk, dv)) in enumerate(zip(colors, configs, strict=False)):
             present = [t for t in lengths if (dk, dv, t) in by_key]
             nsa = [by_key[dk, dv, t]["nsa"][key] for t in present]
-            dense = [_dense_peer(by_key[dk, dv, t])[key] for t in present]
+            dense = [dense_peer(by_key[dk, dv, t])[key] for t in present]
             ax.plot(present, nsa, "o-", color=color, label=f"NSA, Dk={dk}/Dv={dv}")
             ax.plot(present, dense, "s--", color=color, alpha=0.6, label=f"cuDNN dense, Dk={dk}/Dv={dv}")
             _label_points(
