@@ -11,6 +11,7 @@ import nsa_jax
 from experiments import forward_bounds
 from nsa_jax.reference.compressed import compressed_visibility
 from nsa_jax.reference.selected import selected_key_positions
+from nsa_jax.reference.selection import top_blocks
 from nsa_jax.segments import compressed_token_starts, num_compressed_slots
 
 # Lengths that are not multiples of l, d or l'.
@@ -60,6 +61,52 @@ def test_selected_keys_count_the_reference_picks():
     )
 
 
+def test_forced_blocks_count_what_eq11_always_selects():
+    """The reference's top-n with no finite importance keeps exactly its forced blocks."""
+    block_size = 32
+    positions = jnp.arange(LENGTH, dtype=jnp.int32)[None]
+    blocks = -(-LENGTH // block_size)
+    importance = jnp.full((1, LENGTH, 1, blocks), -jnp.inf, jnp.float32)
+    picks = top_blocks(
+        importance,
+        positions,
+        jnp.zeros_like(positions),
+        selection_block_size=block_size,
+        num_selected=blocks,
+        num_initial_blocks=1,
+        num_local_blocks=2,
+    )
+    np.testing.assert_array_equal(
+        forward_bounds.forced_blocks(LENGTH, block_size), np.asarray((picks >= 0).sum(-1))[0, :, 0]
+    )
+
+
+def test_visible_selection_blocks_are_what_top_n_can_pick():
+    """With finite importances and n at least the block count, the reference picks every visible block."""
+    block_size = 32
+    positions = jnp.arange(LENGTH, dtype=jnp.int32)[None]
+    blocks = -(-LENGTH // block_size)
+    importance = jax.random.uniform(jax.random.key(1), (1, LENGTH, 1, blocks))
+    picks = top_blocks(
+        importance,
+        positions,
+        jnp.zeros_like(positions),
+        selection_block_size=block_size,
+        num_selected=blocks,
+        num_initial_blocks=1,
+        num_local_blocks=2,
+    )
+    np.testing.assert_array_equal(
+        forward_bounds.visible_selection_blocks(LENGTH, block_size), np.asarray((picks >= 0).sum(-1))[0, :, 0]
+    )
+
+
+def test_dense_causal_flops_count_the_causal_pairs():
+    length, q_heads, dk, dv = 37, 3, 8, 4
+    pairs = int(np.tril(np.ones((length, length), bool)).sum())
+    assert forward_bounds.dense_causal_flops(length, q_heads, dk, dv) == 2 * q_heads * (dk + dv) * pairs
+
+
 def _layer_row(length: int, dk: int, compressed_ms: float, dense_ms: float) -> dict:
     defaults = {
         "compressed_attention": "cudnn",
@@ -100,9 +147,24 @@ def test_bounds_scale_with_the_ceilings_and_the_budget_is_a_sixth_of_dense(tmp_p
     base = run()
     faster = run("--gemm-tflops", str(2 * 788.0))
     assert base["budget_ms"] == pytest.approx(150.0 / 6)
-    for branch in ("compressed", "select_blocks", "window"):
+    for branch in ("compressed", "window"):
         assert faster["bounds_device_ms"][branch] == pytest.approx(base["bounds_device_ms"][branch] / 2)
     assert faster["bounds_device_ms"]["selected"] == base["bounds_device_ms"]["selected"]
+    # select_blocks takes its faster design: the second pass scales with the flop ceiling, the one
+    # pass (importances through HBM) with the HBM ceiling.
+    two_passes, one_pass = base["select_designs_ms"]["two_passes"], base["select_designs_ms"]["one_pass"]
+    assert faster["select_designs_ms"]["two_passes"] == pytest.approx(two_passes / 2)
+    assert faster["select_designs_ms"]["one_pass"] == pytest.approx(one_pass)
+    assert base["bounds_device_ms"]["select_blocks"] == pytest.approx(min(two_passes, one_pass))
+    assert faster["bounds_device_ms"]["select_blocks"] == pytest.approx(min(two_passes / 2, one_pass))
+    # The dense peer's efficiency: its causal flops over its time, as a share of the GEMM ceiling.
+    dense_tflops = 2 * 64 * (192 + 128) * 65536 * 65537 / 2 / 150e-3 / 1e12
+    assert base["dense_tflops"] == pytest.approx(dense_tflops)
+    assert base["dense_efficiency"] == pytest.approx(dense_tflops / 788.0)
+    assert base["efficiency_needed"] == pytest.approx(base["sum_device_ms"] / base["budget_ms"])
+    assert base["ratio_at_dense_efficiency"] == pytest.approx(
+        150.0 * base["dense_efficiency"] / base["sum_device_ms"]
+    )
     # At cuDNN's rate the compressed bound is the measured cuDNN compressed time itself.
     assert base["bounds_cudnn_ms"]["compressed"] == pytest.approx(11.0)
     assert base["sum_device_ms"] == pytest.approx(sum(base["bounds_device_ms"].values()))
