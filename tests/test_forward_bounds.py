@@ -61,43 +61,39 @@ def test_selected_keys_count_the_reference_picks():
     )
 
 
-def test_forced_blocks_count_what_eq11_always_selects():
-    """The reference's top-n with no finite importance keeps exactly its forced blocks."""
-    block_size = 32
+SELECTION_BLOCK = 32
+NUM_BLOCKS = -(-LENGTH // SELECTION_BLOCK)
+
+
+def _picks_per_position(importance: jax.Array) -> np.ndarray:
+    """Blocks the reference's Eq. 11 picks at each position from ``importance [1, T, 1, Nb]``, with
+    ``n`` = every block, one initial and two local blocks forced."""
     positions = jnp.arange(LENGTH, dtype=jnp.int32)[None]
-    blocks = -(-LENGTH // block_size)
-    importance = jnp.full((1, LENGTH, 1, blocks), -jnp.inf, jnp.float32)
     picks = top_blocks(
         importance,
         positions,
         jnp.zeros_like(positions),
-        selection_block_size=block_size,
-        num_selected=blocks,
+        selection_block_size=SELECTION_BLOCK,
+        num_selected=NUM_BLOCKS,
         num_initial_blocks=1,
         num_local_blocks=2,
     )
+    return np.asarray((picks >= 0).sum(-1))[0, :, 0]
+
+
+def test_forced_blocks_count_what_eq11_always_selects():
+    """With no finite importance the reference picks its forced blocks alone."""
+    importance = jnp.full((1, LENGTH, 1, NUM_BLOCKS), -jnp.inf, jnp.float32)
     np.testing.assert_array_equal(
-        forward_bounds.forced_blocks(LENGTH, block_size), np.asarray((picks >= 0).sum(-1))[0, :, 0]
+        forward_bounds.forced_blocks(LENGTH, SELECTION_BLOCK), _picks_per_position(importance)
     )
 
 
 def test_visible_selection_blocks_are_what_top_n_can_pick():
     """With finite importances and n at least the block count, the reference picks every visible block."""
-    block_size = 32
-    positions = jnp.arange(LENGTH, dtype=jnp.int32)[None]
-    blocks = -(-LENGTH // block_size)
-    importance = jax.random.uniform(jax.random.key(1), (1, LENGTH, 1, blocks))
-    picks = top_blocks(
-        importance,
-        positions,
-        jnp.zeros_like(positions),
-        selection_block_size=block_size,
-        num_selected=blocks,
-        num_initial_blocks=1,
-        num_local_blocks=2,
-    )
+    importance = jax.random.uniform(jax.random.key(1), (1, LENGTH, 1, NUM_BLOCKS))
     np.testing.assert_array_equal(
-        forward_bounds.visible_selection_blocks(LENGTH, block_size), np.asarray((picks >= 0).sum(-1))[0, :, 0]
+        forward_bounds.visible_selection_blocks(LENGTH, SELECTION_BLOCK), _picks_per_position(importance)
     )
 
 
