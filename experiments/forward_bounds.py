@@ -14,7 +14,7 @@ the least work each branch of the forward must do on random inputs:
   - *one pass*, inside the compressed branch: each (position, query head) keeps its importance of
     every visible selection block (``t // l' + 1`` at ``t``) unnormalised, in float32 as exact
     ties need, and rescales them once its log-sum-exp is known. Per program that is 256 KB for
-    64 rows (four positions), more than an SM's shared memory, so they cross HBM twice.
+    64 rows (four positions) at 64K, more than an SM's shared memory, so they cross HBM twice.
   The bound is the faster of the two;
 - window: ``2 HQ (Dk + Dv)`` flops per key, ``min(t + 1, w)`` keys at ``t``;
 - selected (Eq. 12): ``min(n, t // l' + 1)`` blocks at ``t``, the block holding ``t`` among them
@@ -124,12 +124,14 @@ def branch_work(length: int, q_heads: int, kv_heads: int, dk: int, dv: int, geom
     """Flops of the compressed, select_blocks and window branches; the selected branch's flops and
     the bytes of its two designs (see the module notes)."""
     pairs = int(visible_compressed_tokens(length, geometry["block_length"], geometry["block_stride"]).sum())
-    keys = int(selected_keys(length, geometry["selection_block_size"], geometry["num_selected"]).sum())
-    size = geometry["selection_block_size"]
-    attended = selected_blocks(length, size, geometry["num_selected"])
-    picked = int((attended - forced_blocks(length, size)).sum())
+    size, num_selected = geometry["selection_block_size"], geometry["num_selected"]
+    keys = int(selected_keys(length, size, num_selected).sum())
+    forced = forced_blocks(length, size)
+    picked = int((selected_blocks(length, size, num_selected) - forced).sum())
     group = q_heads // kv_heads
-    scored_blocks = int(visible_selection_blocks(length, geometry["selection_block_size"]).sum())
+    scored_blocks = int(visible_selection_blocks(length, size).sum())
+    # The forced blocks' keys, once per l' positions and KV head.
+    forced_keys = kv_heads * -(-length // size) * int(forced.max(initial=0)) * size
     return {
         "compressed_flops": 2 * q_heads * (dk + dv) * pairs,
         "select_flops": 2 * q_heads * dk * pairs,
@@ -139,12 +141,7 @@ def branch_work(length: int, q_heads: int, kv_heads: int, dk: int, dv: int, geom
         "selected_keys_to_queries_bytes": kv_heads * keys * (dk + dv) * BYTES_16BIT,
         "selected_queries_in_bytes": kv_heads * picked * group * dk * BYTES_16BIT,
         "selected_partials_bytes": 2 * kv_heads * picked * group * dv * BYTES_16BIT,
-        "selected_forced_keys_bytes": kv_heads
-        * -(-length // size)
-        * size
-        * (dk + dv)
-        * BYTES_16BIT
-        * int(forced_blocks(length, size).max(initial=0)),
+        "selected_forced_keys_bytes": forced_keys * (dk + dv) * BYTES_16BIT,
     }
 
 
