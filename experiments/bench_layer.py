@@ -633,15 +633,39 @@ def time_pair(fn: Callable, args: tuple, num_diff: int, cotangent, iters: int) -
     return out
 
 
+def nsa_op(*arrays: jax.Array) -> jax.Array:
+    """``nsa_attention`` on :data:`NSA_INPUTS` at the paper geometry, ``--override`` applied."""
+    return nsa_jax.nsa_attention(*arrays, **PAPER, implementation=OVERRIDES or None)
+
+
+def dense_peers(length: int, dk: int, dv: int) -> dict[str, tuple[Callable, tuple, jax.Array]]:
+    """cuDNN dense causal attention at the op's lengths (GPU only), as ``(fn, (q, k, v), cotangent)``:
+    ``cudnn_dense``, ``jax.nn.dot_product_attention`` at head dim ``max(Dk, Dv)``; and where
+    ``Dk != Dv``, ``cudnn_dense_native_dv``, cuDNN's own ``Dv != Dk`` path (through jax's cuDNN
+    module, as :mod:`nsa_jax.cudnn`), the faster peer at those dims
+    (:func:`experiments.plot_benchmarks.dense_peer` takes it when present)."""
+    width = max(dk, dv)
+    dense = op_inputs(length, width, width, PAPER, seed=1)
+
+    def cudnn(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+    peers = {"cudnn_dense": (cudnn, (dense["q"], dense["k_slc"], dense["v_slc"]), dense["cotangent"])}
+    if dk != dv:
+
+        def cudnn_native(q, k, v):
+            return nsa_cudnn.cudnn_causal_attention(q, k, v, dk**-0.5, False)
+
+        narrow = (dense["q"][..., :dk], dense["k_slc"][..., :dk], dense["v_slc"][..., :dv])
+        peers["cudnn_dense_native_dv"] = (cudnn_native, narrow, dense["cotangent"][..., :dv])
+    return peers
+
+
 def time_config(length: int, dk: int, dv: int, iters: int, alternatives: bool) -> dict:
     x = op_inputs(length, dk, dv, PAPER)
     n = iterations(length, iters)
     row = {"T": length, "Dk": dk, "Dv": dv, "defaults": chosen(x, PAPER), "ops": {}}
-
-    def nsa(*arrays):
-        return nsa_jax.nsa_attention(*arrays, **PAPER, implementation=OVERRIDES or None)
-
-    row["nsa"] = time_pair(nsa, tuple(x[k] for k in NSA_INPUTS), len(NSA_INPUTS), x["cotangent"], n)
+    row["nsa"] = time_pair(nsa_op, tuple(x[k] for k in NSA_INPUTS), len(NSA_INPUTS), x["cotangent"], n)
     add_branch_inputs(x, row["defaults"])
     candidates = native_candidates(x, PAPER) if alternatives else {}
     for op, (make, args, num_diff) in branch_fns(x, PAPER).items():
@@ -658,24 +682,9 @@ def time_config(length: int, dk: int, dv: int, iters: int, alternatives: bool) -
     branch_outs = [x["cotangent"]] * 3  # any [B, T, HQ, Dv] arrays: combine's cost does not depend on values
     row["combine"] = time_pair(combine_branches, (x["gates"], *branch_outs), 4, x["cotangent"], n)
     if ON_GPU:
-        width = max(dk, dv)
-        dense = op_inputs(length, width, width, PAPER, seed=1)
-
-        def cudnn(q, k, v):
-            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-
-        row["cudnn_dense"] = time_pair(
-            cudnn, (dense["q"], dense["k_slc"], dense["v_slc"]), 3, dense["cotangent"], n
-        )
-        row["cudnn_dense"]["head_dim"] = width
-        if dk != dv:
-            # jax.nn.dot_product_attention needs Dv == Dk; cuDNN's own Dv != Dk path (through
-            # jax's cuDNN module, as nsa_jax.cudnn) is the faster dense peer at these dims.
-            def cudnn_native(q, k, v):
-                return nsa_cudnn.cudnn_causal_attention(q, k, v, dk**-0.5, False)
-
-            narrow = (dense["q"][..., :dk], dense["k_slc"][..., :dk], dense["v_slc"][..., :dv])
-            row["cudnn_dense_native_dv"] = time_pair(cudnn_native, narrow, 3, dense["cotangent"][..., :dv], n)
+        for name, (fn, args, cotangent) in dense_peers(length, dk, dv).items():
+            row[name] = time_pair(fn, args, 3, cotangent, n)
+        row["cudnn_dense"]["head_dim"] = max(dk, dv)
     return row
 
 

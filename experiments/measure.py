@@ -44,6 +44,26 @@ def time_jax(fn: Callable, *args, iters: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def alternating_rounds(
+    calls: dict[str, tuple[Callable, tuple]], rounds: int, iters: int
+) -> dict[str, list[float]]:
+    """:func:`time_jax` of every ``fn(*args)`` in ``calls``, ``rounds`` times, as ``{name: [ms per
+    round]}``. A round takes the calls in turn, every other round in reverse order (A B, B A, ...),
+    so that a drift of the GPU's clock over the run reaches every call alike. Each call runs once
+    before the first round (compiling it); each timing has one warm-up call."""
+    if rounds < 1 or iters < 1:
+        raise ValueError(f"rounds and iters must be >= 1, got rounds={rounds}, iters={iters}")
+    for fn, args in calls.values():
+        jax.block_until_ready(fn(*args))
+    order = list(calls)
+    times: dict[str, list[float]] = {name: [] for name in order}
+    for round_index in range(rounds):
+        for name in order if round_index % 2 == 0 else reversed(order):
+            fn, args = calls[name]
+            times[name].append(time_jax(fn, *args, iters=iters, warmup=1))
+    return times
+
+
 def gpu_events(fn, args) -> list[dict]:
     """Kernels and copies on the GPU during one call of ``fn(*args)`` (after two warm-up calls)."""
     for _ in range(2):

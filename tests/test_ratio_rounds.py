@@ -1,0 +1,72 @@
+"""experiments/ratio_rounds.py and measure.alternating_rounds: the round order and the ratios."""
+
+import jax.numpy as jnp
+import pytest
+
+from experiments import ratio_rounds
+from experiments.measure import alternating_rounds
+
+
+def test_rounds_alternate_the_order_and_time_every_call_each_round():
+    log = []
+
+    def recorder(name):
+        def fn(x):
+            log.append(name)
+            return x + 1
+
+        return fn
+
+    calls = {name: (recorder(name), (jnp.ones(3),)) for name in "ABC"}
+    times = alternating_rounds(calls, rounds=3, iters=2)
+    assert {name: len(values) for name, values in times.items()} == {"A": 3, "B": 3, "C": 3}
+    assert all(t >= 0 for values in times.values() for t in values)
+
+    # One compiling call each, then per round each name's 1 warm-up + 2 timed calls, in turn.
+    def round_of(order):
+        return [name for name in order for _ in range(3)]
+
+    assert log == list("ABC") + round_of("ABC") + round_of("CBA") + round_of("ABC")
+
+
+@pytest.mark.parametrize("rounds, iters", [(0, 3), (2, 0)])
+def test_rounds_and_iters_must_be_positive(rounds, iters):
+    with pytest.raises(ValueError, match="rounds and iters must be >= 1"):
+        alternating_rounds({"A": (lambda: jnp.ones(1), ())}, rounds=rounds, iters=iters)
+
+
+def test_ratio_summary_takes_each_round_alone():
+    summary = ratio_rounds.ratio_summary([500.0, 630.0, 600.0], [100.0, 125.0, 125.0])
+    assert summary["rounds"] == pytest.approx([5.0, 5.04, 4.8])
+    assert summary["median"] == pytest.approx(5.0)
+    assert (summary["low"], summary["high"]) == (pytest.approx(4.8), pytest.approx(5.04))
+    with pytest.raises(ValueError, match="one time of each per round"):
+        ratio_rounds.ratio_summary([1.0], [1.0, 2.0])
+
+
+def test_markdown_gives_median_and_spread():
+    row = {
+        "T": 65536,
+        "Dk": 192,
+        "Dv": 128,
+        "ms": {"nsa_fwd": [47.0, 48.0], "nsa_fwd_bwd": [125.0, 126.0], "dense_fwd": [150.0, 150.0]},
+    }
+    row["ms"]["dense_fwd_bwd"] = [630.0, 620.0]
+    for mode in ratio_rounds.MODES:
+        row[f"{mode}_ratios"] = ratio_rounds.ratio_summary(
+            row["ms"][f"dense_{mode}"], row["ms"][f"nsa_{mode}"]
+        )
+    report = {"device": "test", "jax": "0", "command": "ratio_rounds.py", "rounds": 2, "rows": [row]}
+    text = ratio_rounds.markdown(report)
+    assert (
+        "| 65536 | 192/128 | 47.50 / 125.50 | 150.00 / 625.00 | 3.16x (3.12-3.19) | 4.98x (4.92-5.04) |"
+        in text
+    )
+
+
+def test_main_needs_a_gpu(tmp_path, monkeypatch):
+    if ratio_rounds.ON_GPU:
+        pytest.skip("runs the benchmark on a GPU")
+    monkeypatch.setattr("sys.argv", ["ratio_rounds", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="needs a GPU"):
+        ratio_rounds.main()
