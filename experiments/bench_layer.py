@@ -641,10 +641,9 @@ def nsa_op(*arrays: jax.Array) -> jax.Array:
 def dense_peers(length: int, dk: int, dv: int) -> dict[str, tuple[Callable, tuple, jax.Array]]:
     """cuDNN dense causal attention at the op's length (GPU only), as ``(fn, (q, k, v), cotangent)``:
     ``cudnn_dense``, ``jax.nn.dot_product_attention`` at head dim ``max(Dk, Dv)`` (it needs
-    ``Dv == Dk``); and where
-    ``Dk != Dv``, ``cudnn_dense_native_dv``, cuDNN's own ``Dv != Dk`` path (through jax's cuDNN
-    module, as :mod:`nsa_jax.cudnn`), the faster peer at those dims
-    (:func:`experiments.plot_benchmarks.dense_peer` takes it when present)."""
+    ``Dv == Dk``); and where ``Dk != Dv``, ``cudnn_dense_native_dv``, cuDNN's own ``Dv != Dk`` path
+    (through jax's cuDNN module, as :mod:`nsa_jax.cudnn`), the faster peer at those dims
+    (:func:`experiments.plot_benchmarks.dense_peer_name` takes it when present)."""
     width = max(dk, dv)
     dense = op_inputs(length, width, width, PAPER, seed=1)
 

@@ -59,9 +59,16 @@ def _require(report: dict[str, Any], key: str, argument: str) -> list[dict[str, 
     return rows
 
 
+def dense_peer_name(row: dict[str, Any]) -> str:
+    """Key of the dense peer in a ``bench_layer.py`` time row (or in ``bench_layer.dense_peers``):
+    cuDNN with the op's own head dims, ``cudnn_dense_native_dv`` (Dv != Dk through cuDNN's native
+    path) where the row holds one, else ``cudnn_dense``."""
+    return "cudnn_dense_native_dv" if row.get("cudnn_dense_native_dv") else "cudnn_dense"
+
+
 def dense_peer(row: dict[str, Any]) -> dict[str, float]:
-    """cuDNN dense with the op's own head dims (Dv != Dk through cuDNN's native path)."""
-    return row.get("cudnn_dense_native_dv") or row["cudnn_dense"]
+    """The dense peer's timings in a time row (:func:`dense_peer_name`)."""
+    return row[dense_peer_name(row)]
 
 
 def _label_points(ax, xs, ys, texts, color: str, series: int) -> None:

@@ -34,6 +34,7 @@ from experiments.bench_layer import (
     with_vjp,
 )
 from experiments.measure import alternating_rounds, write_report
+from experiments.plot_benchmarks import dense_peer_name
 
 MODES = ("fwd", "fwd_bwd")
 
@@ -42,7 +43,7 @@ def ratio_row(length: int, dk: int, dv: int, rounds: int, iters: int) -> dict:
     """Per-round times (ms) of the op and its peer, forward and forward+backward, and the ratios."""
     x = op_inputs(length, dk, dv, PAPER)
     peers = dense_peers(length, dk, dv)
-    peer = "cudnn_dense_native_dv" if "cudnn_dense_native_dv" in peers else "cudnn_dense"
+    peer = dense_peer_name(peers)
     peer_fn, peer_args, peer_cotangent = peers[peer]
     nsa_args = tuple(x[name] for name in NSA_INPUTS)
     calls = {
