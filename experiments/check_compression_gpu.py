@@ -273,10 +273,17 @@ def memory_bytes(compiled) -> int | None:
     return int(stats.temp_size_in_bytes + stats.output_size_in_bytes)
 
 
+def visible_compressed_tokens(length: int, block_length: int, block_stride: int) -> np.ndarray:
+    """int64 ``[T]``: compressed tokens position ``t`` sees, those with ``i d + l - 1 <= t`` (spec,
+    "Compression branch"): ``floor((t - l + 1) / d) + 1`` from ``t = l - 1``. The spec's closed form
+    ``floor((t - l) / d) + 1`` gives one fewer where ``t - l + 1`` is a multiple of ``d``."""
+    t = np.arange(length, dtype=np.int64)
+    return np.where(t >= block_length - 1, (t - block_length + 1) // block_stride + 1, 0)
+
+
 def compressed_pairs(length: int) -> int:
-    """(query, visible compressed token) pairs of one head: ``sum_t floor((t - l + 1) / d) + 1``."""
-    ended = np.arange(length) - (L - 1)
-    return int(np.sum(np.where(ended >= 0, ended // D + 1, 0)))
+    """(query, visible compressed token) pairs of one head at this script's l and d."""
+    return int(visible_compressed_tokens(length, L, D).sum())
 
 
 def tuned(tuning: compressed_kernels.CompressedTuning | None, geometry: dict):

@@ -61,6 +61,7 @@ import pathlib
 import numpy as np
 
 from experiments.bench_layer import PAPER
+from experiments.check_compression_gpu import visible_compressed_tokens
 from experiments.measure import write_report
 from experiments.plot_benchmarks import dense_peer
 
@@ -76,14 +77,6 @@ class Ceilings:
     attention_flops: float
     hbm_bytes: float
     l2_bytes: float
-
-
-def visible_compressed_tokens(length: int, block_length: int, block_stride: int) -> np.ndarray:
-    """int64 ``[T]``: compressed tokens position ``t`` sees, those with ``i d + l - 1 <= t`` (spec,
-    "Compression branch"): ``floor((t - l + 1) / d) + 1`` from ``t = l - 1``. The spec's closed form
-    ``floor((t - l) / d) + 1`` gives one fewer where ``t - l + 1`` is a multiple of ``d``."""
-    t = np.arange(length, dtype=np.int64)
-    return np.where(t >= block_length - 1, (t - block_length + 1) // block_stride + 1, 0)
 
 
 def window_keys(length: int, window: int) -> np.ndarray:
