@@ -113,6 +113,8 @@ VARIANTS = {
     "keys128_stages1": dict(keys=128, stages=1),
     "keys128_stages1_warps8": dict(keys=128, stages=1, warps=8),  # 255 registers: 1 CTA; 35.1 ms
     "stages1": dict(stages=1),  # Dk = 128's 128-key tiles with one stage: 11.3 against 9.4 ms
+    # Session 24: 128-row tiles of 128 keys with one stage (sm_90a, triton 3.9: 244 registers, 80 KB).
+    "keys128_stages1_rows128": dict(_WIDE, keys=128, stages=1),
 }
 
 
@@ -266,6 +268,15 @@ PLAN = {
         *[(_64K, 128, name) for name in ("default", "stages1")],
         (_64K, 192, "keys128_stages1_warps8"),
         *[(t, 192, name) for t in (_32K, _16K) for name in ("default", "keys128_stages1")],
+    ],
+    # Session 24: wider tiles with back_dot (their last timings predate it and the exp2 change).
+    "wide": [
+        *[
+            (_64K, 192, name)
+            for _ in range(2)
+            for name in ("default", "keys128", "rows128_warps8", "keys128_stages1_rows128")
+        ],
+        *[(_64K, 128, name) for _ in range(2) for name in ("default", "rows128_warps8", "rows256_warps16")],
     ],
     "quick": [
         (_64K, 192, "default"),

@@ -250,6 +250,47 @@ def test_ties_go_to_the_lower_block(geometry, length):
         np.testing.assert_array_equal(ours[0, 399, 0], [0, 1, 5, 6])
 
 
+@pytest.mark.parametrize(
+    ("geometry", "back"), [((32, 16, 64), False), ((32, 16, 64), True), ((8, 4, 12), True)]
+)
+def test_tiled_keys_hold_each_columns_token(geometry, back):
+    # Unsegmented rows load key tiles as consecutive rows of _tiled_keys: row t * width + c must
+    # be the key of the token column c of tile t holds, and zero where it holds none (padding
+    # columns, back tokens before token 0, tokens past the last).
+    from pallas_kernels.gpu import select_blocks
+
+    l, d, lsel = geometry
+    _, k_cmp = _random_inputs(5, 2, 700, 4, 3, 24, d)
+    geo = select_blocks._Geometry(
+        length=700,
+        slots=k_cmp.shape[1],
+        group=4,
+        dk=24,
+        block_length=l,
+        block_stride=d,
+        selection_block_size=lsel,
+        num_selected=5,
+        num_initial_blocks=1,
+        num_local_blocks=2,
+        scale=1.0,
+        segmented=False,
+        dtype="float32",
+        tuning=select_blocks.SelectTuning(rows=64, warps=4),
+    )
+    columns = select_blocks._back_columns if back else select_blocks._key_columns
+    tiled = np.asarray(select_blocks._tiled_keys(k_cmp, geo, columns))
+    offsets, used = (np.asarray(x) for x in columns(geo))
+    width = offsets.shape[0]
+    assert tiled.shape == (2, geo.steps * width, 3, 24)
+    keys = np.asarray(k_cmp)
+    for tile in range(geo.steps):
+        for column in range(width):
+            token = tile * geo.tile_blocks * geo.ratio + offsets[column]
+            holds = used[column] and 0 <= token < geo.slots
+            expected = keys[:, token] if holds else np.zeros_like(keys[:, 0])
+            np.testing.assert_array_equal(tiled[:, tile * width + column], expected)
+
+
 def test_carries_no_gradient():
     q, k_cmp = _random_inputs(2, 1, 40, 2, 1, 8, 4)
     lse = jnp.zeros((1, 40, 2))

@@ -43,6 +43,17 @@ first kernel): forced blocks score ``+inf`` and ``n`` rounds of ``argmax`` over 
 Blocks after a position's block are never picked; rounds past the visible blocks yield ``-1``.
 The picks are put in the output order (ascending, ``-1`` last) by rank in the kernel.
 
+Key tiles without segments: the compressed keys are first laid out in XLA as the kernel's key
+tiles (:func:`_tiled_keys`: each tile's ``keys`` rows in the dot's column order, then the
+``back_dot`` tiles, zero where a column holds no token, lanes zero-padded to the block), so a
+program loads a tile as consecutive rows without masks. Gathering each tile's rows by token,
+with a validity mask a row (still the path with segments, whose tiles start at each segment's
+first token), took 13.56 against 13.47 ms at T = 64K, Dk = 192 and 9.39 against 9.05 at
+Dk = 128 (medians of 4 interleaved rounds on the H200, the same picks;
+experiments/results/session24_h200.md): the address and mask work was about a fifth of the
+loop's instructions, most of it hidden behind the MMA waits. The copies take
+``steps * (keys + back_columns) * Dk'`` values a KV head (10 MB at T = 64K, H = 4).
+
 Packed rows (``segment_ids``): blocks and tokens count from each position's segment start,
 so a tile whose positions belong to several segments runs one pass per segment, each over
 that segment's tokens and writing only its positions (one pass in the unpacked case).
@@ -50,7 +61,7 @@ that segment's tokens and writing only its positions (one pass in the unpacked c
 Cost: the query-key dot of the compressed attention (``2 * HQ * Dk`` flops and one ``exp``
 per visible (query head, token) pair) plus ``O(P * Nb')`` register work per key tile. Memory:
 registers for one key tile and the ``[P, Nb']`` importances (the queries stay in shared memory);
-in HBM only the inputs and the picks ``[B, T, H, n']`` (int32): linear in ``T``. ``P`` shrinks
+in HBM only the inputs, the key tiles and the picks ``[B, T, H, n']`` (int32): linear in ``T``. ``P`` shrinks
 as ``Nb'`` grows so that the importances stay at ``P * Nb' <= 8192`` floats (``SelectTuning.state``),
 down to the 16 rows ``tl.dot`` needs (``P = 1`` for ``G = 16``): beyond ``T = 512K`` (or earlier
 for small ``G``) the importances take more registers. Every program streams the compressed keys
@@ -525,10 +536,48 @@ def _top_n_direct(score: jax.Array, current: jax.Array, geo: _Geometry, view: st
     return jax.lax.fori_loop(0, geo.num_selected - geo.forced_blocks, pick, (score, picks))[1]
 
 
-def _kernel(starts_ref, q_ref, lse_ref, k_ref, out_ref, *, geo: _Geometry):
-    """One query tile of one KV head: ``q_ref [T, G', Dk]``, ``lse_ref [T, G']``,
-    ``k_ref [Tc, Dk]``, ``starts_ref [T]`` (segment starts), ``out_ref [T, n']`` (picks)."""
-    P, gq, keys, blocks = geo.positions, geo.heads_pow2, geo.keys, geo.tile_blocks
+def _key_columns(geo: _Geometry) -> tuple[jax.Array, jax.Array]:
+    """``(token, used) [keys]``: the token (counted from the key tile's first) that each column of
+    the key tile's dot holds, in order or in the quads order, and whether it is one (``r < r'``
+    pads each block to ``r'`` columns)."""
+    key_row = _quads_order(geo.keys) if geo.tuning.quads else jnp.arange(geo.keys)
+    key_block, key_token = key_row // geo.ratio_pow2, key_row % geo.ratio_pow2
+    return key_block * geo.ratio + key_token, key_token < geo.ratio
+
+
+def _back_columns(geo: _Geometry) -> tuple[jax.Array, jax.Array]:
+    """``(token, used) [back_columns]``: the token of each ``back_dot`` column, counted from the
+    key tile's first (the block before's, so negative for the tile's first block), and whether
+    the column holds a back term."""
+    back_row = _quads_order(geo.back_columns)
+    per_block = geo.back_columns // geo.tile_blocks
+    back_block, back_term = back_row // per_block, back_row % per_block
+    back_m = jnp.zeros_like(back_term)
+    for term, (_, m) in enumerate(geo.back_tokens):
+        back_m = jnp.where(back_term == term, m, back_m)
+    return (back_block - 1) * geo.ratio + back_m, back_term < len(geo.back_tokens)
+
+
+def _tiled_keys(k_cmp: jax.Array, geo: _Geometry, columns) -> jax.Array:
+    """``k_cmp [B, Tc, H, Dk]`` laid out as the kernel's key tiles (unsegmented rows):
+    ``[B, steps * width, H, Dk]``, row ``t * width + c`` holding the key of column ``c`` of key
+    tile ``t`` (``columns(geo)``: :func:`_key_columns` or :func:`_back_columns`), zero where the
+    column holds no token of ``0 .. Tc - 1``. The kernel then loads a tile as ``width``
+    consecutive rows without masks."""
+    offsets, used = columns(geo)
+    token = jnp.arange(geo.steps)[:, None] * (geo.tile_blocks * geo.ratio) + offsets[None, :]
+    ok = (used[None, :] & (token >= 0) & (token < geo.slots)).reshape(-1)
+    rows = jnp.take(k_cmp, jnp.clip(token, 0, geo.slots - 1).reshape(-1), axis=1)
+    return jnp.where(ok[None, :, None, None], rows, jnp.zeros((), k_cmp.dtype))
+
+
+def _kernel(starts_ref, q_ref, lse_ref, k_ref, *refs, geo: _Geometry):
+    """One query tile of one KV head: ``q_ref [T, G', Dk]``, ``lse_ref [T, G']``, ``starts_ref
+    [T]`` (segment starts), ``out_ref [T, n']`` (picks, the last of ``refs``); ``k_ref``:
+    ``[Tc, Dk]`` with segments, else the key tiles of :func:`_tiled_keys` ``[steps * keys, Dk]``
+    and, with ``back_dot``, the back-dot tiles ``[steps * back_columns, Dk]`` (first of ``refs``)."""
+    *back_refs, out_ref = refs
+    P, gq, blocks = geo.positions, geo.heads_pow2, geo.tile_blocks
     first_position = (geo.query_tiles - 1 - pl.program_id(0)) * P
 
     row = jnp.arange(geo.rows)
@@ -561,20 +610,9 @@ def _kernel(starts_ref, q_ref, lse_ref, k_ref, out_ref, *, geo: _Geometry):
     current = jax.lax.div(position - position_start, geo.selection_block_size)
 
     step = jnp.arange(geo.steps)[None, :, None]
-    # Tile slot of each key row (dot column): in order, or in the quads order.
-    key_row = _quads_order(keys) if geo.tuning.quads else jnp.arange(keys)
-    key_block, key_token = key_row // geo.ratio_pow2, key_row % geo.ratio_pow2
-    token_in_tile = key_block * geo.ratio + key_token
+    token_in_tile, key_used = _key_columns(geo)
     if geo.tuning.back_dot:
-        # Back-dot column -> (block, back term): the term's token, counted from the tile's start.
-        back_row = _quads_order(geo.back_columns)
-        per_block = geo.back_columns // blocks
-        back_block, back_term = back_row // per_block, back_row % per_block
-        back_m = jnp.zeros_like(back_term)
-        for term, (_, m) in enumerate(geo.back_tokens):
-            back_m = jnp.where(back_term == term, m, back_m)
-        back_in_tile = (back_block - 1) * geo.ratio + back_m
-        back_used = back_term < len(geo.back_tokens)
+        back_in_tile, back_used = _back_columns(geo)
     log2_scale = geo.scale * LOG2E
     importance_of = _importance_by_quarter if geo.tuning.quads else _importance_by_token
 
@@ -601,18 +639,28 @@ def _kernel(starts_ref, q_ref, lse_ref, k_ref, out_ref, *, geo: _Geometry):
         position_count = jnp.clip(position_count, 0, jnp.maximum(geo.slots - base, 0))
         block_tiles = jax.lax.div(jnp.max(jnp.where(in_positions, current + blocks, 0)), blocks)
 
-        def probabilities(token: jax.Array, valid: jax.Array, masked: bool) -> jax.Array:
-            """``p [rows, columns]`` of the pass's tokens ``token [columns]``; zero where not
-            ``valid`` if ``masked``, and where a row's position does not see the token."""
+        def load_key(tiles_ref, tile, token, valid, offset, width):
+            """Keys ``[columns, width]`` (lanes ``offset ..``) of the tokens ``token``: with
+            segments gathered from ``k_ref`` (zero where not ``valid``), else key tile ``tile``
+            of ``tiles_ref`` (:func:`_tiled_keys`), consecutive rows loaded without masks."""
+            if not geo.segmented:
+                columns = token.shape[0]
+                return plt.load(tiles_ref.at[pl.ds(tile * columns, columns), pl.ds(offset, width)])
             slot = jnp.where(valid, base + token, 0)
+            lane = offset + jnp.arange(width)
+            return plt.load(
+                k_ref.at[slot[:, None], lane[None, :]],
+                mask=valid[:, None] & (lane < geo.dk)[None, :],
+                other=0,
+            )
+
+        def probabilities(tiles_ref, tile, token: jax.Array, valid: jax.Array, masked: bool) -> jax.Array:
+            """``p [rows, columns]`` of the pass's tokens ``token [columns]`` (key tile ``tile``
+            of ``tiles_ref`` without segments); zero where not ``valid`` if ``masked``, and where
+            a row's position does not see the token."""
             logits = None
             for piece, (offset, width) in zip(q, geo.dk_pieces, strict=True):
-                lane = offset + jnp.arange(width)
-                k = plt.load(
-                    k_ref.at[slot[:, None], lane[None, :]],
-                    mask=valid[:, None] & (lane < geo.dk)[None, :],
-                    other=0,
-                )
+                k = load_key(tiles_ref, tile, token, valid, offset, width)
                 s = dot_nt(piece, k, geo.precision)
                 logits = s if logits is None else logits + s
             p = _probabilities(logits, log2_scale, row_offset, geo.flush_exp2)
@@ -631,13 +679,14 @@ def _kernel(starts_ref, q_ref, lse_ref, k_ref, out_ref, *, geo: _Geometry):
                 first_token = tile * (blocks * geo.ratio)
                 if with_keys:
                     token = first_token + token_in_tile
-                    valid = (key_token < geo.ratio) & (token < geo.slots - base)
-                    p = probabilities(token, valid, masked)
+                    valid = key_used & (token < geo.slots - base)
+                    p = probabilities(k_ref, tile, token, valid, masked)
                 if geo.tuning.back_dot:
                     token = first_token + back_in_tile
                     valid = back_used & (token >= 0) & (token < geo.slots - base)
                     # Always masked: block 0's back tokens precede the pass's first token.
-                    importance = _importance_with_back_dot(p, probabilities(token, valid, True), geo)
+                    back_p = probabilities(back_refs[0] if back_refs else None, tile, token, valid, True)
+                    importance = _importance_with_back_dot(p, back_p, geo)
                 else:
                     importance, previous = importance_of(p, previous, geo)
                 write = in_positions[:, None, None] & (step == tile)
@@ -778,6 +827,14 @@ def select_blocks(
     lse4 = jax.lax.stop_gradient(lse).astype(jnp.float32).reshape(batch, length, kv_heads, geo.group)
     k_cmp = jax.lax.stop_gradient(k_cmp)
     starts = segment_starts(segment_ids, batch, length)
+    if geo.segmented:
+        keys = [k_cmp]
+    else:
+        # Zero lanes up to the block's width, so that the kernel's tile loads need no masks.
+        lanes = ((0, 0), (0, 0), (0, 0), (0, padded(dk) - dk))
+        keys = [jnp.pad(_tiled_keys(k_cmp, geo, _key_columns), lanes)]
+        if geo.tuning.back_dot:
+            keys.append(jnp.pad(_tiled_keys(k_cmp, geo, _back_columns), lanes))
     picks = pl.pallas_call(
         functools.partial(_kernel, geo=geo),
         grid=(geo.query_tiles, kv_heads, batch),
@@ -785,14 +842,14 @@ def select_blocks(
             pl.BlockSpec((None, length), lambda x, h, b: (b, 0)),
             _per_head(length, geo.heads_pow2, padded(dk)),
             _per_head(length, geo.heads_pow2),
-            _per_head(geo.slots, padded(dk)),
+            *(_per_head(x.shape[1], padded(dk)) for x in keys),
         ],
         out_specs=_per_head(length, geo.picks_padded),
         out_shape=jax.ShapeDtypeStruct((batch, length, kv_heads, geo.picks_padded), jnp.int32),
         compiler_params=plt.CompilerParams(num_warps=geo.tuning.warps, num_stages=geo.tuning.stages),
         interpret=interpret,
         name="nsa_select_blocks",
-    )(starts, q5, lse4, k_cmp)
+    )(starts, q5, lse4, *keys)
     return picks[..., :num_selected]
 
 
