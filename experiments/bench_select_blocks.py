@@ -113,7 +113,8 @@ VARIANTS = {
     "keys128_stages1": dict(keys=128, stages=1),
     "keys128_stages1_warps8": dict(keys=128, stages=1, warps=8),  # 255 registers: 1 CTA; 35.1 ms
     "stages1": dict(stages=1),  # Dk = 128's 128-key tiles with one stage: 11.3 against 9.4 ms
-    # Session 24: 128-row tiles of 128 keys with one stage (sm_90a, triton 3.9: 244 registers, 80 KB).
+    # Session 24: 128-row tiles of 128 keys with one stage (sm_90a, triton 3.9: 244 registers, 80 KB):
+    # 17.98-17.99 against 13.63-13.90 ms at 64K, Dk = 192 (plan "wide", before the tiled keys).
     "keys128_stages1_rows128": dict(_WIDE, keys=128, stages=1),
 }
 
@@ -269,7 +270,10 @@ PLAN = {
         (_64K, 192, "keys128_stages1_warps8"),
         *[(t, 192, name) for t in (_32K, _16K) for name in ("default", "keys128_stages1")],
     ],
-    # Session 24: wider tiles with back_dot (their last timings predate it and the exp2 change).
+    # Session 24: wider tiles with back_dot (their last timings predate it and the exp2 change), run
+    # before the tiled keys. At 64K, Dk = 192: keys128 13.96-14.06 against the default's 13.63-13.90,
+    # rows128_warps8 16.94-17.10; Dk = 128: rows128_warps8 11.41-11.49, rows256_warps16 10.47-10.69
+    # against 9.28-9.59 (experiments/results/select_blocks_wide_session24_h200.md).
     "wide": [
         *[
             (_64K, 192, name)

@@ -8,7 +8,15 @@ check this before spending device time on a kernel change.
 
 Needs ``pip install triton`` (the GPU extra's compiler; a CPU install works). The Triton
 lowering and the compiler here are this machine's jax and triton, not the H200's
-jax 0.11.2, so treat the numbers as close leads, not as the H200's exact build.
+jax 0.11.2, so treat the numbers as close leads, not as the H200's exact build. How far
+they can be off (session 24, select_blocks at T = 64K, Dk = 192, ncu on the H200 against
+triton 3.9 here): the default tuning takes 232 registers there against 214 here, with a hot
+loop of 591 against 611 instructions, close; a variant that reshapes the wgmma accumulator
+more (``row_shift``, branch ``session24-shift-rows``) takes 252 registers there against 162
+here, and where its loop here had a quarter fewer instructions than the default's, it executed
+7% more than the default there (6.50 G against 6.05 G) and ran 40% slower
+(experiments/results/session24_h200.md). Changes that move data between layouts need an H200
+run before they are judged.
 
 Usage::
 
