@@ -201,7 +201,7 @@ def components(config: str, length: int, iters: int, first_block: bool) -> dict:
     geo = geometry(base)
     starts = selection.selected_key_starts(indices, None, BLOCK)
     forward = jax.jit(functools.partial(selection._forward, geo=geo))
-    out, lse = forward(q, k, v, starts)
+    out, lse, _ = forward(q, k, v, starts)
     timings["fwd_ms"] = time_jax(forward, q, k, v, starts, iters=iters)
     delta_fn = jax.jit(functools.partial(selection._delta, geo=geo))
     delta = delta_fn(out, ct)

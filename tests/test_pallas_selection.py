@@ -301,12 +301,25 @@ def test_backward_variants_match_reference(tuning):
                 tuning_for(128, 128), mosaic_splits=2, mosaic_heavy_tiles=1, mosaic_heavy_splits=3
             ),
         ),
+        (128, dataclasses.replace(tuning_for(128, 128), mosaic_forward=False)),
+        (
+            192,
+            dataclasses.replace(
+                tuning_for(192, 128),
+                mosaic_splits=3,
+                bwd_heavy_first=False,
+                mosaic_heavy_tiles=0,
+                mosaic_fwd_stages=2,
+            ),
+        ),
     ],
     ids=[
         "d128_default_splits",
         "d128_three_splits_tile_order",
         "dk192_two_splits",
         "d128_heaviest_tile_three_splits_others_two",
+        "d128_triton_forward_mosaic_backward",
+        "dk192_keys_to_queries_forward_three_splits_two_slots",
     ],
 )
 def test_mosaic_tile_kernel_matches_reference(dk, tuning):
@@ -338,6 +351,7 @@ def test_mosaic_tile_kernel_serves_only_its_shapes():
     q, _, v, _ = _inputs(0, 1, 8, 16, 1, 128, 128, jnp.bfloat16)
     mosaic = tuning_for(128, 128)  # the default at Dk = Dv = 128, as at Dk = 192 / Dv = 128
     assert mosaic.mosaic_backward and tuning_for(192, 128).mosaic_backward
+    assert mosaic.mosaic_forward and tuning_for(192, 128).mosaic_forward
     assert not DEFAULT_TUNING.mosaic_backward  # untuned head dims keep the Triton kernel
     assert selection._uses_mosaic(_geometry(q, v, mosaic))
     assert not selection._uses_mosaic(_geometry(q, v, mosaic, aligned=False))  # packed segments

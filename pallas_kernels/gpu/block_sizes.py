@@ -60,6 +60,11 @@ class SelectionTuning:
         kernel's ``mosaic_heavy_tiles`` longest lists of a row get ``mosaic_heavy_splits``
         programs each (more than ``mosaic_splits``; 0 tiles: every tile gets
         ``mosaic_splits``), so the other tiles can take fewer programs, and fewer partials.
+      mosaic_forward: run the forward keys to queries in Mosaic GPU
+        (:mod:`pallas_kernels.gpu.selection_forward_mosaic`) where the Mosaic tile kernel
+        serves the shape (``mosaic_backward`` and its conditions), with ``mosaic_fwd_stages``
+        query slots (even; fewer where shared memory is short) and the backward's splits and
+        launch order; the inverse map it builds is kept for the backward.
       dq_sum_kernel: sum the dQ parts with a Pallas kernel (one program per query
         and KV head) that skips unlisted parts by a masked load and writes dQ in the
         input dtype, instead of the XLA masked sum to float32 and a cast.
@@ -81,6 +86,8 @@ class SelectionTuning:
     mosaic_splits: int = 8
     mosaic_heavy_tiles: int = 0
     mosaic_heavy_splits: int = 0
+    mosaic_forward: bool = False
+    mosaic_fwd_stages: int = 4
 
     def __post_init__(self) -> None:
         names = (
@@ -92,6 +99,7 @@ class SelectionTuning:
             "bwd_rows",
             "bwd_splits",
             "mosaic_splits",
+            "mosaic_fwd_stages",
         )
         for name in names:
             value = getattr(self, name)
@@ -158,7 +166,17 @@ _D192_TRITON = SelectionTuning(
     bwd_splits=4,
     bwd_heavy_first=True,
 )
-_MOSAIC = {"mosaic_backward": True, "mosaic_splits": 4, "mosaic_heavy_tiles": 16, "mosaic_heavy_splits": 8}
+# - Session 25, the forward keys to queries in Mosaic GPU (``mosaic_forward``, 4 query slots), at T=64K
+#   on random causal blocks with block 0 in every selection (experiments/results/session25_h200.md),
+#   medians of 3 interleaved rounds: Dk=192/Dv=128 forward 15.5 against 18.8 ms, forward+backward
+#   43.1 against 47.5; D=128 13.7 against 15.3, 32.1 against 33.5.
+_MOSAIC = {
+    "mosaic_backward": True,
+    "mosaic_splits": 4,
+    "mosaic_heavy_tiles": 16,
+    "mosaic_heavy_splits": 8,
+    "mosaic_forward": True,
+}
 # - Session 14, the forward over two positions a program (``fwd_queries=2``, blocks both select read
 #   once): at T=64K on the op's own selections, Dk=192/Dv=128 18.9 / 18.8 ms against 19.8 / 19.6
 #   (forward+backward 47.0 / 47.0 against 48.3 / 48.2); D=128 15.8 / 15.8 against 15.7 / 15.6, so

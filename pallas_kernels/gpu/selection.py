@@ -5,7 +5,7 @@ Layouts follow :func:`nsa_jax.selected_attention`: ``q [B, T, HQ, Dk]``,
 as ``[B, T, H, G, Dk]`` so that one program loads the ``G`` query heads of a KV head
 as one tile (spec, "Kernel design": group-centric loading).
 
-Two kernels:
+Kernels:
 
 - forward, grid ``(T, H, B)``: one query position and one KV head per program;
   streams the ``n`` selected key blocks with an online softmax in float32 and saves
@@ -18,6 +18,11 @@ Two kernels:
   reads each block that all of them select once for all (the forced initial and local
   blocks at least; :mod:`pallas_kernels.gpu.shared_blocks` splits the lists in XLA
   first), then each position's other blocks in a loop of its own.
+- forward keys to queries (``SelectionTuning.mosaic_forward``, the default where the Mosaic
+  tile kernel below serves the shape): one Mosaic GPU program per key tile gathers the query
+  rows that picked it and writes partial outputs that XLA merges
+  (:mod:`pallas_kernels.gpu.selection_forward_mosaic`); it builds the inverse map, which the
+  backward then reuses.
 - backward, grid ``(ceil(T / l'), H, B)``: one key tile per program, looping over
   the (query, slot) pairs that selected it, listed by
   :func:`pallas_kernels.gpu.inverse_map.build_inverse_map`, several pairs per step
@@ -103,7 +108,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from nsa_jax.segments import segment_starts
-from pallas_kernels.gpu import selection_mosaic, shared_blocks
+from pallas_kernels.gpu import selection_forward_mosaic, selection_mosaic, shared_blocks
 from pallas_kernels.gpu.block_sizes import SelectionTuning, tuning_for
 from pallas_kernels.gpu.inverse_map import build_inverse_map, key_tile_count, listed_parts, parts_per_slot
 from pallas_kernels.gpu.tiles import (
@@ -485,8 +490,11 @@ def _tile_order(offsets: jax.Array, geo: _Geometry) -> jax.Array:
 
 
 def _forward(q, k, v, key_starts, geo: _Geometry):
-    """``(out [B, T, HQ, Dv], lse [B, T, H, rows])``: one program per query position and KV head,
-    or per ``fwd_queries`` positions (:func:`_group_forward_kernel`)."""
+    """``(out [B, T, HQ, Dv], lse [B, T, H, rows], inverse map or None)``: one program per query
+    position and KV head, or per ``fwd_queries`` positions (:func:`_group_forward_kernel`), or
+    keys to queries in Mosaic GPU (:func:`_mosaic_forward`, which returns the map it built)."""
+    if _uses_mosaic(geo) and geo.tuning.mosaic_forward:
+        return _mosaic_forward(q, k, v, key_starts, geo)
     batch, length, heads, _ = k.shape
     q5 = q.reshape(batch, length, heads, geo.group, geo.dk)
     queries = geo.tuning.fwd_queries
@@ -524,7 +532,36 @@ def _forward(q, k, v, key_starts, geo: _Geometry):
         interpret=geo.interpret,
         name="nsa_selected_fwd",
     )(*starts, q5, k, v)
-    return out.reshape(batch, length, heads * geo.group, geo.dv), lse
+    return out.reshape(batch, length, heads * geo.group, geo.dv), lse, None
+
+
+def _mosaic_forward(q, k, v, key_starts, geo: _Geometry):
+    """The forward keys to queries (:mod:`pallas_kernels.gpu.selection_forward_mosaic`): the
+    inverse map, the tile kernel's partials, merged per query."""
+    batch, length, heads, _ = k.shape
+    entries, offsets = _inverse_map(key_starts, geo)
+    listed = listed_parts(key_starts, block_size=geo.block_size, aligned=geo.aligned)
+    positions = selection_mosaic.list_positions(entries, listed)
+    out_rows, lse_rows, rows = selection_forward_mosaic.tile_forward(
+        q.reshape(batch, length, heads, geo.group, geo.dk),
+        k,
+        v,
+        key_starts,
+        entries,
+        offsets,
+        _tile_order(offsets, geo),
+        positions,
+        slots=geo.slots,
+        scale=geo.scale,
+        splits=geo.tuning.mosaic_splits,
+        stages=selection_forward_mosaic.stages_for(geo.dk, geo.dv, geo.tuning.mosaic_fwd_stages),
+        heavy_first=geo.tuning.bwd_heavy_first,
+        interpret=geo.interpret,
+        heavy_tiles=geo.tuning.mosaic_heavy_tiles,
+        heavy_splits=geo.tuning.mosaic_heavy_splits,
+    )
+    out, lse = selection_forward_mosaic.merge_partials(out_rows, lse_rows, rows)
+    return out.reshape(batch, length, heads * geo.group, geo.dv), lse, (entries, offsets, positions)
 
 
 def _per_query_group(queries: int, *trailing: int) -> pl.BlockSpec:
@@ -537,12 +574,18 @@ def _per_query_group(queries: int, *trailing: int) -> pl.BlockSpec:
     return pl.BlockSpec((None, queries, None, *trailing), lambda g, h, b: (b, g, h, *zeros))
 
 
-def _backward(q, k, v, key_starts, out, lse, dout, geo: _Geometry):
-    """dq, dk, dv: the four stages below, each timed alone by experiments/bench_selection.py."""
+def _backward(q, k, v, key_starts, out, lse, dout, inverse, geo: _Geometry):
+    """dq, dk, dv: the four stages below, each timed alone by experiments/bench_selection.py
+    (the inverse map is the forward's where it built one)."""
     delta = _delta(out, dout, geo)
-    entries, offsets = _inverse_map(key_starts, geo)
+    if inverse is None:
+        entries, offsets = _inverse_map(key_starts, geo)
+        positions = None
+    else:
+        entries, offsets, positions = inverse
     dk, dv, dq = _tile_backward(q, k, v, dout, key_starts, lse, delta, entries, offsets, geo)
-    return _finish_dq(dq, key_starts, entries, geo).reshape(q.shape).astype(q.dtype), dk, dv
+    dq = _finish_dq(dq, key_starts, entries, geo, positions)
+    return dq.reshape(q.shape).astype(q.dtype), dk, dv
 
 
 def _delta(out, dout, geo: _Geometry) -> jax.Array:
@@ -645,14 +688,16 @@ def _summed_splits(dk, dv, k, v) -> tuple[jax.Array, jax.Array]:
     return jnp.sum(dk, axis=3).astype(k.dtype), jnp.sum(dv, axis=3).astype(v.dtype)
 
 
-def _finish_dq(dq, key_starts, entries, geo: _Geometry) -> jax.Array:
+def _finish_dq(dq, key_starts, entries, geo: _Geometry, positions=None) -> jax.Array:
     """dQ ``[B, T, H, G, Dk]``: the tile kernel's listed parts (or list-ordered rows) summed.
 
-    Float32, or already in the input dtype from the ``dq_sum_kernel`` reduction.
+    Float32, or already in the input dtype from the ``dq_sum_kernel`` reduction. ``positions``:
+    the pairs' list positions where the forward computed them (Mosaic only).
     """
     listed = listed_parts(key_starts, block_size=geo.block_size, aligned=geo.aligned)
     if _uses_mosaic(geo):
-        positions = selection_mosaic.list_positions(entries, listed)
+        if positions is None:
+            positions = selection_mosaic.list_positions(entries, listed)
         if geo.tuning.dq_sum_kernel:
             return _sum_dq_rows(dq, positions, geo)
         return selection_mosaic.sum_listed_rows(dq, positions)
@@ -730,13 +775,13 @@ def _attention(q, k, v, key_starts, geo: _Geometry):
 
 
 def _attention_fwd(q, k, v, key_starts, geo: _Geometry):
-    out, lse = _forward(q, k, v, key_starts, geo)
-    return out, (q, k, v, key_starts, out, lse)
+    out, lse, inverse = _forward(q, k, v, key_starts, geo)
+    return out, (q, k, v, key_starts, out, lse, inverse)
 
 
 def _attention_bwd(geo: _Geometry, residuals, dout):
-    q, k, v, key_starts, out, lse = residuals
-    dq, dk, dv = _backward(q, k, v, key_starts, out, lse, dout, geo)
+    q, k, v, key_starts, out, lse, inverse = residuals
+    dq, dk, dv = _backward(q, k, v, key_starts, out, lse, dout, inverse, geo)
     return dq, dk, dv, None
 
 

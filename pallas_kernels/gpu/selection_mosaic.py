@@ -30,8 +30,10 @@ the gradients of the one before; one warpgroup doing all five MMAs of a step in 
 
 Served: bf16 or float16, no segments (aligned blocks), ``G = 16``, ``l' = 64``, head dims
 multiples of 64 whose buffers fit in shared memory (Dk = Dv = 192 and Dk = 192 / Dv = 128 do,
-Dk = 256 does not), on a Hopper GPU (sm_90) or in interpret mode (``supports``). The
-forward, ``delta`` and the inverse map stay those of the Triton path. The default at
+Dk = 256 does not), on a Hopper GPU (sm_90) or in interpret mode (``supports``). ``delta``
+and the inverse map are the Triton path's; the map comes from the forward where that ran keys to
+queries (:mod:`pallas_kernels.gpu.selection_forward_mosaic`, which shares this module's program
+lists and gather ring). The default at
 Dk = Dv = 128 and Dk = 192 / Dv = 128 (``SelectionTuning.mosaic_backward``; 4 splits, 8 for the
 16 longest lists): on the H200 at T = 64K forward+backward takes 34.3 ms on random blocks at
 D = 128 (37.5 with one compute warpgroup and 8 splits; 39.5 with the per-pair dQ stores and the
@@ -137,6 +139,125 @@ def _accumulate(mmas, accumulators: tuple[jax.Array, ...], interpret: bool) -> t
     return tuple(acc + inc for acc, inc in zip(accumulators, increments, strict=True))
 
 
+class ProgramList:
+    """The part ``first .. last`` of a key tile's inverse-map list that one program takes (read in
+    the kernel), in ``steps`` of ``PAIRS`` pairs."""
+
+    def __init__(self, b, head, entries_ref, tile, first, last):
+        self.b, self.head, self.entries_ref = b, head, entries_ref
+        self.tile, self.first, self.last = tile, first, last
+        self.steps = jax.lax.div(last - first + PAIRS - 1, PAIRS)
+
+    @classmethod
+    def split_tile(cls, b, head, entries_ref, offsets_ref, order_ref, splits, heavy_tiles, heavy_splits):
+        """Grid axis ``rank``'s share of a tile: ranks ``< heavy_tiles * heavy_splits`` split the
+        first ``heavy_tiles`` tiles of ``order_ref`` ``heavy_splits`` ways, the others ``splits``
+        ways, in shares of whole steps from the list's start. Sets ``tile_rank`` and ``split``."""
+        rank = jax.lax.axis_index("rank")
+        if heavy_tiles:
+            heavy_ranks = heavy_tiles * heavy_splits
+            heavy = rank < heavy_ranks
+            light_rank = jnp.maximum(rank - heavy_ranks, 0)
+            tile_rank = jnp.where(
+                heavy, jax.lax.div(rank, heavy_splits), heavy_tiles + jax.lax.div(light_rank, splits)
+            )
+            split = jnp.where(heavy, jax.lax.rem(rank, heavy_splits), jax.lax.rem(light_rank, splits))
+            programs = jnp.where(heavy, heavy_splits, splits)
+        else:
+            tile_rank, split = jax.lax.div(rank, splits), jax.lax.rem(rank, splits)
+            programs = splits
+        tile = order_ref[b, head, tile_rank]
+        first, last = offsets_ref[b, head, tile], offsets_ref[b, head, tile + 1]
+        share = jax.lax.div(last - first + programs * PAIRS - 1, programs * PAIRS) * PAIRS
+        first = jnp.minimum(first + split * share, last)
+        program = cls(b, head, entries_ref, tile, first, jnp.minimum(first + share, last))
+        program.tile_rank, program.split = tile_rank, split
+        return program
+
+    def queries_of(self, step, *, slots: int):
+        """The queries of a step's PAIRS pairs (the last listed one again past the list; the
+        first entry when the list is empty, never used then)."""
+        start = self.first + step * PAIRS
+        rows = [jnp.maximum(jnp.minimum(start + j, self.last - 1), 0) for j in range(PAIRS)]
+        ids = [self.entries_ref[self.b, self.head, row] for row in rows]
+        return tuple(jax.lax.div(ident, slots) for ident in ids)
+
+    def copy_ids(self, start, ids_slot, barrier) -> None:
+        """The entry ids of the step at list position ``start`` into ``ids_slot`` (a window from
+        the 16-byte aligned id before it: bulk copies need aligned global addresses)."""
+        window = self.entries_ref.at[self.b, self.head, pl.ds(_aligned(start), _ID_WINDOW)]
+        plgpu.copy_gmem_to_smem(window, ids_slot.at[pl.ds(0, _ID_WINDOW)], barrier)
+
+    def query_by_row(self, ids_slot, start, slots: int, row):
+        """``row``'s shape, holding the query of pair ``row // 16`` of the step at ``start``
+        (``-1`` past the program's list), from the ids :meth:`copy_ids` put in ``ids_slot``."""
+        out = None
+        for j in range(PAIRS - 1, -1, -1):
+            query = jax.lax.div(ids_slot[start - _aligned(start) + j], slots)
+            query = jnp.where(start + j < self.last, query, -1)
+            out = query if out is None else jnp.where(row < (j + 1) * _HEADS, query, out)
+        return out
+
+
+def checked_heavy_tiles(heavy_tiles: int, heavy_splits: int, splits: int, num_tiles: int) -> int:
+    """``heavy_tiles``, at most ``num_tiles``; ``ValueError`` unless ``heavy_splits > splits`` where used."""
+    if heavy_tiles < 0 or (heavy_tiles and heavy_splits <= splits):
+        raise ValueError(
+            f"heavy_tiles must be >= 0, and heavy_splits > splits where heavy_tiles > 0; got heavy_tiles="
+            f"{heavy_tiles}, heavy_splits={heavy_splits}, splits={splits}"
+        )
+    return min(heavy_tiles, num_tiles)
+
+
+def whole_tiles(x: jax.Array, num_tiles: int) -> jax.Array:
+    """``x [B, T, H, D]`` zero-padded to ``num_tiles`` whole key tiles along T."""
+    return jnp.pad(x, ((0, 0), (0, num_tiles * _KEYS - x.shape[1]), (0, 0), (0, 0)))
+
+
+def program_grid(
+    batch: int,
+    heads: int,
+    num_tiles: int,
+    splits: int,
+    heavy_tiles: int,
+    heavy_splits: int,
+    heavy_first: bool,
+) -> tuple[tuple[int, int, int], tuple[str, str, str]]:
+    """The grid and its axis names for :class:`ProgramList`'s ranks: ``(H, rank, B)`` heavy first
+    (heads interleaved at launch), else ``(rank, H, B)``."""
+    ranks = heavy_tiles * heavy_splits + (num_tiles - heavy_tiles) * splits
+    if heavy_first:
+        return (heads, ranks, batch), ("head", "rank", "batch")
+    return (ranks, heads, batch), ("rank", "head", "batch")
+
+
+def gather_ring(steps, stages: int, consumed, queries_of, issue_copies) -> None:
+    """The memory warpgroup's loop: each step's copies (``issue_copies(step, queries)``) into
+    slot ``step % stages`` once its last user released it on ``consumed``."""
+    plgpu.set_max_registers(40, action="decrease")
+
+    def gather(step, queries):
+        # The next step's queries are read now and used a step later: the scalar loads'
+        # latency overlaps this step's copies instead of delaying them.
+        upcoming = queries_of(step + 1)
+
+        @pl.when(step >= stages)
+        def _():
+            plgpu.barrier_wait(consumed.at[jax.lax.rem(step, stages)])
+
+        issue_copies(step, queries)
+        return upcoming
+
+    jax.lax.fori_loop(0, steps, gather, queries_of(0))
+
+    # Observe the last slots' releases too, so that every barrier phase has been seen.
+    def drain(step, carry):
+        plgpu.barrier_wait(consumed.at[jax.lax.rem(step, stages)])
+        return carry
+
+    jax.lax.fori_loop(jnp.maximum(steps - stages, 0), steps, drain, None)
+
+
 def tile_backward(
     q5: jax.Array,
     k: jax.Array,
@@ -184,16 +305,9 @@ def tile_backward(
     batch, length, heads, _, dk = q5.shape
     dv = v.shape[-1]
     num_tiles = offsets.shape[-1] - 1
-    if heavy_tiles < 0 or (heavy_tiles and heavy_splits <= splits):
-        raise ValueError(
-            f"heavy_tiles must be >= 0, and heavy_splits > splits where heavy_tiles > 0; got heavy_tiles="
-            f"{heavy_tiles}, heavy_splits={heavy_splits}, splits={splits}"
-        )
-    heavy_tiles = min(heavy_tiles, num_tiles)
-    heavy_ranks = heavy_tiles * heavy_splits
+    heavy_tiles = checked_heavy_tiles(heavy_tiles, heavy_splits, splits, num_tiles)
     padded_length = num_tiles * _KEYS
-    pad = ((0, 0), (0, padded_length - length), (0, 0), (0, 0))
-    k, v = jnp.pad(k, pad), jnp.pad(v, pad)
+    k, v = whole_tiles(k, num_tiles), whole_tiles(v, num_tiles)
     # Each listed pair's lse and delta rows in list order, so that a step's PAIRS rows are one
     # 256-byte copy: a pair's own 64 bytes would break TMA's 128-byte shared-memory alignment.
     queries = jax.lax.div(entries, slots)
@@ -220,44 +334,26 @@ def tile_backward(
         out_smem, kv_barrier, loaded, consumed, ds_ready,
     ):  # fmt: skip
         wg = jax.lax.axis_index("wg")
-        rank = jax.lax.axis_index("rank")
         head = jax.lax.axis_index("head")
         b = jax.lax.axis_index("batch")
-        if heavy_tiles:
-            heavy = rank < heavy_ranks
-            light_rank = jnp.maximum(rank - heavy_ranks, 0)
-            tile_rank = jnp.where(
-                heavy, jax.lax.div(rank, heavy_splits), heavy_tiles + jax.lax.div(light_rank, splits)
-            )
-            split = jnp.where(heavy, jax.lax.rem(rank, heavy_splits), jax.lax.rem(light_rank, splits))
-            programs = jnp.where(heavy, heavy_splits, splits)
-        else:
-            tile_rank, split, programs = jax.lax.div(rank, splits), jax.lax.rem(rank, splits), splits
-        tile = order_ref[b, head, tile_rank]
-        first, last = offsets_ref[b, head, tile], offsets_ref[b, head, tile + 1]
-        share = jax.lax.div(last - first + programs * PAIRS - 1, programs * PAIRS) * PAIRS
-        first = jnp.minimum(first + split * share, last)
-        last = jnp.minimum(first + share, last)
-        steps = jax.lax.div(last - first + PAIRS - 1, PAIRS)
-
-        def queries_of(step):
-            """The queries of a step's PAIRS pairs (the last listed one again past the list; the
-            first entry when the list is empty, never used then)."""
-            start = first + step * PAIRS
-            rows = [jnp.maximum(jnp.minimum(start + j, last - 1), 0) for j in range(PAIRS)]
-            ids = [entries_ref[b, head, row] for row in rows]
-            return tuple(jax.lax.div(ident, slots) for ident in ids)
+        program = ProgramList.split_tile(
+            b, head, entries_ref, offsets_ref, order_ref, splits, heavy_tiles, heavy_splits
+        )
+        tile_rank, tile, split, first, last, steps = (
+            program.tile_rank,
+            program.tile,
+            program.split,
+            program.first,
+            program.last,
+            program.steps,
+        )
+        queries_of = functools.partial(program.queries_of, slots=slots)
 
         def issue_copies(step, queries):
             """Step ``step``'s gathers into its slot, completing on ``loaded``."""
             slot = jax.lax.rem(step, stages)
             start = first + step * PAIRS
-            # Bulk copies need 16-byte aligned global addresses: copy the aligned window.
-            plgpu.copy_gmem_to_smem(
-                entries_ref.at[b, head, pl.ds(_aligned(start), _ID_WINDOW)],
-                ids_smem.at[slot, pl.ds(0, _ID_WINDOW)],
-                loaded.at[slot],
-            )
+            program.copy_ids(start, ids_smem.at[slot], loaded.at[slot])
             for src, dst in ((lse_ref, lse_smem), (delta_ref, delta_smem)):
                 plgpu.copy_gmem_to_smem(
                     src.at[b, head, pl.ds(start * _HEADS, _ROWS)], dst.at[slot], loaded.at[slot]
@@ -267,39 +363,8 @@ def tile_backward(
                 for src, dst in ((q_ref, q_smem), (do_ref, do_smem)):
                     plgpu.copy_gmem_to_smem(src.at[b, t, head], dst.at[slot, rows], loaded.at[slot])
 
-        @pl.when(wg == _MEMORY)
-        def _memory():
-            plgpu.set_max_registers(40, action="decrease")
-
-            def gather(step, queries):
-                # The next step's queries are read now and used a step later: the scalar loads'
-                # latency overlaps this step's copies instead of delaying them.
-                upcoming = queries_of(step + 1)
-
-                @pl.when(step >= stages)
-                def _():
-                    plgpu.barrier_wait(consumed.at[jax.lax.rem(step, stages)])
-
-                issue_copies(step, queries)
-                return upcoming
-
-            jax.lax.fori_loop(0, steps, gather, queries_of(0))
-
-            # Observe the last slots' releases too, so that every barrier phase has been seen.
-            def drain(step, carry):
-                plgpu.barrier_wait(consumed.at[jax.lax.rem(step, stages)])
-                return carry
-
-            jax.lax.fori_loop(jnp.maximum(steps - stages, 0), steps, drain, None)
-
+        pl.when(wg == _MEMORY)(lambda: gather_ring(steps, stages, consumed, queries_of, issue_copies))
         keys = pl.ds(tile * _KEYS, _KEYS)
-
-        def by_pair(values, column):
-            """``[KEYS, ROWS]`` holding ``values[j]`` in the 16 columns of pair ``j``."""
-            out = values[PAIRS - 1]
-            for j in range(PAIRS - 2, -1, -1):
-                out = jnp.where(column < (j + 1) * _HEADS, values[j], out)
-            return out
 
         def live_pairs(start):
             return [start + j < last for j in range(PAIRS)]
@@ -335,12 +400,7 @@ def tile_backward(
             slot = jax.lax.rem(step, stages)
             plgpu.barrier_wait(loaded.at[slot])
             start = first + step * PAIRS
-            ids = [ids_smem[slot, start - _aligned(start) + j] for j in range(PAIRS)]
-            queries = [jax.lax.div(i, slots) for i in ids]
-            live = live_pairs(start)
-            query_of_column = by_pair(
-                [jnp.where(ok, t, -1) for ok, t in zip(live, queries, strict=True)], column
-            )
+            query_of_column = program.query_by_row(ids_smem.at[slot], start, slots, column)
             q_slot, do_slot = q_smem.at[slot], do_smem.at[slot]
             lse = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
             delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
@@ -481,9 +541,7 @@ def tile_backward(
         plgpu.Barrier(num_arrivals=2, num_barriers=stages),
         plgpu.Barrier(num_arrivals=1, num_barriers=stages),
     ]
-    ranks = heavy_ranks + (num_tiles - heavy_tiles) * splits
-    grid, names = ((heads, ranks, batch), ("head", "rank", "batch")) if heavy_first else (
-        (ranks, heads, batch), ("rank", "head", "batch"))  # fmt: skip
+    grid, names = program_grid(batch, heads, num_tiles, splits, heavy_tiles, heavy_splits, heavy_first)
     # Without heavy tiles the extra buffers are one unused tile, so the kernel's signature stays one.
     extra = (max(heavy_tiles, 1) * _KEYS, max(heavy_splits - splits, 1))
     out_type = [
