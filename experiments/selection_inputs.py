@@ -36,16 +36,18 @@ _D128_DEFAULT = tuning_for(128, 128)
 _D128_TRITON = dataclasses.replace(_D128_DEFAULT, mosaic_backward=False)
 _D192_DEFAULT = tuning_for(192, 128)
 
+
+def _forward_variants(default: SelectionTuning) -> dict[str, SelectionTuning]:
+    """The Triton forward (the default before session 25) and the Mosaic forward's ring depths."""
+    stages = {f"keys_forward_s{n}": dataclasses.replace(default, mosaic_fwd_stages=n) for n in (2, 6, 8)}
+    return {"triton_forward": dataclasses.replace(default, mosaic_forward=False), **stages}
+
+
 VARIANTS = {
     "G16_D128": {
         "default": _D128_DEFAULT,
         "fwd_two_positions": dataclasses.replace(_D128_DEFAULT, fwd_queries=2),  # tied at 64K (session 14)
-        "triton_forward": dataclasses.replace(
-            _D128_DEFAULT, mosaic_forward=False
-        ),  # default before session 25
-        "keys_forward_s2": dataclasses.replace(_D128_DEFAULT, mosaic_fwd_stages=2),
-        "keys_forward_s6": dataclasses.replace(_D128_DEFAULT, mosaic_fwd_stages=6),
-        "keys_forward_s8": dataclasses.replace(_D128_DEFAULT, mosaic_fwd_stages=8),
+        **_forward_variants(_D128_DEFAULT),
         "triton": _D128_TRITON,
         "triton_split8": dataclasses.replace(_D128_TRITON, bwd_splits=8),
         "mosaic_split4": dataclasses.replace(_D128_DEFAULT, **_splits(4)),
@@ -67,12 +69,7 @@ VARIANTS = {
     "G16_D192_128": {
         "default": _D192_DEFAULT,
         "fwd_one_position": dataclasses.replace(_D192_DEFAULT, fwd_queries=1),  # default before session 14
-        "triton_forward": dataclasses.replace(
-            _D192_DEFAULT, mosaic_forward=False
-        ),  # default before session 25
-        "keys_forward_s2": dataclasses.replace(_D192_DEFAULT, mosaic_fwd_stages=2),
-        "keys_forward_s6": dataclasses.replace(_D192_DEFAULT, mosaic_fwd_stages=6),
-        "keys_forward_s8": dataclasses.replace(_D192_DEFAULT, mosaic_fwd_stages=8),
+        **_forward_variants(_D192_DEFAULT),
         "triton": dataclasses.replace(_D192_DEFAULT, mosaic_backward=False),
         "mosaic_s3": dataclasses.replace(_D192_DEFAULT, bwd_stages=3),
         "mosaic_split4": dataclasses.replace(_D192_DEFAULT, **_splits(4)),

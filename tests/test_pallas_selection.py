@@ -381,17 +381,14 @@ def test_tuning_table_and_bad_tuning():
         SelectionTuning(bwd_heavy_first=True, mosaic_heavy_tiles=2, mosaic_heavy_splits=8)
 
 
-def test_mosaic_tile_kernel_rejects_heavy_splits_below_splits():
-    q5 = jnp.zeros((1, 64, 1, 16, 64), jnp.bfloat16)
-    k = jnp.zeros((1, 64, 1, 64), jnp.bfloat16)
-    rows = jnp.zeros((1, 64, 1, 16), jnp.float32)
-    entries, offsets, order = (jnp.zeros((1, 1, n), jnp.int32) for n in (64, 2, 1))
-    args = (q5, k, k, q5, rows, rows, entries, offsets, order)
-    kwargs = {"slots": 1, "scale": 1.0, "stages": 2, "heavy_first": True, "interpret": True}
+def test_mosaic_programs_reject_heavy_splits_below_splits():
     with pytest.raises(ValueError, match="heavy_splits > splits"):
-        selection_mosaic.tile_backward(*args, splits=4, heavy_tiles=1, heavy_splits=4, **kwargs)
+        selection_mosaic.Programs(splits=4, heavy_first=True, heavy_tiles=1, heavy_splits=4)
     with pytest.raises(ValueError, match="heavy_tiles must be >= 0"):
-        selection_mosaic.tile_backward(*args, splits=4, heavy_tiles=-1, heavy_splits=8, **kwargs)
+        selection_mosaic.Programs(splits=4, heavy_first=True, heavy_tiles=-1, heavy_splits=8)
+    programs = selection_mosaic.Programs(splits=2, heavy_first=True, heavy_tiles=5, heavy_splits=3)
+    assert programs.for_tiles(4).heavy_tiles == 4
+    assert programs.for_tiles(4).grid(1, 2, 4) == ((2, 12, 1), ("head", "rank", "batch"))
 
 
 def test_slot_order_does_not_matter():

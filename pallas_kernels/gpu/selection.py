@@ -553,12 +553,9 @@ def _mosaic_forward(q, k, v, key_starts, geo: _Geometry):
         positions,
         slots=geo.slots,
         scale=geo.scale,
-        splits=geo.tuning.mosaic_splits,
+        programs=_mosaic_programs(geo),
         stages=selection_forward_mosaic.stages_for(geo.dk, geo.dv, geo.tuning.mosaic_fwd_stages),
-        heavy_first=geo.tuning.bwd_heavy_first,
         interpret=geo.interpret,
-        heavy_tiles=geo.tuning.mosaic_heavy_tiles,
-        heavy_splits=geo.tuning.mosaic_heavy_splits,
     )
     out, lse = selection_forward_mosaic.merge_partials(out_rows, lse_rows, rows)
     return out.reshape(batch, length, heads * geo.group, geo.dv), lse, (entries, offsets, positions)
@@ -598,6 +595,17 @@ def _inverse_map(key_starts, geo: _Geometry) -> tuple[jax.Array, jax.Array]:
     return build_inverse_map(key_starts, block_size=geo.block_size, aligned=geo.aligned)
 
 
+def _mosaic_programs(geo: _Geometry) -> selection_mosaic.Programs:
+    """The Mosaic tile kernels' split of the key tiles' lists (both directions share it)."""
+    tuning = geo.tuning
+    return selection_mosaic.Programs(
+        splits=tuning.mosaic_splits,
+        heavy_first=tuning.bwd_heavy_first,
+        heavy_tiles=tuning.mosaic_heavy_tiles,
+        heavy_splits=tuning.mosaic_heavy_splits,
+    )
+
+
 def _uses_mosaic(geo: _Geometry) -> bool:
     return geo.tuning.mosaic_backward and selection_mosaic.supports(
         aligned=geo.aligned,
@@ -629,12 +637,9 @@ def _tile_backward(q, k, v, dout, key_starts, lse, delta, entries, offsets, geo:
             _tile_order(offsets, geo),
             slots=geo.slots,
             scale=geo.scale,
-            splits=geo.tuning.mosaic_splits,
+            programs=_mosaic_programs(geo),
             stages=selection_mosaic.stages_for(geo.dk, geo.dv, geo.tuning.bwd_stages),
-            heavy_first=geo.tuning.bwd_heavy_first,
             interpret=geo.interpret,
-            heavy_tiles=geo.tuning.mosaic_heavy_tiles,
-            heavy_splits=geo.tuning.mosaic_heavy_splits,
         )
         return dk.astype(k.dtype), dv.astype(v.dtype), dq
     num_tiles = key_tile_count(length, geo.block_size)

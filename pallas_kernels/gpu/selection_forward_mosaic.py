@@ -53,9 +53,8 @@ from pallas_kernels.gpu.selection_mosaic import (
     _SHARED_BYTES,
     PAIRS,
     ProgramList,
-    checked_heavy_tiles,
+    Programs,
     gather_ring,
-    program_grid,
     whole_tiles,
 )
 
@@ -109,19 +108,16 @@ def tile_forward(
     *,
     slots: int,
     scale: float,
-    splits: int,
+    programs: Programs,
     stages: int,
-    heavy_first: bool,
     interpret: bool,
-    heavy_tiles: int = 0,
-    heavy_splits: int = 0,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Each listed (query, slot) pair's normalised partial output and log-sum-exp.
 
     Args:
       q5: ``[B, T, H, 16, Dk]``; k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]``.
       key_starts: ``[B, T, H, n]``, each pair's first key (``-1``: none).
-      entries, offsets, order, slots, splits, heavy_first, heavy_tiles, heavy_splits: as for
+      entries, offsets, order, slots, programs: as for
         :func:`pallas_kernels.gpu.selection_mosaic.tile_backward`.
       positions: ``[B, T, H, n]``, each pair's list position
         (:func:`pallas_kernels.gpu.selection_mosaic.list_positions`, ``-1``: unlisted).
@@ -139,12 +135,12 @@ def tile_forward(
     if stages % 2:
         raise ValueError(f"stages must be even (each compute warpgroup owns alternate slots), got {stages}")
     num_tiles = offsets.shape[-1] - 1
-    heavy_tiles = checked_heavy_tiles(heavy_tiles, heavy_splits, splits, num_tiles)
+    programs = programs.for_tiles(num_tiles)
     k, v = whole_tiles(k, num_tiles), whole_tiles(v, num_tiles)
     padded = padded_offsets(offsets)
     pair_rows = positions + _per_pair(padded - offsets, jnp.maximum(key_starts, 0) // _KEYS)
     pair_rows = jnp.where(positions >= 0, pair_rows, -1)
-    grid, names = program_grid(batch, heads, num_tiles, splits, heavy_tiles, heavy_splits, heavy_first)
+    grid, names = programs.grid(batch, heads, num_tiles)
     # The last step's id window reads past its first entry: keep it in bounds.
     entries = jnp.pad(entries, ((0, 0), (0, 0), (0, _ID_WINDOW)))
     dtype = q5.dtype
@@ -160,9 +156,7 @@ def tile_forward(
         wg = jax.lax.axis_index("wg")
         head = jax.lax.axis_index("head")
         b = jax.lax.axis_index("batch")
-        program = ProgramList.split_tile(
-            b, head, entries_ref, offsets_ref, order_ref, splits, heavy_tiles, heavy_splits
-        )
+        program = ProgramList.split_tile(b, head, entries_ref, offsets_ref, order_ref, programs)
         first, steps, tile = program.first, program.steps, program.tile
         # Shares are whole steps from the list's start, so every step's rows start a whole step in.
         padded_first = padded_ref[b, head, tile] + first - offsets_ref[b, head, tile]

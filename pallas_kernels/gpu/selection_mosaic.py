@@ -56,6 +56,7 @@ warpgroups' hand-offs are checked on the GPU (``experiments/check_selection_gpu.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -149,11 +150,13 @@ class ProgramList:
         self.steps = jax.lax.div(last - first + PAIRS - 1, PAIRS)
 
     @classmethod
-    def split_tile(cls, b, head, entries_ref, offsets_ref, order_ref, splits, heavy_tiles, heavy_splits):
-        """Grid axis ``rank``'s share of a tile: ranks ``< heavy_tiles * heavy_splits`` split the
-        first ``heavy_tiles`` tiles of ``order_ref`` ``heavy_splits`` ways, the others ``splits``
-        ways, in shares of whole steps from the list's start. Sets ``tile_rank`` and ``split``."""
+    def split_tile(cls, b, head, entries_ref, offsets_ref, order_ref, programs: Programs):
+        """Grid axis ``rank``'s share of a tile (:class:`Programs`): ranks ``< heavy_tiles *
+        heavy_splits`` split the first ``heavy_tiles`` tiles of ``order_ref`` ``heavy_splits``
+        ways, the others ``splits`` ways, in shares of whole steps from the list's start. Sets
+        ``tile_rank`` and ``split``."""
         rank = jax.lax.axis_index("rank")
+        splits, heavy_tiles, heavy_splits = programs.splits, programs.heavy_tiles, programs.heavy_splits
         if heavy_tiles:
             heavy_ranks = heavy_tiles * heavy_splits
             heavy = rank < heavy_ranks
@@ -199,36 +202,45 @@ class ProgramList:
         return out
 
 
-def checked_heavy_tiles(heavy_tiles: int, heavy_splits: int, splits: int, num_tiles: int) -> int:
-    """``heavy_tiles``, at most ``num_tiles``; ``ValueError`` unless ``heavy_splits > splits`` where used."""
-    if heavy_tiles < 0 or (heavy_tiles and heavy_splits <= splits):
-        raise ValueError(
-            f"heavy_tiles must be >= 0, and heavy_splits > splits where heavy_tiles > 0; got heavy_tiles="
-            f"{heavy_tiles}, heavy_splits={heavy_splits}, splits={splits}"
-        )
-    return min(heavy_tiles, num_tiles)
+@dataclasses.dataclass(frozen=True)
+class Programs:
+    """How the tile kernels split each key tile's inverse-map list over programs.
+
+    ``splits`` programs a tile, each on an equal share of whole steps; the first ``heavy_tiles``
+    tiles of the ``order`` given to the kernel (its longest lists, when ``order`` is heaviest first)
+    get ``heavy_splits > splits`` each. ``heavy_first``: the grid is ``(H, rank, B)`` (heads
+    interleaved at launch) instead of ``(rank, H, B)``.
+    """
+
+    splits: int
+    heavy_first: bool
+    heavy_tiles: int = 0
+    heavy_splits: int = 0
+
+    def __post_init__(self) -> None:
+        if self.heavy_tiles < 0 or (self.heavy_tiles and self.heavy_splits <= self.splits):
+            raise ValueError(
+                "heavy_tiles must be >= 0, and heavy_splits > splits where heavy_tiles > 0; got "
+                f"heavy_tiles={self.heavy_tiles}, heavy_splits={self.heavy_splits}, splits={self.splits}"
+            )
+
+    def for_tiles(self, num_tiles: int) -> Programs:
+        """These programs with at most ``num_tiles`` heavy tiles."""
+        return dataclasses.replace(self, heavy_tiles=min(self.heavy_tiles, num_tiles))
+
+    def grid(
+        self, batch: int, heads: int, num_tiles: int
+    ) -> tuple[tuple[int, int, int], tuple[str, str, str]]:
+        """The grid over :meth:`ProgramList.split_tile`'s ranks and its axis names."""
+        ranks = self.heavy_tiles * self.heavy_splits + (num_tiles - self.heavy_tiles) * self.splits
+        if self.heavy_first:
+            return (heads, ranks, batch), ("head", "rank", "batch")
+        return (ranks, heads, batch), ("rank", "head", "batch")
 
 
 def whole_tiles(x: jax.Array, num_tiles: int) -> jax.Array:
     """``x [B, T, H, D]`` zero-padded to ``num_tiles`` whole key tiles along T."""
     return jnp.pad(x, ((0, 0), (0, num_tiles * _KEYS - x.shape[1]), (0, 0), (0, 0)))
-
-
-def program_grid(
-    batch: int,
-    heads: int,
-    num_tiles: int,
-    splits: int,
-    heavy_tiles: int,
-    heavy_splits: int,
-    heavy_first: bool,
-) -> tuple[tuple[int, int, int], tuple[str, str, str]]:
-    """The grid and its axis names for :class:`ProgramList`'s ranks: ``(H, rank, B)`` heavy first
-    (heads interleaved at launch), else ``(rank, H, B)``."""
-    ranks = heavy_tiles * heavy_splits + (num_tiles - heavy_tiles) * splits
-    if heavy_first:
-        return (heads, ranks, batch), ("head", "rank", "batch")
-    return (ranks, heads, batch), ("rank", "head", "batch")
 
 
 def gather_ring(steps, stages: int, consumed, queries_of, issue_copies) -> None:
@@ -271,12 +283,9 @@ def tile_backward(
     *,
     slots: int,
     scale: float,
-    splits: int,
+    programs: Programs,
     stages: int,
-    heavy_first: bool,
     interpret: bool,
-    heavy_tiles: int = 0,
-    heavy_splits: int = 0,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """dK, dV and the dQ rows of selected attention, in list order.
 
@@ -286,15 +295,12 @@ def tile_backward(
         (gathered here into list order).
       entries, offsets: the inverse map (``[B, H, T * n]``, ``[B, H, num_tiles + 1]``);
         order: int32 ``[B, H, num_tiles]``, the key tile of each program rank.
-      slots: ``n``; scale: logit scale; splits: programs per key tile, each on an equal
-        share of its list, writing float32 partial dK/dV (summed here); stages: gather
-        slots in the ring; heavy_first: the grid is ``(H, rank, B)`` (heads interleaved at
-        launch) instead of ``(rank, H, B)``.
+      slots: ``n``; scale: logit scale; programs: how the lists are split over programs
+        (:class:`Programs`); each program writes float32 partial dK/dV (summed here); the heavy
+        tiles' extra partials go to a compact ``[B, heavy_tiles * 64, H, heavy_splits - splits,
+        D]`` buffer, so the partials summed stay ``splits`` per tile elsewhere. stages: gather
+        slots in the ring.
       interpret: run in Mosaic GPU interpret mode (CPU), one warpgroup (see the module notes).
-      heavy_tiles, heavy_splits: the first ``heavy_tiles`` tiles of ``order`` (the longest
-        lists, when ``order`` is heaviest first) get ``heavy_splits > splits`` programs each;
-        their extra partials go to a compact ``[B, heavy_tiles * 64, H, heavy_splits - splits,
-        D]`` buffer, so the partials summed stay ``splits`` per tile elsewhere.
 
     Returns:
       ``(dk, dv, dq)``: float32 ``[B, T, H, Dk]`` (scaled) and ``[B, T, H, Dv]``, and
@@ -305,7 +311,8 @@ def tile_backward(
     batch, length, heads, _, dk = q5.shape
     dv = v.shape[-1]
     num_tiles = offsets.shape[-1] - 1
-    heavy_tiles = checked_heavy_tiles(heavy_tiles, heavy_splits, splits, num_tiles)
+    programs = programs.for_tiles(num_tiles)
+    splits, heavy_tiles, heavy_splits = programs.splits, programs.heavy_tiles, programs.heavy_splits
     padded_length = num_tiles * _KEYS
     k, v = whole_tiles(k, num_tiles), whole_tiles(v, num_tiles)
     # Each listed pair's lse and delta rows in list order, so that a step's PAIRS rows are one
@@ -336,9 +343,7 @@ def tile_backward(
         wg = jax.lax.axis_index("wg")
         head = jax.lax.axis_index("head")
         b = jax.lax.axis_index("batch")
-        program = ProgramList.split_tile(
-            b, head, entries_ref, offsets_ref, order_ref, splits, heavy_tiles, heavy_splits
-        )
+        program = ProgramList.split_tile(b, head, entries_ref, offsets_ref, order_ref, programs)
         tile_rank, tile, split, first, last, steps = (
             program.tile_rank,
             program.tile,
@@ -541,7 +546,7 @@ def tile_backward(
         plgpu.Barrier(num_arrivals=2, num_barriers=stages),
         plgpu.Barrier(num_arrivals=1, num_barriers=stages),
     ]
-    grid, names = program_grid(batch, heads, num_tiles, splits, heavy_tiles, heavy_splits, heavy_first)
+    grid, names = programs.grid(batch, heads, num_tiles)
     # Without heavy tiles the extra buffers are one unused tile, so the kernel's signature stays one.
     extra = (max(heavy_tiles, 1) * _KEYS, max(heavy_splits - splits, 1))
     out_type = [
