@@ -165,13 +165,13 @@ class ProgramList:
                 heavy, jax.lax.div(rank, heavy_splits), heavy_tiles + jax.lax.div(light_rank, splits)
             )
             split = jnp.where(heavy, jax.lax.rem(rank, heavy_splits), jax.lax.rem(light_rank, splits))
-            programs = jnp.where(heavy, heavy_splits, splits)
+            sharing = jnp.where(heavy, heavy_splits, splits)
         else:
             tile_rank, split = jax.lax.div(rank, splits), jax.lax.rem(rank, splits)
-            programs = splits
+            sharing = splits
         tile = order_ref[b, head, tile_rank]
         first, last = offsets_ref[b, head, tile], offsets_ref[b, head, tile + 1]
-        share = jax.lax.div(last - first + programs * PAIRS - 1, programs * PAIRS) * PAIRS
+        share = jax.lax.div(last - first + sharing * PAIRS - 1, sharing * PAIRS) * PAIRS
         first = jnp.minimum(first + split * share, last)
         program = cls(b, head, entries_ref, tile, first, jnp.minimum(first + share, last))
         program.tile_rank, program.split = tile_rank, split
