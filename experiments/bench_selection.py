@@ -65,14 +65,23 @@ def forward_flops(length: int, q_heads: int, dk: int, dv: int) -> float:
 
 
 def make_inputs(
-    length: int, q_heads: int, kv_heads: int, dk: int, dv: int, seed: int = 0, first_block: bool = False
+    length: int,
+    q_heads: int,
+    kv_heads: int,
+    dk: int,
+    dv: int,
+    seed: int = 0,
+    first_block: bool = False,
+    previous_block: bool = False,
 ):
     keys = jax.random.split(jax.random.key(seed), 5)
     q = jax.random.normal(keys[0], (1, length, q_heads, dk), jnp.bfloat16)
     k = jax.random.normal(keys[1], (1, length, kv_heads, dk), jnp.bfloat16)
     v = jax.random.normal(keys[2], (1, length, kv_heads, dv), jnp.bfloat16)
     ct = jax.random.normal(keys[3], (1, length, q_heads, dv), jnp.bfloat16)
-    indices = random_causal_indices(keys[4], 1, length, kv_heads, SLOTS, BLOCK, first_block=first_block)
+    indices = random_causal_indices(
+        keys[4], 1, length, kv_heads, SLOTS, BLOCK, first_block=first_block, previous_block=previous_block
+    )
     return q, k, v, ct, indices
 
 

@@ -3,6 +3,10 @@
 Run on the GPU from the repo root::
 
     PYTHONPATH=$PWD python3 experiments/check_selection_gpu.py --out OUT_DIR [--cases 0 3] [--no-variants]
+        [--variants NAME ...] [--forced-blocks]
+
+``--forced-blocks``: every selection holds block 0 and the block before the query's, besides the
+query's own (Eq. 11's forced blocks), as :mod:`pallas_kernels.gpu.forced_merge` expects to find.
 
 Relative error ``||out - ref|| / ||ref||`` of the output and of dq, dk, dv; the
 reference runs in float32 (HIGHEST precision) on the same (upcast) inputs. Bounds:
@@ -48,8 +52,9 @@ CASES = [
 VARIANT_CASES = {0: "G16_D128", 4: "G16_D128", 3: "G16_D192_128"}
 
 
-def run_case(case: tuple, dtype, tunings: dict) -> list[dict]:
-    """Errors of each ``tunings`` entry (name -> SelectionTuning, or None for the registry path)."""
+def run_case(case: tuple, dtype, tunings: dict, forced: bool = False) -> list[dict]:
+    """Errors of each ``tunings`` entry (name -> SelectionTuning, or None for the registry path);
+    ``forced``: every selection holds block 0 and the two local blocks (Eq. 11)."""
     batch, length, q_heads, kv_heads, dk, dv, block_size, slots, packed = case
     keys = jax.random.split(jax.random.key(hash(case) % 2**31), 5)
     q = jax.random.normal(keys[0], (batch, length, q_heads, dk)).astype(dtype)
@@ -57,7 +62,17 @@ def run_case(case: tuple, dtype, tunings: dict) -> list[dict]:
     v = jax.random.normal(keys[2], (batch, length, kv_heads, dv)).astype(dtype)
     cotangent = jax.random.normal(keys[3], (batch, length, q_heads, dv)).astype(dtype)
     segment_ids = packed_segments(batch, length, (length // 3, length // 2 + 7)) if packed else None
-    indices = random_causal_indices(keys[4], batch, length, kv_heads, slots, block_size, segment_ids)
+    indices = random_causal_indices(
+        keys[4],
+        batch,
+        length,
+        kv_heads,
+        slots,
+        block_size,
+        segment_ids,
+        first_block=forced,
+        previous_block=forced,
+    )
 
     def attend(implementation, tuning=None):
         def fn(q, k, v):
@@ -122,6 +137,11 @@ def main() -> int:
     parser.add_argument("--cases", type=int, nargs="+", default=list(range(len(CASES))))
     parser.add_argument("--no-variants", action="store_true", help="skip the backward variants")
     parser.add_argument("--variants", nargs="+", default=None, help="only these VARIANTS names")
+    parser.add_argument(
+        "--forced-blocks",
+        action="store_true",
+        help="every selection holds block 0 and the two local blocks, as the spec's top-n (Eq. 11)",
+    )
     args = parser.parse_args()
     results = []
     for index in args.cases:
@@ -131,11 +151,12 @@ def main() -> int:
                 chosen = VARIANTS[VARIANT_CASES[index]]
                 wanted = chosen if args.variants is None else args.variants
                 tunings.update({name: chosen[name] for name in wanted if name in chosen})
-            results += run_case(CASES[index], dtype, tunings)
+            results += run_case(CASES[index], dtype, tunings, forced=args.forced_blocks)
     summary = {
         "device": str(jax.devices()[0]),
         "jax": jax.__version__,
         "tolerance": TOLERANCE,
+        "forced_blocks": args.forced_blocks,
         "results": results,
     }
     if args.out:

@@ -11,17 +11,24 @@ dims) are timed in alternating rounds (:func:`experiments.measure.alternating_ro
 and forward+backward, at Dk=192/Dv=128 and Dk=Dv=128. Each round gives one ratio for each;
 the report gives every round's ratio, their median, and the lowest and highest.
 
+``--selection-variants NAME ...`` adds the op with its selected branch at each named tuning of
+:data:`experiments.selection_inputs.VARIANTS` (for the row's head dims) to the same rounds, so that
+a variant and the default are compared against one peer measured alongside both.
+
 Needs a GPU (the peer is cuDNN). Writes ``ratio_rounds.json`` and ``ratio_rounds.md`` to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
+from collections.abc import Callable
 
 import jax
 
+import nsa_jax
 from experiments.bench_layer import (
     HEAD_DIMS,
     NSA_INPUTS,
@@ -33,29 +40,60 @@ from experiments.bench_layer import (
     op_inputs,
     with_vjp,
 )
+from experiments.bench_selection import variant_tuning
 from experiments.measure import alternating_rounds, write_report
 from experiments.plot_benchmarks import dense_peer_name
+from experiments.selection_inputs import VARIANTS
+from nsa_jax import registry
+from pallas_kernels.gpu import selection
 
 MODES = ("fwd", "fwd_bwd")
 
 
-def ratio_row(length: int, dk: int, dv: int, rounds: int, iters: int) -> dict:
-    """Per-round times (ms) of the op and its peer, forward and forward+backward, and the ratios."""
+def variant_op(name: str, dk: int) -> Callable:
+    """``nsa_op`` with the selected branch at ``VARIANTS``' tuning ``name`` for head dim ``dk``,
+    registered as its own ``selected_attention`` implementation (GPU, as ``pallas_triton``)."""
+    tuning = variant_tuning("G16_D192_128" if dk == 192 else "G16_D128", name)
+    if tuning is None:
+        raise ValueError(f"--selection-variants: no variant {name!r} for Dk={dk}")
+    implementation = f"pallas_triton[{name},dk={dk}]"
+    registry.register(
+        registry.Implementation(
+            op="selected_attention",
+            name=implementation,
+            fn=functools.partial(selection.selected_attention, tuning=tuning),
+            platforms=("gpu",),
+            check=selection.check,
+        )
+    )
+
+    def op(*arrays: jax.Array) -> jax.Array:
+        return nsa_jax.nsa_attention(*arrays, **PAPER, implementation={"selected_attention": implementation})
+
+    return op
+
+
+def ratio_row(length: int, dk: int, dv: int, rounds: int, iters: int, variants: tuple[str, ...] = ()) -> dict:
+    """Per-round times (ms) of the op (and of its ``variants``) and its peer, forward and
+    forward+backward, and the ratios."""
     x = op_inputs(length, dk, dv, PAPER)
     peers = dense_peers(length, dk, dv)
     peer = dense_peer_name(peers)
     peer_fn, peer_args, peer_cotangent = peers[peer]
     nsa_args = tuple(x[name] for name in NSA_INPUTS)
-    calls = {
-        "nsa_fwd": (jax.jit(nsa_op), nsa_args),
-        "nsa_fwd_bwd": (with_vjp(nsa_op, len(NSA_INPUTS)), (*nsa_args, x["cotangent"])),
-        "dense_fwd": (jax.jit(peer_fn), peer_args),
-        "dense_fwd_bwd": (with_vjp(peer_fn, 3), (*peer_args, peer_cotangent)),
-    }
+    ops = {"nsa": nsa_op, **{f"nsa[{name}]": variant_op(name, dk) for name in variants}}
+    calls = {}
+    for label, op in ops.items():
+        calls[f"{label}_fwd"] = (jax.jit(op), nsa_args)
+        calls[f"{label}_fwd_bwd"] = (with_vjp(op, len(NSA_INPUTS)), (*nsa_args, x["cotangent"]))
+    calls["dense_fwd"] = (jax.jit(peer_fn), peer_args)
+    calls["dense_fwd_bwd"] = (with_vjp(peer_fn, 3), (*peer_args, peer_cotangent))
     times = alternating_rounds(calls, rounds, iterations(length, iters))
-    row = {"T": length, "Dk": dk, "Dv": dv, "peer": peer, "ms": times}
-    for mode in MODES:
-        row[f"{mode}_ratios"] = ratio_summary(times[f"dense_{mode}"], times[f"nsa_{mode}"])
+    row = {"T": length, "Dk": dk, "Dv": dv, "peer": peer, "ms": times, "ops": list(ops)}
+    for label in ops:
+        prefix = "" if label == "nsa" else f"{label}_"
+        for mode in MODES:
+            row[f"{prefix}{mode}_ratios"] = ratio_summary(times[f"dense_{mode}"], times[f"{label}_{mode}"])
     return row
 
 
@@ -80,13 +118,17 @@ def markdown(report: dict) -> str:
     ]
     for row in report["rows"]:
         ms = {name: statistics.median(values) for name, values in row["ms"].items()}
-        ratios = [row[f"{mode}_ratios"] for mode in MODES]
-        lines.append(
-            f"| {row['T']} | {row['Dk']}/{row['Dv']} | {ms['nsa_fwd']:.2f} / {ms['nsa_fwd_bwd']:.2f} "
-            f"| {ms['dense_fwd']:.2f} / {ms['dense_fwd_bwd']:.2f} "
-            + "".join(f"| {r['median']:.2f}x ({r['low']:.2f}-{r['high']:.2f}) " for r in ratios)
-            + "|"
-        )
+        for label in row.get("ops", ["nsa"]):
+            prefix = "" if label == "nsa" else f"{label}_"
+            ratios = [row[f"{prefix}{mode}_ratios"] for mode in MODES]
+            name = "" if label == "nsa" else f" {label[4:-1]}"
+            lines.append(
+                f"| {row['T']} | {row['Dk']}/{row['Dv']}{name} "
+                f"| {ms[f'{label}_fwd']:.2f} / {ms[f'{label}_fwd_bwd']:.2f} "
+                f"| {ms['dense_fwd']:.2f} / {ms['dense_fwd_bwd']:.2f} "
+                + "".join(f"| {r['median']:.2f}x ({r['low']:.2f}-{r['high']:.2f}) " for r in ratios)
+                + "|"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -100,7 +142,16 @@ def main() -> int:
     parser.add_argument(
         "--iters", type=int, default=5, help="timed calls a round (halved past 16K, at least 3)"
     )
+    parser.add_argument(
+        "--selection-variants",
+        nargs="*",
+        default=[],
+        help="VARIANTS names (experiments/selection_inputs.py) whose op also runs in the rounds",
+    )
     args = parser.parse_args()
+    unknown = [name for name in args.selection_variants if not all(name in v for v in VARIANTS.values())]
+    if unknown:
+        parser.error(f"--selection-variants must name VARIANTS of both head-dim configs, got {unknown}")
     if not ON_GPU:
         raise SystemExit("ratio_rounds.py needs a GPU: the dense peer is cuDNN")
     if args.rounds < 1 or args.iters < 1:
@@ -108,7 +159,7 @@ def main() -> int:
     rows = []
     for length in args.lengths:
         for dk, dv in HEAD_DIMS.values():
-            rows.append(ratio_row(length, dk, dv, args.rounds, args.iters))
+            rows.append(ratio_row(length, dk, dv, args.rounds, args.iters, tuple(args.selection_variants)))
             print(rows[-1], flush=True)
     report = {
         "device": jax.devices()[0].device_kind,

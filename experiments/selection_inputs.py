@@ -38,9 +38,17 @@ _D192_DEFAULT = tuning_for(192, 128)
 
 
 def _forward_variants(default: SelectionTuning) -> dict[str, SelectionTuning]:
-    """The Triton forward (the default before session 25) and the Mosaic forward's ring depths."""
+    """The Triton forward (the default before session 25), the Mosaic forward's ring depths and its
+    merge attending the forced blocks (:mod:`pallas_kernels.gpu.forced_merge`) at a few launches."""
     stages = {f"keys_forward_s{n}": dataclasses.replace(default, mosaic_fwd_stages=n) for n in (2, 6, 8)}
-    return {"triton_forward": dataclasses.replace(default, mosaic_forward=False), **stages}
+    merges = {
+        "forced_merge": {"forced_merge": True},
+        "forced_merge_q32": {"forced_merge": True, "merge_queries": 32},
+        "forced_merge_w8": {"forced_merge": True, "merge_warps": 8},
+        "forced_merge_s3": {"forced_merge": True, "merge_stages": 3},
+    }
+    merges = {name: dataclasses.replace(default, **fields) for name, fields in merges.items()}
+    return {"triton_forward": dataclasses.replace(default, mosaic_forward=False), **stages, **merges}
 
 
 VARIANTS = {
@@ -94,6 +102,7 @@ def random_causal_indices(
     block_size: int,
     segment_ids: jax.Array | None = None,
     first_block: bool = False,
+    previous_block: bool = False,
 ) -> jax.Array:
     """Random distinct visible blocks per (query, KV head), the query's own block included.
 
@@ -101,7 +110,9 @@ def random_causal_indices(
     holds the own block plus ``slots - 1`` distinct random earlier blocks, sorted
     ascending, ``-1`` last when fewer blocks are visible. With ``first_block`` the
     earlier blocks always include block 0, as the spec's top-n does (Eq. 11: the
-    initial block is always selected), so that one key tile is read by every query.
+    initial block is always selected), so that one key tile is read by every query;
+    with ``previous_block`` they include the block before the own one (Eq. 11's second
+    local block), so that every query has the spec's three forced blocks.
 
     Returns:
       int32 ``[B, T, H, n]``.
@@ -114,6 +125,8 @@ def random_causal_indices(
     if first_block:  # above every uniform score, so top_k keeps it wherever it is earlier
         scores = jnp.where(blocks == 0, 2.0, scores)
     earlier = blocks[None, None, None, :] < own[:, :, None, None]
+    if previous_block:
+        scores = jnp.where(blocks[None, None, None, :] == own[:, :, None, None] - 1, 2.0, scores)
     scores = jnp.where(earlier, scores, -1.0)
     top, picked = jax.lax.top_k(scores, min(slots - 1, num_blocks))
     picked = jnp.where(top >= 0, picked, -1).astype(jnp.int32)

@@ -8,6 +8,7 @@ variants, and shapes the shared tests leave out.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 import nsa_jax
-from pallas_kernels.gpu import selection, selection_mosaic, shared_blocks
+from pallas_kernels.gpu import forced_merge, selection, selection_mosaic, shared_blocks
 from pallas_kernels.gpu.block_sizes import DEFAULT_TUNING, SelectionTuning, tuning_for
 from pallas_kernels.gpu.inverse_map import build_inverse_map, key_tile_count, listed_parts
 
@@ -331,6 +332,105 @@ def test_mosaic_tile_kernel_matches_reference(dk, tuning):
     _compare(q, k, v, ct, indices, 64, 1.5e-2, tuning=tuning)
 
 
+def _forced_indices(seed, length, slots, block_size, duplicates):
+    """``[1, T, 1, n]`` selections as the spec's top-n makes them (Eq. 11: block 0 and the query's
+    two local blocks, then other visible blocks), in random slot order, except that a fifth of
+    the rows leave the query's own block out; with ``duplicates`` a third list a forced block twice."""
+    rng = np.random.default_rng(seed)
+    rows = np.full((length, slots), -1, np.int32)
+    for t in range(length):
+        own = t // block_size
+        forced = [0] + [b for b in (own - 1, own) if b >= 1]
+        picks = forced + [b for b in rng.permutation(own + 1) if b not in forced]
+        if duplicates and rng.random() < 1 / 3:
+            picks.insert(1, forced[-1])
+        if rng.random() < 0.2:
+            picks = [b for b in picks if b != own or own == 0]
+        picks = picks[:slots]
+        rng.shuffle(picks)
+        rows[t, : len(picks)] = picks
+    return jnp.asarray(rows[None, :, None, :])
+
+
+@pytest.mark.parametrize(("dk", "duplicates"), [(128, True), (192, False)], ids=["d128_duplicates", "dk192"])
+def test_forced_merge_matches_reference(dk, duplicates):
+    # T = 300: five key tiles, so tiles have forced prefixes and pairs past them; heavy tile 0
+    # (every pair forced) and the others split two ways.
+    q, k, v, ct = _inputs(9, 1, 300, 16, 1, dk, 128, jnp.bfloat16)
+    indices = _forced_indices(3, 300, 4, 64, duplicates)
+    tuning = dataclasses.replace(
+        tuning_for(dk, 128), forced_merge=True, mosaic_splits=2, mosaic_heavy_tiles=1, mosaic_heavy_splits=3
+    )
+    _compare(q, k, v, ct, indices, 64, 1.5e-2, tuning=tuning)
+
+
+def test_forced_pairs_are_a_prefix_of_each_list():
+    length, slots, block_size, step = 300, 4, 64, 4
+    indices = _forced_indices(5, length, slots, block_size, duplicates=True)
+    key_starts = selection.selected_key_starts(indices, None, block_size)
+    forced, counts = forced_merge.forced_pairs(key_starts, block_size)
+    starts = np.asarray(key_starts)[0, :, 0]
+    own = np.arange(length)[:, None] // block_size
+    tile = starts // block_size
+    expected = (starts >= 0) & ((tile == 0) | (tile == own) | (tile == own - 1))
+    np.testing.assert_array_equal(np.asarray(forced)[0, :, 0], expected)
+    on = lambda candidate: np.sum((starts >= 0) & candidate, axis=-1)
+    expected_counts = [on(tile == 0), on((tile >= 1) & (tile == own - 1)), on((tile >= 1) & (tile == own))]
+    np.testing.assert_array_equal(np.asarray(counts)[0, :, 0, :3], np.stack(expected_counts, axis=-1))
+    entries, offsets = build_inverse_map(key_starts, block_size=block_size, aligned=True)
+    firsts = np.asarray(forced_merge.list_firsts(offsets, counts, block_size, step))[0, 0]
+    entries, offsets = np.asarray(entries)[0, 0], np.asarray(offsets)[0, 0]
+    flags = expected.reshape(-1)
+    prefixes = []
+    for a in range(len(offsets) - 1):
+        listed = flags[entries[offsets[a] : offsets[a + 1]]]
+        prefix = int(np.argmin(listed)) if not listed.all() else len(listed)
+        assert not listed[prefix:].any(), a  # the forced pairs come first
+        assert firsts[a] == offsets[a] + prefix // step * step, a
+        prefixes.append((prefix, len(listed)))
+    assert prefixes[0][0] == prefixes[0][1]  # every pair of tile 0 is forced
+    assert sum(0 < prefix < total for prefix, total in prefixes) >= 2  # tiles holding both kinds
+
+
+def test_forced_merge_rejects_queries_not_dividing_the_block():
+    q, k, v, _ = _inputs(1, 1, 64, 16, 1, 64, 64, jnp.bfloat16)
+    geo = _geometry(q, v, dataclasses.replace(tuning_for(128, 128), forced_merge=True, merge_queries=128))
+    counts = jnp.zeros((1, 64, 1, 4), jnp.int32)
+    positions = jnp.full((1, 64, 1, 3), -1, jnp.int32)
+    rows, lse_rows = jnp.zeros((1, 1, 16, 64), jnp.bfloat16), jnp.zeros((1, 1, 16), jnp.float32)
+    with pytest.raises(ValueError, match="merge_queries must divide the block size 64, got 128"):
+        forced_merge.merge_with_forced(q, k, v, counts, positions, rows, lse_rows, geo)
+
+
+@pytest.mark.parametrize("dk", [128, 192])
+def test_mosaic_path_lowers_for_an_h200(dk, monkeypatch):
+    # The Mosaic GPU and Triton kernels lowered for an abstract H200 (no GPU here): what interpret
+    # mode does not run, the lowering of each kernel body to Mosaic GPU or Triton IR, is checked.
+    monkeypatch.setattr(selection_mosaic, "_on_hopper", lambda: True)
+    tuning = dataclasses.replace(tuning_for(dk, 128), forced_merge=True)
+    length = 1000
+
+    def forward_backward(q, k, v, indices, ct):
+        attend = lambda q, k, v: selection.selected_attention(
+            q, k, v, indices, block_size=64, scale=0.1, tuning=tuning
+        )
+        out, vjp = jax.vjp(attend, q, k, v)
+        return out, vjp(ct)
+
+    shapes = [
+        jax.ShapeDtypeStruct((1, length, 64, dk), jnp.bfloat16),
+        jax.ShapeDtypeStruct((1, length, 4, dk), jnp.bfloat16),
+        jax.ShapeDtypeStruct((1, length, 4, 128), jnp.bfloat16),
+        jax.ShapeDtypeStruct((1, length, 4, 16), jnp.int32),
+        jax.ShapeDtypeStruct((1, length, 64, 128), jnp.bfloat16),
+    ]
+    h200 = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h200)):
+        lowered = jax.jit(forward_backward).trace(*shapes).lower(lowering_platforms=("cuda",))
+    kernels = set(re.findall(r"nsa_[a-z_]+", lowered.as_text()))
+    assert {"nsa_selected_fwd_mosaic", "nsa_selected_bwd_mosaic", "nsa_selected_fwd_forced_merge"} <= kernels
+
+
 def _geometry(q, v, tuning, aligned=True, block_size=64, interpret=True):
     return selection._Geometry(
         length=q.shape[1],
@@ -375,6 +475,8 @@ def test_tuning_table_and_bad_tuning():
         SelectionTuning(fwd_queries=3)
     with pytest.raises(ValueError, match="fwd_queries must be positive"):
         SelectionTuning(fwd_queries=0)
+    with pytest.raises(ValueError, match="merge_queries must be a power of two"):
+        SelectionTuning(merge_queries=48)
     with pytest.raises(ValueError, match="mosaic_heavy_tiles needs bwd_heavy_first"):
         SelectionTuning(mosaic_heavy_tiles=2, mosaic_heavy_splits=16)  # tile order, not heaviest first
     with pytest.raises(ValueError, match="mosaic_heavy_splits > mosaic_splits"):

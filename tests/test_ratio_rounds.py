@@ -5,6 +5,8 @@ import pytest
 
 from experiments import ratio_rounds
 from experiments.measure import alternating_rounds
+from experiments.selection_inputs import VARIANTS
+from nsa_jax import registry
 
 
 def test_rounds_alternate_the_order_and_time_every_call_each_round():
@@ -70,3 +72,34 @@ def test_main_needs_a_gpu(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.argv", ["ratio_rounds", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="needs a GPU"):
         ratio_rounds.main()
+
+
+def test_markdown_lists_each_selection_variant_against_the_same_peer():
+    ms = {"nsa_fwd": [47.0], "nsa_fwd_bwd": [125.0], "dense_fwd": [150.0], "dense_fwd_bwd": [625.0]}
+    ms.update({"nsa[forced_merge]_fwd": [45.0], "nsa[forced_merge]_fwd_bwd": [120.0]})
+    row = {"T": 65536, "Dk": 192, "Dv": 128, "ms": ms, "ops": ["nsa", "nsa[forced_merge]"]}
+    for label, prefix in (("nsa", ""), ("nsa[forced_merge]", "nsa[forced_merge]_")):
+        for mode in ratio_rounds.MODES:
+            row[f"{prefix}{mode}_ratios"] = ratio_rounds.ratio_summary(
+                ms[f"dense_{mode}"], ms[f"{label}_{mode}"]
+            )
+    report = {"device": "test", "jax": "0", "command": "ratio_rounds.py", "rounds": 1, "rows": [row]}
+    text = ratio_rounds.markdown(report)
+    assert (
+        "| 65536 | 192/128 | 47.00 / 125.00 | 150.00 / 625.00 | 3.19x (3.19-3.19) | 5.00x (5.00-5.00) |"
+        in text
+    )
+    assert (
+        "| 65536 | 192/128 forced_merge | 45.00 / 120.00 | 150.00 / 625.00 | 3.33x (3.33-3.33) "
+        "| 5.21x (5.21-5.21) |" in text
+    )
+
+
+def test_variant_op_registers_the_variant_tuning():
+    op = ratio_rounds.variant_op("forced_merge", 192)
+    assert callable(op)
+    impl = registry.get("selected_attention", "pallas_triton[forced_merge,dk=192]")
+    tuning = impl.fn.keywords["tuning"]
+    assert tuning.forced_merge and tuning == VARIANTS["G16_D192_128"]["forced_merge"]
+    with pytest.raises(ValueError, match="no variant 'nope' for Dk=128"):
+        ratio_rounds.variant_op("nope", 128)

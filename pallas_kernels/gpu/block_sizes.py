@@ -65,6 +65,11 @@ class SelectionTuning:
         serves the shape (``mosaic_backward`` and its conditions), with ``mosaic_fwd_stages``
         query slots (even; fewer where shared memory is short) and the backward's splits and
         launch order; the inverse map it builds is kept for the backward.
+      forced_merge: with ``mosaic_forward``, leave each query's forced blocks (block 0 and its
+        two local blocks, Eq. 11) out of the tile kernel and attend them in the merge
+        (:mod:`pallas_kernels.gpu.forced_merge`, a Triton kernel of ``merge_queries`` queries
+        of one head a program, ``merge_warps`` warps, ``merge_stages`` stages) instead of
+        merging every slot's partial in XLA.
       dq_sum_kernel: sum the dQ parts with a Pallas kernel (one program per query
         and KV head) that skips unlisted parts by a masked load and writes dQ in the
         input dtype, instead of the XLA masked sum to float32 and a cast.
@@ -88,6 +93,10 @@ class SelectionTuning:
     mosaic_heavy_splits: int = 0
     mosaic_forward: bool = False
     mosaic_fwd_stages: int = 4
+    forced_merge: bool = False
+    merge_queries: int = 64
+    merge_warps: int = 4
+    merge_stages: int = 2
 
     def __post_init__(self) -> None:
         names = (
@@ -100,12 +109,15 @@ class SelectionTuning:
             "bwd_splits",
             "mosaic_splits",
             "mosaic_fwd_stages",
+            "merge_queries",
+            "merge_warps",
+            "merge_stages",
         )
         for name in names:
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"{name} must be positive, got {value}")
-        for name in ("bwd_rows", "fwd_queries"):
+        for name in ("bwd_rows", "fwd_queries", "merge_queries"):
             value = getattr(self, name)
             if value & (value - 1):
                 raise ValueError(f"{name} must be a power of two, got {value}")

@@ -108,7 +108,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from nsa_jax.segments import segment_starts
-from pallas_kernels.gpu import selection_forward_mosaic, selection_mosaic, shared_blocks
+from pallas_kernels.gpu import forced_merge, selection_forward_mosaic, selection_mosaic, shared_blocks
 from pallas_kernels.gpu.block_sizes import SelectionTuning, tuning_for
 from pallas_kernels.gpu.inverse_map import build_inverse_map, key_tile_count, listed_parts, parts_per_slot
 from pallas_kernels.gpu.tiles import (
@@ -477,15 +477,16 @@ def _rank_axis(geo: _Geometry) -> int:
     return 1 if geo.tuning.bwd_heavy_first else 0
 
 
-def _tile_order(offsets: jax.Array, geo: _Geometry) -> jax.Array:
-    """int32 ``[B, H, num_tiles]``: the key tile of each backward program rank.
+def _tile_order(offsets: jax.Array, geo: _Geometry, firsts: jax.Array | None = None) -> jax.Array:
+    """int32 ``[B, H, num_tiles]``: the key tile of each tile-kernel program rank.
 
-    Heavy first: descending (query, slot) count (the longest lists start first, as in
-    longest-processing-time scheduling); otherwise ascending tiles.
+    Heavy first: descending (query, slot) count from ``firsts`` (default: the lists' starts) to
+    the lists' ends (the longest lists start first, as in longest-processing-time scheduling);
+    otherwise ascending tiles.
     """
     if not geo.tuning.bwd_heavy_first:
         return jnp.broadcast_to(jnp.arange(offsets.shape[-1] - 1, dtype=jnp.int32), offsets[..., 1:].shape)
-    counts = offsets[..., 1:] - offsets[..., :-1]
+    counts = offsets[..., 1:] - (offsets[..., :-1] if firsts is None else firsts)
     return jnp.argsort(-counts, axis=-1, stable=True).astype(jnp.int32)
 
 
@@ -537,11 +538,17 @@ def _forward(q, k, v, key_starts, geo: _Geometry):
 
 def _mosaic_forward(q, k, v, key_starts, geo: _Geometry):
     """The forward keys to queries (:mod:`pallas_kernels.gpu.selection_forward_mosaic`): the
-    inverse map, the tile kernel's partials, merged per query."""
+    inverse map, the tile kernel's partials, merged per query (by XLA, or with ``forced_merge``
+    by :mod:`pallas_kernels.gpu.forced_merge`, which attends the forced blocks itself)."""
     batch, length, heads, _ = k.shape
+    tuning = geo.tuning
     entries, offsets = _inverse_map(key_starts, geo)
     listed = listed_parts(key_starts, block_size=geo.block_size, aligned=geo.aligned)
     positions = selection_mosaic.list_positions(entries, listed)
+    firsts = None
+    if tuning.forced_merge:
+        forced, counts = forced_merge.forced_pairs(key_starts, geo.block_size)
+        firsts = forced_merge.list_firsts(offsets, counts, geo.block_size, selection_mosaic.PAIRS)
     out_rows, lse_rows, rows = selection_forward_mosaic.tile_forward(
         q.reshape(batch, length, heads, geo.group, geo.dk),
         k,
@@ -549,15 +556,28 @@ def _mosaic_forward(q, k, v, key_starts, geo: _Geometry):
         key_starts,
         entries,
         offsets,
-        _tile_order(offsets, geo),
+        _tile_order(offsets, geo, firsts),
         positions,
         slots=geo.slots,
         scale=geo.scale,
         programs=_mosaic_programs(geo),
-        stages=selection_forward_mosaic.stages_for(geo.dk, geo.dv, geo.tuning.mosaic_fwd_stages),
+        stages=selection_forward_mosaic.stages_for(geo.dk, geo.dv, tuning.mosaic_fwd_stages),
         interpret=geo.interpret,
+        firsts=firsts,
     )
-    out, lse = selection_forward_mosaic.merge_partials(out_rows, lse_rows, rows)
+    if tuning.forced_merge:
+        out, lse = forced_merge.merge_with_forced(
+            q,
+            k,
+            v,
+            counts,
+            jnp.where(forced, -1, rows),
+            out_rows,
+            lse_rows,
+            geo,
+        )
+    else:
+        out, lse = selection_forward_mosaic.merge_partials(out_rows, lse_rows, rows)
     return out.reshape(batch, length, heads * geo.group, geo.dv), lse, (entries, offsets, positions)
 
 

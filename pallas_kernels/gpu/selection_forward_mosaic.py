@@ -20,7 +20,9 @@ that selected it, in the inverse map's list order (:mod:`pallas_kernels.gpu.inve
 The partials go to rows in *padded list order*: every tile's list is padded to whole steps
 (:func:`padded_offsets`), so a step's 64 rows are one aligned copy that no other program's rows
 share. :func:`merge_partials` (XLA) then combines each query's ``n`` partials by their
-log-sum-exps into the output and the log-sum-exp the backward reads.
+log-sum-exps into the output and the log-sum-exp the backward reads. With
+``SelectionTuning.forced_merge`` the programs start past each list's forced pairs (``firsts``) and
+:mod:`pallas_kernels.gpu.forced_merge` attends those blocks in the merge instead.
 
 On the H200 at T = 64K (random causal blocks, block 0 always picked; experiments/results/
 session25_h200.md): forward 15.5 against 18.8 ms at Dk = 192 / Dv = 128 (kernel 10.5, merge 5.0,
@@ -111,6 +113,7 @@ def tile_forward(
     programs: Programs,
     stages: int,
     interpret: bool,
+    firsts: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Each listed (query, slot) pair's normalised partial output and log-sum-exp.
 
@@ -123,6 +126,8 @@ def tile_forward(
         (:func:`pallas_kernels.gpu.selection_mosaic.list_positions`, ``-1``: unlisted).
       scale: logit scale; stages: query slots in the ring (even).
       interpret: run in Mosaic GPU interpret mode (CPU), one warpgroup.
+      firsts: int32 ``[B, H, num_tiles]``, where each tile's pairs start (whole steps into its
+        list, :func:`pallas_kernels.gpu.forced_merge.list_firsts`); ``None``: at its start.
 
     Returns:
       ``(out_rows [B, H, R' * 16, Dv]`` in ``q5.dtype``, ``lse_rows [B, H, R' * 16]`` float32, base
@@ -140,6 +145,8 @@ def tile_forward(
     padded = padded_offsets(offsets)
     pair_rows = positions + _per_pair(padded - offsets, jnp.maximum(key_starts, 0) // _KEYS)
     pair_rows = jnp.where(positions >= 0, pair_rows, -1)
+    if firsts is None:
+        firsts = offsets[..., :-1]
     grid, names = programs.grid(batch, heads, num_tiles)
     # The last step's id window reads past its first entry: keep it in bounds.
     entries = jnp.pad(entries, ((0, 0), (0, 0), (0, _ID_WINDOW)))
@@ -149,14 +156,14 @@ def tile_forward(
     workers = 1 if inline else _COMPUTE
 
     def kernel(
-        entries_ref, offsets_ref, padded_ref, order_ref, q_ref, k_ref, v_ref,
+        entries_ref, offsets_ref, firsts_ref, padded_ref, order_ref, q_ref, k_ref, v_ref,
         out_ref, lse_ref,
         k_smem, v_smem, q_smem, ids_smem, o_smem, lse_smem, p_smem, kv_barrier, loaded, consumed,
     ):  # fmt: skip
         wg = jax.lax.axis_index("wg")
         head = jax.lax.axis_index("head")
         b = jax.lax.axis_index("batch")
-        program = ProgramList.split_tile(b, head, entries_ref, offsets_ref, order_ref, programs)
+        program = ProgramList.split_tile(b, head, entries_ref, offsets_ref, order_ref, programs, firsts_ref)
         first, steps, tile = program.first, program.steps, program.tile
         # Shares are whole steps from the list's start, so every step's rows start a whole step in.
         padded_first = padded_ref[b, head, tile] + first - offsets_ref[b, head, tile]
@@ -278,7 +285,7 @@ def tile_forward(
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
         kernel_name="nsa_selected_fwd_mosaic",
-    )(entries, offsets, padded, order, q5, k, v)
+    )(entries, offsets, firsts, padded, order, q5, k, v)
     return out_rows, lse_rows, pair_rows
 
 

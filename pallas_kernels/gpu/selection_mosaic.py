@@ -150,10 +150,11 @@ class ProgramList:
         self.steps = jax.lax.div(last - first + PAIRS - 1, PAIRS)
 
     @classmethod
-    def split_tile(cls, b, head, entries_ref, offsets_ref, order_ref, programs: Programs):
+    def split_tile(cls, b, head, entries_ref, offsets_ref, order_ref, programs: Programs, firsts_ref=None):
         """Grid axis ``rank``'s share of a tile (:class:`Programs`): ranks ``< heavy_tiles *
         heavy_splits`` split the first ``heavy_tiles`` tiles of ``order_ref`` ``heavy_splits``
-        ways, the others ``splits`` ways, in shares of whole steps from the list's start. Sets
+        ways, the others ``splits`` ways, in shares of whole steps from the list's start (or from
+        ``firsts_ref [B, H, num_tiles]``, whole steps into the list, where given). Sets
         ``tile_rank`` and ``split``."""
         rank = jax.lax.axis_index("rank")
         splits, heavy_tiles, heavy_splits = programs.splits, programs.heavy_tiles, programs.heavy_splits
@@ -171,6 +172,8 @@ class ProgramList:
             sharing = splits
         tile = order_ref[b, head, tile_rank]
         first, last = offsets_ref[b, head, tile], offsets_ref[b, head, tile + 1]
+        if firsts_ref is not None:
+            first = firsts_ref[b, head, tile]
         share = jax.lax.div(last - first + sharing * PAIRS - 1, sharing * PAIRS) * PAIRS
         first = jnp.minimum(first + split * share, last)
         program = cls(b, head, entries_ref, tile, first, jnp.minimum(first + share, last))

@@ -123,15 +123,20 @@ def online_softmax_step(
     precision: jax.lax.Precision | None,
     *,
     flush: bool,
+    bias: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One key tile into the state of :func:`empty_softmax_state` (base 2): ``q [rows, Dk]`` and
-    ``k [keys, Dk]`` in :func:`load_pieces`, ``v [keys, Dv']``, ``valid [keys]`` the keys seen.
+    ``k [keys, Dk]`` in :func:`load_pieces`, ``v [keys, Dv']``, ``valid [keys]`` (or
+    ``[rows, keys]``) the keys seen; ``bias [rows]`` (base 2) is added to every logit of a row.
     ``flush``: the exps as :func:`exp2_affine` computes them on the GPU (GPU only)."""
     acc, row_max, row_sum = carry
     scores = dot_nt_pieces(q, k, precision)
-    s = jnp.where(valid[None, :], scores * log2_scale, MASKED)
+    seen = valid if valid.ndim == 2 else valid[None, :]
+    logits = scores * log2_scale if bias is None else scores * log2_scale + bias[:, None]
+    s = jnp.where(seen, logits, MASKED)
     new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
-    p = jnp.where(valid[None, :], exp2_affine(scores, log2_scale, new_max, flush=flush), 0.0)
+    offset = new_max if bias is None else new_max - bias
+    p = jnp.where(seen, exp2_affine(scores, log2_scale, offset, flush=flush), 0.0)
     alpha = exp2_affine(row_max[:, None], 1.0, new_max, flush=flush).reshape(row_max.shape)
     row_sum = row_sum * alpha + jnp.sum(p, axis=1)
     acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, precision)
