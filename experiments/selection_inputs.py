@@ -46,6 +46,9 @@ def _forward_variants(default: SelectionTuning) -> dict[str, SelectionTuning]:
         "forced_merge_q32": {"forced_merge": True, "merge_queries": 32},
         "forced_merge_w8": {"forced_merge": True, "merge_warps": 8},
         "forced_merge_s3": {"forced_merge": True, "merge_stages": 3},
+        "forced_dq": {"forced_dq": True},
+        "forced_both": {"forced_merge": True, "forced_dq": True},
+        "forced_both_w8": {"forced_merge": True, "forced_dq": True, "merge_warps": 8},
     }
     merges = {name: dataclasses.replace(default, **fields) for name, fields in merges.items()}
     return {"triton_forward": dataclasses.replace(default, mosaic_forward=False), **stages, **merges}

@@ -352,14 +352,23 @@ def _forced_indices(seed, length, slots, block_size, duplicates):
     return jnp.asarray(rows[None, :, None, :])
 
 
-@pytest.mark.parametrize(("dk", "duplicates"), [(128, True), (192, False)], ids=["d128_duplicates", "dk192"])
-def test_forced_merge_matches_reference(dk, duplicates):
+@pytest.mark.parametrize(
+    ("dk", "duplicates", "merge", "dq"),
+    [(128, True, True, False), (128, True, False, True), (192, False, True, True)],
+    ids=["d128_duplicates_forward", "d128_duplicates_dq", "dk192_both"],
+)
+def test_forced_blocks_match_reference(dk, duplicates, merge, dq):
     # T = 300: five key tiles, so tiles have forced prefixes and pairs past them; heavy tile 0
     # (every pair forced) and the others split two ways.
     q, k, v, ct = _inputs(9, 1, 300, 16, 1, dk, 128, jnp.bfloat16)
     indices = _forced_indices(3, 300, 4, 64, duplicates)
     tuning = dataclasses.replace(
-        tuning_for(dk, 128), forced_merge=True, mosaic_splits=2, mosaic_heavy_tiles=1, mosaic_heavy_splits=3
+        tuning_for(dk, 128),
+        forced_merge=merge,
+        forced_dq=dq,
+        mosaic_splits=2,
+        mosaic_heavy_tiles=1,
+        mosaic_heavy_splits=3,
     )
     _compare(q, k, v, ct, indices, 64, 1.5e-2, tuning=tuning)
 
@@ -407,7 +416,7 @@ def test_mosaic_path_lowers_for_an_h200(dk, monkeypatch):
     # The Mosaic GPU and Triton kernels lowered for an abstract H200 (no GPU here): what interpret
     # mode does not run, the lowering of each kernel body to Mosaic GPU or Triton IR, is checked.
     monkeypatch.setattr(selection_mosaic, "_on_hopper", lambda: True)
-    tuning = dataclasses.replace(tuning_for(dk, 128), forced_merge=True)
+    tuning = dataclasses.replace(tuning_for(dk, 128), forced_merge=True, forced_dq=True)
     length = 1000
 
     def forward_backward(q, k, v, indices, ct):
@@ -428,7 +437,8 @@ def test_mosaic_path_lowers_for_an_h200(dk, monkeypatch):
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h200)):
         lowered = jax.jit(forward_backward).trace(*shapes).lower(lowering_platforms=("cuda",))
     kernels = set(re.findall(r"nsa_[a-z_]+", lowered.as_text()))
-    assert {"nsa_selected_fwd_mosaic", "nsa_selected_bwd_mosaic", "nsa_selected_fwd_forced_merge"} <= kernels
+    expected = ("nsa_selected_fwd_mosaic", "nsa_selected_bwd_mosaic", "nsa_selected_fwd_forced_merge")
+    assert {*expected, "nsa_selected_bwd_forced_dq"} <= kernels
 
 
 def _geometry(q, v, tuning, aligned=True, block_size=64, interpret=True):

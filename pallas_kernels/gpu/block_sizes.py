@@ -70,6 +70,11 @@ class SelectionTuning:
         (:mod:`pallas_kernels.gpu.forced_merge`, a Triton kernel of ``merge_queries`` queries
         of one head a program, ``merge_warps`` warps, ``merge_stages`` stages) instead of
         merging every slot's partial in XLA.
+      forced_dq: with ``mosaic_backward``, the backward's tile kernel writes no dQ rows for
+        the forced pairs (it still adds their dK and dV), and a Triton kernel computes their dQ
+        per block of queries while summing the other pairs' rows
+        (:func:`pallas_kernels.gpu.forced_merge.dq_with_forced`; the ``merge_*`` launch), instead
+        of summing every pair's rows. Either flag works without the other.
       dq_sum_kernel: sum the dQ parts with a Pallas kernel (one program per query
         and KV head) that skips unlisted parts by a masked load and writes dQ in the
         input dtype, instead of the XLA masked sum to float32 and a cast.
@@ -94,6 +99,7 @@ class SelectionTuning:
     mosaic_forward: bool = False
     mosaic_fwd_stages: int = 4
     forced_merge: bool = False
+    forced_dq: bool = False
     merge_queries: int = 64
     merge_warps: int = 4
     merge_stages: int = 2

@@ -1,4 +1,4 @@
-"""The keys-to-queries selected forward's merge, attending the forced blocks itself (Triton lowering).
+"""The forced blocks of the selected branch attended per block of queries (Triton lowering).
 
 Spec, "Top-n (Eq. 11)": every query selects the initial block and its two local blocks (the
 block holding it and the one before). Those three blocks are the same for all ``l'`` queries
@@ -17,7 +17,15 @@ merge then attends each forced block once per query, weighted by how many of the
 select it (a block listed twice counts twice, as in the reference), and folds in the tile
 kernel's partials of the other slots by their log-sum-exps.
 
-Served where the Mosaic forward serves (aligned blocks, no segments). Runs in interpret mode.
+The backward's dQ works the same way (:func:`dq_with_forced`): the Mosaic tile kernel of
+:mod:`pallas_kernels.gpu.selection_mosaic` still adds the forced pairs' dK and dV (those sum over
+every query that selects a block, block 0's over all of them) but writes no dQ rows for the steps
+of the prefix, and one program per block of queries and query head computes the forced blocks'
+``dS K`` from ``q``, ``dout``, the log-sum-exp and ``delta`` while summing the other pairs' rows:
+about 4.8 GB of the 25.8 GB of bf16 dQ rows written and read at T = 64K, Dk = 192.
+
+Served where the Mosaic kernels serve (aligned blocks, no segments). Runs in interpret mode.
+Not yet measured on a GPU (``SelectionTuning.forced_merge`` and ``forced_dq`` are off by default).
 """
 
 from __future__ import annotations
@@ -31,11 +39,17 @@ from jax.experimental.pallas import triton as plt
 
 from pallas_kernels.gpu.tiles import (
     MASKED,
+    column_pieces,
+    dot,
+    dot_nt,
+    dot_nt_pieces,
     empty_softmax_state,
+    exp2_affine,
     lanes,
     load,
     load_pieces,
     online_softmax_step,
+    padded,
     store,
     tile_mask,
 )
@@ -88,60 +102,71 @@ def list_firsts(offsets: jax.Array, counts: jax.Array, block_size: int, step: in
     return offsets[..., :-1] + forced // step * step
 
 
+class _QueryBlock:
+    """One program's ``queries`` consecutive queries (grid axis 1) of one query head (axis 0)."""
+
+    def __init__(self, geo, queries: int):
+        self.geo = geo
+        self.head, self.first = pl.program_id(0), pl.program_id(1) * queries
+        self.query = self.first + jnp.arange(queries)
+        self.in_range = self.query < geo.length
+        self.group_head = jax.lax.rem(self.head, geo.group)
+
+    def forced_blocks(self, counts_ref, k_ref, v_ref):
+        """Per candidate (:func:`forced_pairs`): ``(count [Q], valid [Q, l'], k pieces, v [l', Dv'])``
+        of the forced block, from ``k_ref [T, Dk']``, ``v_ref [T, Dv']``, ``counts_ref [Q, 4]``.
+
+        The candidates' counts are 0 where a candidate does not exist (block 0's queries have
+        neither local candidate), so each is read from a block in range without a test."""
+        geo = self.geo
+        block = jax.lax.div(self.first, geo.block_size)
+        offsets = jnp.arange(geo.block_size)
+        for candidate, source in enumerate((0, jnp.maximum(block - 1, 0), block)):
+            keys = source * geo.block_size + offsets
+            key_in_range = keys < geo.length
+            count = counts_ref[:, candidate]
+            seen = (self.in_range & (count > 0))[:, None] & (keys[None, :] <= self.query[:, None])
+            rows = pl.ds(source * geo.block_size, geo.block_size)
+            k = load_pieces(k_ref, rows, geo.dk, key_in_range)
+            v = load(v_ref.at[rows, :], tile_mask(key_in_range, lanes(geo.dv, geo.dv_padded)))
+            yield count, seen & key_in_range[None, :], k, v
+
+    def listed(self, positions_ref, slot, rows_ref, offset: int, width: int, size: int, other=0):
+        """``(live [Q], rows [Q, width])``: the query head's row at each query's position in column
+        ``slot`` of ``positions_ref`` (``-1``: none), lanes ``offset ..`` of ``rows_ref [R, ...]``
+        (a 1-D ``rows_ref`` for ``width == 0``: one value a query)."""
+        position = positions_ref[:, slot]
+        live = self.in_range & (position >= 0)
+        at = jnp.maximum(position, 0) * self.geo.group + self.group_head
+        if not width:
+            return live, plt.load(rows_ref.at[at], mask=live, other=other)
+        columns = offset + jnp.arange(width)
+        cells = live[:, None] & (columns < size)[None, :]
+        return live, plt.load(rows_ref.at[at[:, None], columns[None, :]], mask=cells, other=other)
+
+
 def _merge_kernel(
-    counts_ref,
-    positions_ref,
-    q_ref,
-    k_ref,
-    v_ref,
-    rows_ref,
-    lse_rows_ref,
-    o_ref,
-    lse_ref,
-    *,
-    geo,
-    queries,
-    slots,
-):
+    counts_ref, positions_ref, q_ref, k_ref, v_ref, rows_ref, lse_rows_ref, o_ref, lse_ref,
+    *, geo, queries, slots,
+):  # fmt: skip
     """One block of ``Q = queries`` queries and one query head: ``q_ref [Q, Dk']``, ``k_ref [T, Dk']``,
     ``v_ref [T, Dv']``, ``counts_ref [Q, 4]``, ``positions_ref [Q, slots]`` (padded partial rows,
     ``-1``: none), ``rows_ref [R, Dv']`` and ``lse_rows_ref [R]`` of the query's KV head.
     Writes ``o_ref [Q, Dv']`` and ``lse_ref [Q]`` (base 2)."""
-    head, first = pl.program_id(0), pl.program_id(1) * queries
-    query = first + jnp.arange(queries)
-    in_range = query < geo.length
-    q = load_pieces(q_ref, slice(None), geo.dk, in_range)
-    block = jax.lax.div(first, geo.block_size)
+    block = _QueryBlock(geo, queries)
+    q = load_pieces(q_ref, slice(None), geo.dk, block.in_range)
     state = empty_softmax_state(queries, geo.dv_padded)
-    offsets = jnp.arange(geo.block_size)
-    dv_lanes = lanes(geo.dv, geo.dv_padded)
-    # The candidates' counts are 0 where a candidate does not exist (block 0's queries have
-    # neither local candidate), so each is attended from a block in range without a test.
-    for candidate, source in enumerate((0, jnp.maximum(block - 1, 0), block)):
-        keys = source * geo.block_size + offsets
-        key_in_range = keys < geo.length
-        count = counts_ref[:, candidate]
-        valid = (in_range & (count > 0))[:, None] & (keys[None, :] <= query[:, None]) & key_in_range[None, :]
-        rows = pl.ds(source * geo.block_size, geo.block_size)
-        k = load_pieces(k_ref, rows, geo.dk, key_in_range)
-        v = load(v_ref.at[rows, :], tile_mask(key_in_range, dv_lanes))
+    for count, valid, k, v in block.forced_blocks(counts_ref, k_ref, v_ref):
         # A block on c of the query's slots is c copies of its keys in the reference's softmax.
         bias = jnp.log2(jnp.maximum(count, 1).astype(jnp.float32))
         state = online_softmax_step(
             state, q, k, v, valid, geo.log2_scale, geo.precision, flush=geo.flush_exp2, bias=bias
         )
 
-    group_head = jax.lax.rem(head, geo.group)
-    columns = jnp.arange(geo.dv_padded)
-
     def partial(slot, state):
         acc, row_max, row_sum = state
-        position = positions_ref[:, slot]
-        live = in_range & (position >= 0)
-        at = jnp.maximum(position, 0) * geo.group + group_head
-        lse = plt.load(lse_rows_ref.at[at], mask=live, other=MASKED)
-        cells = live[:, None] if dv_lanes is None else live[:, None] & dv_lanes[None, :]
-        out = plt.load(rows_ref.at[at[:, None], columns[None, :]], mask=cells, other=0)
+        live, lse = block.listed(positions_ref, slot, lse_rows_ref, 0, 0, 0, other=MASKED)
+        _, out = block.listed(positions_ref, slot, rows_ref, 0, geo.dv_padded, geo.dv)
         new_max = jnp.maximum(row_max, lse)
         alpha = jnp.exp2(row_max - new_max)
         weight = jnp.where(live, jnp.exp2(lse - new_max), 0.0)
@@ -150,9 +175,111 @@ def _merge_kernel(
 
     acc, row_max, row_sum = jax.lax.fori_loop(0, slots, partial, state)
     seen = row_sum > 0
-    store(o_ref, acc / jnp.where(seen, row_sum, 1.0)[:, None], tile_mask(in_range, dv_lanes))
+    dv_lanes = lanes(geo.dv, geo.dv_padded)
+    store(o_ref, acc / jnp.where(seen, row_sum, 1.0)[:, None], tile_mask(block.in_range, dv_lanes))
     lse = jnp.where(seen, row_max + jnp.log2(jnp.where(seen, row_sum, 1.0)), 0.0)
-    plt.store(lse_ref, lse, mask=in_range)
+    plt.store(lse_ref, lse, mask=block.in_range)
+
+
+def _dq_kernel(
+    counts_ref, positions_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, rows_ref, dq_ref,
+    *, geo, queries, slots,
+):  # fmt: skip
+    """dQ of one block of ``Q`` queries and one query head (``dq_ref [Q, Dk']``): the forced
+    blocks' ``dS K`` from ``q_ref [Q, Dk']``, ``do_ref [Q, Dv']``, ``lse_ref``/``delta_ref [Q]``
+    and the blocks of ``k_ref``/``v_ref``, plus the tile kernel's scaled dQ rows ``rows_ref
+    [R, Dk']`` at ``positions_ref [Q, slots]`` (list positions, ``-1``: none)."""
+    block = _QueryBlock(geo, queries)
+    in_range = block.in_range
+    q = load_pieces(q_ref, slice(None), geo.dk, in_range)
+    do = load(do_ref, tile_mask(in_range, lanes(geo.dv, geo.dv_padded)))
+    lse = plt.load(lse_ref, mask=in_range, other=0)
+    delta = plt.load(delta_ref, mask=in_range, other=0)
+    pieces = column_pieces(geo.dk)
+    dq = [jnp.zeros((queries, width), jnp.float32) for _, width in pieces]
+    for count, valid, k, v in block.forced_blocks(counts_ref, k_ref, v_ref):
+        scores = dot_nt_pieces(q, k, geo.precision)
+        p = jnp.where(valid, exp2_affine(scores, geo.log2_scale, lse, flush=geo.flush_exp2), 0.0)
+        # Each of the c copies of a block in the query's slots has this P and adds this dS K.
+        ds = p * (dot_nt(do, v, geo.precision) - delta[:, None]) * count.astype(jnp.float32)[:, None]
+        dq = [
+            acc + dot(ds.astype(piece.dtype), piece, geo.precision) for acc, piece in zip(dq, k, strict=True)
+        ]
+    dq = [acc * geo.scale for acc in dq]
+
+    def listed(slot, dq):
+        rows = [
+            block.listed(positions_ref, slot, rows_ref, offset, width, geo.dk)[1] for offset, width in pieces
+        ]
+        return [acc + part.astype(jnp.float32) for acc, part in zip(dq, rows, strict=True)]
+
+    dq = jax.lax.fori_loop(0, slots, listed, dq)
+    for (offset, width), acc in zip(pieces, dq, strict=True):
+        store(
+            dq_ref.at[:, pl.ds(offset, width)],
+            acc,
+            tile_mask(in_range, lanes(min(geo.dk - offset, width), width)),
+        )
+
+
+class _Specs:
+    """Block specs of the grid ``(HQ, ceil(T / merge_queries), B)``: one program per block of
+    ``merge_queries`` queries, query head and batch row."""
+
+    def __init__(self, geo, length: int, num_rows: int):
+        self.queries, self.group, self.length, self.num_rows = (
+            geo.tuning.merge_queries,
+            geo.group,
+            length,
+            num_rows,
+        )
+        if geo.block_size % self.queries:
+            raise ValueError(f"merge_queries must divide the block size {geo.block_size}, got {self.queries}")
+
+    def _spec(self, shape, index, tail) -> pl.BlockSpec:
+        return pl.BlockSpec((*shape, *tail), lambda h, g, b: (*index(h, g, b), *(0,) * len(tail)))
+
+    def per_query_head(self, *tail: int) -> pl.BlockSpec:
+        """The program's queries of ``[B, T, HQ, *tail]``."""
+        return self._spec((None, self.queries, None), lambda h, g, b: (b, g, h), tail)
+
+    def per_kv_head(self, *tail: int) -> pl.BlockSpec:
+        """The program's queries of ``[B, T, H, *tail]`` at its query head's KV head."""
+        return self._spec(
+            (None, self.queries, None), lambda h, g, b: (b, g, jax.lax.div(h, self.group)), tail
+        )
+
+    def whole_kv_head(self, *tail: int) -> pl.BlockSpec:
+        """All of ``[B, T, H, *tail]`` at the program's KV head."""
+        return self._spec((None, self.length, None), lambda h, g, b: (b, 0, jax.lax.div(h, self.group)), tail)
+
+    def kv_head_rows(self, *tail: int) -> pl.BlockSpec:
+        """All rows of ``[B, H, R, *tail]`` at the program's KV head."""
+        return self._spec(
+            (None, None, self.num_rows), lambda h, g, b: (b, jax.lax.div(h, self.group), 0), tail
+        )
+
+
+def _call(kernel, name: str, geo, specs: _Specs, inputs: list, in_specs: list, out_shapes: list):
+    """``kernel`` over ``specs``' grid, its outputs per query head (``[B, T, HQ, ...]``)."""
+    batch, length, q_heads = out_shapes[0].shape[:3]
+    slots = pl.next_power_of_2(geo.slots)
+    return pl.pallas_call(
+        functools.partial(kernel, geo=geo, queries=specs.queries, slots=slots),
+        grid=(q_heads, pl.cdiv(length, specs.queries), batch),
+        in_specs=in_specs,
+        out_specs=[specs.per_query_head(*(padded(d) for d in shape.shape[3:])) for shape in out_shapes],
+        out_shape=out_shapes,
+        compiler_params=geo.params(geo.tuning.merge_warps, geo.tuning.merge_stages),
+        interpret=geo.interpret,
+        name=name,
+    )(*inputs)
+
+
+def _padded_positions(positions: jax.Array) -> jax.Array:
+    """``positions [B, T, H, n]`` padded with ``-1`` to a power-of-two ``n``."""
+    extra = pl.next_power_of_2(positions.shape[-1]) - positions.shape[-1]
+    return jnp.pad(positions, ((0, 0), (0, 0), (0, 0), (0, extra)), constant_values=-1)
 
 
 def merge_with_forced(
@@ -183,53 +310,79 @@ def merge_with_forced(
       attends to nothing).
     """
     batch, length, q_heads, _ = q.shape
-    heads, group, queries = k.shape[2], geo.group, geo.tuning.merge_queries
-    if geo.block_size % queries:
-        raise ValueError(f"merge_queries must divide the block size {geo.block_size}, got {queries}")
-    slots_padded = pl.next_power_of_2(geo.slots)
-    positions = jnp.pad(
-        positions, ((0, 0), (0, 0), (0, 0), (0, slots_padded - geo.slots)), constant_values=-1
-    )
-    num_rows = out_rows.shape[2]
+    dk, dv, slots = padded(geo.dk), padded(geo.dv), pl.next_power_of_2(geo.slots)
+    specs = _Specs(geo, length, out_rows.shape[2])
+    in_specs = [
+        specs.per_kv_head(_COUNT_LANES),
+        specs.per_kv_head(slots),
+        specs.per_query_head(dk),
+        specs.whole_kv_head(dk),
+        specs.whole_kv_head(dv),
+        specs.kv_head_rows(dv),
+        specs.kv_head_rows(),
+    ]
+    out_shapes = [
+        jax.ShapeDtypeStruct((batch, length, q_heads, geo.dv), q.dtype),
+        jax.ShapeDtypeStruct((batch, length, q_heads), jnp.float32),
+    ]
+    inputs = [counts, _padded_positions(positions), q, k, v, out_rows, lse_rows]
+    out, lse = _call(_merge_kernel, "nsa_selected_fwd_forced_merge", geo, specs, inputs, in_specs, out_shapes)
+    return out, lse.reshape(batch, length, k.shape[2], geo.group)
 
-    def per_query_head(*trailing):
-        zeros = (0,) * len(trailing)
-        return pl.BlockSpec((None, queries, None, *trailing), lambda h, g, b: (b, g, h, *zeros))
 
-    def per_kv_head(*trailing):
-        zeros = (0,) * len(trailing)
-        return pl.BlockSpec(
-            (None, queries, None, *trailing), lambda h, g, b: (b, g, jax.lax.div(h, group), *zeros)
-        )
+def dq_with_forced(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    dout: jax.Array,
+    lse: jax.Array,
+    delta: jax.Array,
+    counts: jax.Array,
+    positions: jax.Array,
+    dq_rows: jax.Array,
+    geo,
+) -> jax.Array:
+    """Selected attention's dQ: the forced blocks' part computed here, the other slots' rows summed.
 
-    def whole_kv_head(depth):
-        return pl.BlockSpec((None, length, None, depth), lambda h, g, b: (b, 0, jax.lax.div(h, group), 0))
+    Args:
+      q: ``[B, T, HQ, Dk]``; k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]``; dout: ``[B, T, HQ, Dv]``.
+      lse, delta: float32 ``[B, T, H, G]`` (the forward's base-2 log-sum-exp; ``rowsum(out * dout)``).
+      counts: ``[B, T, H, 4]`` from :func:`forced_pairs`.
+      positions: int32 ``[B, T, H, n]``, each non-forced listed pair's list position in
+        ``dq_rows`` (rows ``16 i ..``; ``-1``: forced or unlisted).
+      dq_rows: ``[B, H, R, Dk]``, the Mosaic tile kernel's scaled dQ rows in list order
+        (:func:`pallas_kernels.gpu.selection_mosaic.tile_backward`).
+      geo: as for :func:`merge_with_forced`.
 
-    def kv_head_rows(*trailing):
-        zeros = (0,) * len(trailing)
-        return pl.BlockSpec(
-            (None, None, num_rows, *trailing), lambda h, g, b: (b, jax.lax.div(h, group), 0, *zeros)
-        )
-
-    out, lse = pl.pallas_call(
-        functools.partial(_merge_kernel, geo=geo, queries=queries, slots=slots_padded),
-        grid=(q_heads, pl.cdiv(length, queries), batch),
-        in_specs=[
-            per_kv_head(_COUNT_LANES),
-            per_kv_head(slots_padded),
-            per_query_head(geo.dk_padded),
-            whole_kv_head(geo.dk_padded),
-            whole_kv_head(geo.dv_padded),
-            kv_head_rows(geo.dv_padded),
-            kv_head_rows(),
-        ],
-        out_specs=[per_query_head(geo.dv_padded), per_query_head()],
-        out_shape=[
-            jax.ShapeDtypeStruct((batch, length, q_heads, geo.dv), q.dtype),
-            jax.ShapeDtypeStruct((batch, length, q_heads), jnp.float32),
-        ],
-        compiler_params=geo.params(geo.tuning.merge_warps, geo.tuning.merge_stages),
-        interpret=geo.interpret,
-        name="nsa_selected_fwd_forced_merge",
-    )(counts, positions, q, k, v, out_rows, lse_rows)
-    return out, lse.reshape(batch, length, heads, group)
+    Returns:
+      dQ ``[B, T, HQ, Dk]`` in ``q.dtype`` (scaled).
+    """
+    batch, length, q_heads, _ = q.shape
+    dk, dv, slots = padded(geo.dk), padded(geo.dv), pl.next_power_of_2(geo.slots)
+    specs = _Specs(geo, length, dq_rows.shape[2])
+    in_specs = [
+        specs.per_kv_head(_COUNT_LANES),
+        specs.per_kv_head(slots),
+        specs.per_query_head(dk),
+        specs.per_query_head(dv),
+        specs.per_query_head(),
+        specs.per_query_head(),
+        specs.whole_kv_head(dk),
+        specs.whole_kv_head(dv),
+        specs.kv_head_rows(dk),
+    ]
+    by_query_head = lambda x: x.reshape(batch, length, q_heads)
+    inputs = [
+        counts,
+        _padded_positions(positions),
+        q,
+        dout,
+        by_query_head(lse),
+        by_query_head(delta),
+        k,
+        v,
+        dq_rows,
+    ]
+    out_shapes = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+    [dq] = _call(_dq_kernel, "nsa_selected_bwd_forced_dq", geo, specs, inputs, in_specs, out_shapes)
+    return dq

@@ -600,9 +600,20 @@ def _backward(q, k, v, key_starts, out, lse, dout, inverse, geo: _Geometry):
         positions = None
     else:
         entries, offsets, positions = inverse
-    dk, dv, dq = _tile_backward(q, k, v, dout, key_starts, lse, delta, entries, offsets, geo)
-    dq = _finish_dq(dq, key_starts, entries, geo, positions)
-    return dq.reshape(q.shape).astype(q.dtype), dk, dv
+    if not (_uses_mosaic(geo) and geo.tuning.forced_dq):
+        dk, dv, dq = _tile_backward(q, k, v, dout, key_starts, lse, delta, entries, offsets, geo)
+        dq = _finish_dq(dq, key_starts, entries, geo, positions)
+        return dq.reshape(q.shape).astype(q.dtype), dk, dv
+    # The forced blocks' dQ (Eq. 11) computed per block of queries, not written as rows and summed.
+    forced, counts = forced_merge.forced_pairs(key_starts, geo.block_size)
+    firsts = forced_merge.list_firsts(offsets, counts, geo.block_size, selection_mosaic.PAIRS)
+    dk, dv, dq_rows = _tile_backward(q, k, v, dout, key_starts, lse, delta, entries, offsets, geo, firsts)
+    if positions is None:
+        listed = listed_parts(key_starts, block_size=geo.block_size, aligned=geo.aligned)
+        positions = selection_mosaic.list_positions(entries, listed)
+    positions = jnp.where(forced, -1, positions)
+    dq = forced_merge.dq_with_forced(q, k, v, dout, lse, delta, counts, positions, dq_rows, geo)
+    return dq, dk, dv
 
 
 def _delta(out, dout, geo: _Geometry) -> jax.Array:
@@ -638,9 +649,10 @@ def _uses_mosaic(geo: _Geometry) -> bool:
     )
 
 
-def _tile_backward(q, k, v, dout, key_starts, lse, delta, entries, offsets, geo: _Geometry):
+def _tile_backward(q, k, v, dout, key_starts, lse, delta, entries, offsets, geo: _Geometry, firsts=None):
     """The backward kernel: dk, dv and dQ as parts ``[B, T, H, n*E, G, Dk]`` (Triton) or as
-    rows in list order (Mosaic GPU, :func:`pallas_kernels.gpu.selection_mosaic.tile_backward`)."""
+    rows in list order (Mosaic GPU, :func:`pallas_kernels.gpu.selection_mosaic.tile_backward`,
+    without the rows of the steps before ``firsts`` where given)."""
     batch, length, heads, _ = k.shape
     q5 = q.reshape(batch, length, heads, geo.group, geo.dk)
     do5 = dout.reshape(batch, length, heads, geo.group, geo.dv)
@@ -660,6 +672,7 @@ def _tile_backward(q, k, v, dout, key_starts, lse, delta, entries, offsets, geo:
             programs=_mosaic_programs(geo),
             stages=selection_mosaic.stages_for(geo.dk, geo.dv, geo.tuning.bwd_stages),
             interpret=geo.interpret,
+            firsts=firsts,
         )
         return dk.astype(k.dtype), dv.astype(v.dtype), dq
     num_tiles = key_tile_count(length, geo.block_size)
