@@ -18,15 +18,20 @@ here, and where its loop here had a quarter fewer instructions than the default'
 (experiments/results/session24_h200.md). Changes that move data between layouts need an H200
 run before they are judged.
 
+The target is an H200, so the selection's Mosaic GPU paths, which need a Hopper GPU, are taken as
+on the H200 (their own kernels are Mosaic GPU, not Triton, and are not compiled here).
+
 Usage::
 
     python -m experiments.kernel_resources                 # the shipped kernels, paper shapes
     python -m experiments.kernel_resources --dk 192 --dv 128
+    python -m experiments.kernel_resources --dk 192 --dv 128 --variant forced_both   # a VARIANTS tuning
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import re
@@ -52,13 +57,19 @@ class KernelResources:
         return self.stack_bytes > 0
 
 
+def lower_for_h200(fn: Callable, *args) -> str:
+    """The StableHLO text of ``fn(*args)`` lowered for CUDA with an H200 as the (abstract) device:
+    Pallas Triton and Mosaic GPU kernels lower to their IR without a GPU on this machine."""
+    h200 = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h200)):
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
 def capture_triton_modules(fn: Callable, *args) -> list[tuple[str, int, int, str]]:
     """``(name, num_warps, num_stages, ttir)`` of every Pallas Triton call in ``fn(*args)``."""
-    from jax._src.pallas.triton import gpu_info, lowering, pallas_call_registration
+    from jax._src.pallas.triton import lowering
 
-    h200 = gpu_info._get_gpu_info_impl(gpu_info.GpuVersion.H200)
     modules: list[str] = []
-    original_info = pallas_call_registration.gpu_info_lib.get_gpu_info
     original_lower = lowering.lower_jaxpr_to_triton_module
 
     def capture(*a, **k):
@@ -66,12 +77,10 @@ def capture_triton_modules(fn: Callable, *args) -> list[tuple[str, int, int, str
         modules.append(result.module.operation.get_asm(enable_debug_info=False))
         return result
 
-    pallas_call_registration.gpu_info_lib.get_gpu_info = lambda: h200
     lowering.lower_jaxpr_to_triton_module = capture
     try:
-        text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        text = lower_for_h200(fn, *args)
     finally:
-        pallas_call_registration.gpu_info_lib.get_gpu_info = original_info
         lowering.lower_jaxpr_to_triton_module = original_lower
     launches = re.findall(r'name = "([^"]+)", num_stages = (\d+) : i32, num_warps = (\d+) : i32', text)
     if len(launches) != len(modules):
@@ -137,7 +146,7 @@ def kernel_resources(fn: Callable, *args) -> list[KernelResources]:
     return reports
 
 
-def _selection_forward_backward(dk: int, dv: int, length: int = 1024):
+def _selection_forward_backward(dk: int, dv: int, length: int = 1024, tuning=None):
     from pallas_kernels.gpu import selection
 
     q = jnp.zeros((1, length, 64, dk), jnp.bfloat16)
@@ -146,22 +155,46 @@ def _selection_forward_backward(dk: int, dv: int, length: int = 1024):
     indices = jnp.zeros((1, length, 4, 16), jnp.int32)
 
     def loss(q, k, v):
-        out = selection.selected_attention(q, k, v, indices, block_size=64, scale=dk**-0.5)
+        out = selection.selected_attention(q, k, v, indices, block_size=64, scale=dk**-0.5, tuning=tuning)
         return out.astype(jnp.float32).sum()
 
     return jax.grad(loss, argnums=(0, 1, 2)), (q, k, v)
 
 
+@contextlib.contextmanager
+def on_hopper():
+    """The selection's Mosaic GPU paths taken as on the H200 (this machine has no GPU to ask)."""
+    from pallas_kernels.gpu import selection_mosaic
+
+    original = selection_mosaic._on_hopper
+    selection_mosaic._on_hopper = lambda: True
+    try:
+        yield
+    finally:
+        selection_mosaic._on_hopper = original
+
+
 def main() -> None:
+    from experiments.selection_inputs import VARIANTS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dk", type=int, default=128)
     parser.add_argument("--dv", type=int, default=128)
+    parser.add_argument("--variant", default=None, help="a VARIANTS name of the head dims' config")
     args = parser.parse_args()
-    fn, inputs = _selection_forward_backward(args.dk, args.dv)
-    print(f"{'kernel':28} warps stages registers stack_B shared_B")
-    for r in kernel_resources(fn, *inputs):
+    tuning = None
+    if args.variant is not None:
+        config = VARIANTS["G16_D192_128" if args.dk == 192 else "G16_D128"]
+        if args.variant not in config:
+            parser.error(f"--variant must be one of {sorted(config)}, got {args.variant!r}")
+        tuning = config[args.variant]
+    fn, inputs = _selection_forward_backward(args.dk, args.dv, tuning=tuning)
+    print(f"{'kernel':32} warps stages registers stack_B shared_B")
+    with on_hopper():
+        reports = kernel_resources(fn, *inputs)
+    for r in reports:
         print(
-            f"{r.name:28} {r.num_warps:5} {r.num_stages:6} {r.registers:9} {r.stack_bytes:7}"
+            f"{r.name:32} {r.num_warps:5} {r.num_stages:6} {r.registers:9} {r.stack_bytes:7}"
             f" {r.shared_bytes:8}" + ("  SPILLS" if r.spills else "")
         )
 

@@ -415,6 +415,8 @@ def test_forced_merge_rejects_queries_not_dividing_the_block():
 def test_mosaic_path_lowers_for_an_h200(dk, monkeypatch):
     # The Mosaic GPU and Triton kernels lowered for an abstract H200 (no GPU here): what interpret
     # mode does not run, the lowering of each kernel body to Mosaic GPU or Triton IR, is checked.
+    from experiments.kernel_resources import lower_for_h200
+
     monkeypatch.setattr(selection_mosaic, "_on_hopper", lambda: True)
     tuning = dataclasses.replace(tuning_for(dk, 128), forced_merge=True, forced_dq=True)
     length = 1000
@@ -433,10 +435,7 @@ def test_mosaic_path_lowers_for_an_h200(dk, monkeypatch):
         jax.ShapeDtypeStruct((1, length, 4, 16), jnp.int32),
         jax.ShapeDtypeStruct((1, length, 64, 128), jnp.bfloat16),
     ]
-    h200 = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h200)):
-        lowered = jax.jit(forward_backward).trace(*shapes).lower(lowering_platforms=("cuda",))
-    kernels = set(re.findall(r"nsa_[a-z_]+", lowered.as_text()))
+    kernels = set(re.findall(r"nsa_[a-z_]+", lower_for_h200(forward_backward, *shapes)))
     expected = ("nsa_selected_fwd_mosaic", "nsa_selected_bwd_mosaic", "nsa_selected_fwd_forced_merge")
     assert {*expected, "nsa_selected_bwd_forced_dq"} <= kernels
 

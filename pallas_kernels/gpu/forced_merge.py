@@ -54,8 +54,9 @@ from pallas_kernels.gpu.tiles import (
     tile_mask,
 )
 
-# Lanes of the counts: the three forced candidates of a query in block ``b`` (block 0, block
-# ``b - 1`` from 1 on, block ``b`` from 1 on) and an empty fourth, for a power-of-two width.
+# The forced candidates of a query in block ``b``: block 0, block ``b - 1`` (from 1 on) and block
+# ``b`` (from 1 on); their counts take an empty fourth lane too, for a power-of-two width.
+_CANDIDATES = 3
 _COUNT_LANES = 4
 
 
@@ -112,24 +113,23 @@ class _QueryBlock:
         self.in_range = self.query < geo.length
         self.group_head = jax.lax.rem(self.head, geo.group)
 
-    def forced_blocks(self, counts_ref, k_ref, v_ref):
-        """Per candidate (:func:`forced_pairs`): ``(count [Q], valid [Q, l'], k pieces, v [l', Dv'])``
-        of the forced block, from ``k_ref [T, Dk']``, ``v_ref [T, Dv']``, ``counts_ref [Q, 4]``.
+    def forced_block(self, candidate, counts_ref, k_ref, v_ref):
+        """``(count [Q], valid [Q, l'], k pieces, v [l', Dv'])`` of forced candidate ``candidate``
+        (traced; :func:`forced_pairs`) from ``k_ref [T, Dk']``, ``v_ref [T, Dv']``, ``counts_ref [Q, 4]``.
 
         The candidates' counts are 0 where a candidate does not exist (block 0's queries have
         neither local candidate), so each is read from a block in range without a test."""
         geo = self.geo
         block = jax.lax.div(self.first, geo.block_size)
-        offsets = jnp.arange(geo.block_size)
-        for candidate, source in enumerate((0, jnp.maximum(block - 1, 0), block)):
-            keys = source * geo.block_size + offsets
-            key_in_range = keys < geo.length
-            count = counts_ref[:, candidate]
-            seen = (self.in_range & (count > 0))[:, None] & (keys[None, :] <= self.query[:, None])
-            rows = pl.ds(source * geo.block_size, geo.block_size)
-            k = load_pieces(k_ref, rows, geo.dk, key_in_range)
-            v = load(v_ref.at[rows, :], tile_mask(key_in_range, lanes(geo.dv, geo.dv_padded)))
-            yield count, seen & key_in_range[None, :], k, v
+        source = jnp.where(candidate == 0, 0, jnp.maximum(block + candidate - 2, 0))
+        keys = source * geo.block_size + jnp.arange(geo.block_size)
+        key_in_range = keys < geo.length
+        count = counts_ref[:, candidate]
+        seen = (self.in_range & (count > 0))[:, None] & (keys[None, :] <= self.query[:, None])
+        rows = pl.ds(source * geo.block_size, geo.block_size)
+        k = load_pieces(k_ref, rows, geo.dk, key_in_range)
+        v = load(v_ref.at[rows, :], tile_mask(key_in_range, lanes(geo.dv, geo.dv_padded)))
+        return count, seen & key_in_range[None, :], k, v
 
     def listed(self, positions_ref, slot, rows_ref, offset: int, width: int, size: int, other=0):
         """``(live [Q], rows [Q, width])``: the query head's row at each query's position in column
@@ -155,13 +155,20 @@ def _merge_kernel(
     Writes ``o_ref [Q, Dv']`` and ``lse_ref [Q]`` (base 2)."""
     block = _QueryBlock(geo, queries)
     q = load_pieces(q_ref, slice(None), geo.dk, block.in_range)
-    state = empty_softmax_state(queries, geo.dv_padded)
-    for count, valid, k, v in block.forced_blocks(counts_ref, k_ref, v_ref):
+
+    def forced(candidate, state):
+        count, valid, k, v = block.forced_block(candidate, counts_ref, k_ref, v_ref)
         # A block on c of the query's slots is c copies of its keys in the reference's softmax.
         bias = jnp.log2(jnp.maximum(count, 1).astype(jnp.float32))
-        state = online_softmax_step(
+        return online_softmax_step(
             state, q, k, v, valid, geo.log2_scale, geo.precision, flush=geo.flush_exp2, bias=bias
         )
+
+    # A loop over the candidates, not three unrolled blocks: unrolled, the dQ kernel took 255
+    # registers and spilled 128 bytes at Dk = 192 (the merge 206); as loops they take 240 and 168
+    # without spills, their K/V loads pipelined through shared memory (experiments/kernel_resources.py:
+    # triton 3.6, ptxas for sm_90a, 4 warps, 2 stages; 107 and 123 KB of it, against 66 and 82 KB).
+    state = jax.lax.fori_loop(0, _CANDIDATES, forced, empty_softmax_state(queries, geo.dv_padded))
 
     def partial(slot, state):
         acc, row_max, row_sum = state
@@ -196,16 +203,19 @@ def _dq_kernel(
     lse = plt.load(lse_ref, mask=in_range, other=0)
     delta = plt.load(delta_ref, mask=in_range, other=0)
     pieces = column_pieces(geo.dk)
-    dq = [jnp.zeros((queries, width), jnp.float32) for _, width in pieces]
-    for count, valid, k, v in block.forced_blocks(counts_ref, k_ref, v_ref):
+
+    def forced(candidate, dq):
+        count, valid, k, v = block.forced_block(candidate, counts_ref, k_ref, v_ref)
         scores = dot_nt_pieces(q, k, geo.precision)
         p = jnp.where(valid, exp2_affine(scores, geo.log2_scale, lse, flush=geo.flush_exp2), 0.0)
         # Each of the c copies of a block in the query's slots has this P and adds this dS K.
         ds = p * (dot_nt(do, v, geo.precision) - delta[:, None]) * count.astype(jnp.float32)[:, None]
-        dq = [
+        return [
             acc + dot(ds.astype(piece.dtype), piece, geo.precision) for acc, piece in zip(dq, k, strict=True)
         ]
-    dq = [acc * geo.scale for acc in dq]
+
+    dq = [jnp.zeros((queries, width), jnp.float32) for _, width in pieces]
+    dq = [acc * geo.scale for acc in jax.lax.fori_loop(0, _CANDIDATES, forced, dq)]
 
     def listed(slot, dq):
         rows = [
