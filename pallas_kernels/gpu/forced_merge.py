@@ -146,7 +146,7 @@ class _QueryBlock:
 
 
 def _merge_kernel(
-    counts_ref, positions_ref, q_ref, k_ref, v_ref, rows_ref, lse_rows_ref, o_ref, lse_ref,
+    counts_ref, positions_ref, k_ref, v_ref, q_ref, rows_ref, lse_rows_ref, o_ref, lse_ref,
     *, geo, queries, slots,
 ):  # fmt: skip
     """One block of ``Q = queries`` queries and one query head: ``q_ref [Q, Dk']``, ``k_ref [T, Dk']``,
@@ -189,7 +189,7 @@ def _merge_kernel(
 
 
 def _dq_kernel(
-    counts_ref, positions_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, rows_ref, dq_ref,
+    counts_ref, positions_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, rows_ref, dq_ref,
     *, geo, queries, slots,
 ):  # fmt: skip
     """dQ of one block of ``Q`` queries and one query head (``dq_ref [Q, Dk']``): the forced
@@ -270,26 +270,33 @@ class _Specs:
         )
 
 
-def _call(kernel, name: str, geo, specs: _Specs, inputs: list, in_specs: list, out_shapes: list):
-    """``kernel`` over ``specs``' grid, its outputs per query head (``[B, T, HQ, ...]``)."""
+def _call(
+    kernel, name: str, geo, forced: tuple, inputs: list, in_specs: list, out_shapes: list, specs: _Specs
+):
+    """``kernel`` over ``specs``' grid: its refs are the forced inputs ``(counts, positions, k, v)``
+    (:func:`forced_pairs`' counts, each pair's row or ``-1``, padded here to a power-of-two ``n``,
+    and the whole K and V of the program's KV head), then ``inputs``, then its outputs per query
+    head (``[B, T, HQ, ...]``)."""
+    counts, positions, k, v = forced
     batch, length, q_heads = out_shapes[0].shape[:3]
     slots = pl.next_power_of_2(geo.slots)
+    positions = jnp.pad(positions, ((0, 0), (0, 0), (0, 0), (0, slots - geo.slots)), constant_values=-1)
+    forced_specs = [
+        specs.per_kv_head(_COUNT_LANES),
+        specs.per_kv_head(slots),
+        specs.whole_kv_head(geo.dk_padded),
+        specs.whole_kv_head(geo.dv_padded),
+    ]
     return pl.pallas_call(
         functools.partial(kernel, geo=geo, queries=specs.queries, slots=slots),
         grid=(q_heads, pl.cdiv(length, specs.queries), batch),
-        in_specs=in_specs,
+        in_specs=forced_specs + in_specs,
         out_specs=[specs.per_query_head(*(padded(d) for d in shape.shape[3:])) for shape in out_shapes],
         out_shape=out_shapes,
         compiler_params=geo.params(geo.tuning.merge_warps, geo.tuning.merge_stages),
         interpret=geo.interpret,
         name=name,
-    )(*inputs)
-
-
-def _padded_positions(positions: jax.Array) -> jax.Array:
-    """``positions [B, T, H, n]`` padded with ``-1`` to a power-of-two ``n``."""
-    extra = pl.next_power_of_2(positions.shape[-1]) - positions.shape[-1]
-    return jnp.pad(positions, ((0, 0), (0, 0), (0, 0), (0, extra)), constant_values=-1)
+    )(counts, positions, k, v, *inputs)
 
 
 def merge_with_forced(
@@ -320,23 +327,15 @@ def merge_with_forced(
       attends to nothing).
     """
     batch, length, q_heads, _ = q.shape
-    dk, dv, slots = padded(geo.dk), padded(geo.dv), pl.next_power_of_2(geo.slots)
     specs = _Specs(geo, length, out_rows.shape[2])
-    in_specs = [
-        specs.per_kv_head(_COUNT_LANES),
-        specs.per_kv_head(slots),
-        specs.per_query_head(dk),
-        specs.whole_kv_head(dk),
-        specs.whole_kv_head(dv),
-        specs.kv_head_rows(dv),
-        specs.kv_head_rows(),
-    ]
+    in_specs = [specs.per_query_head(geo.dk_padded), specs.kv_head_rows(geo.dv_padded), specs.kv_head_rows()]
     out_shapes = [
         jax.ShapeDtypeStruct((batch, length, q_heads, geo.dv), q.dtype),
         jax.ShapeDtypeStruct((batch, length, q_heads), jnp.float32),
     ]
-    inputs = [counts, _padded_positions(positions), q, k, v, out_rows, lse_rows]
-    out, lse = _call(_merge_kernel, "nsa_selected_fwd_forced_merge", geo, specs, inputs, in_specs, out_shapes)
+    forced = (counts, positions, k, v)
+    name = "nsa_selected_fwd_forced_merge"
+    out, lse = _call(_merge_kernel, name, geo, forced, [q, out_rows, lse_rows], in_specs, out_shapes, specs)
     return out, lse.reshape(batch, length, k.shape[2], geo.group)
 
 
@@ -368,31 +367,17 @@ def dq_with_forced(
       dQ ``[B, T, HQ, Dk]`` in ``q.dtype`` (scaled).
     """
     batch, length, q_heads, _ = q.shape
-    dk, dv, slots = padded(geo.dk), padded(geo.dv), pl.next_power_of_2(geo.slots)
     specs = _Specs(geo, length, dq_rows.shape[2])
     in_specs = [
-        specs.per_kv_head(_COUNT_LANES),
-        specs.per_kv_head(slots),
-        specs.per_query_head(dk),
-        specs.per_query_head(dv),
+        specs.per_query_head(geo.dk_padded),
+        specs.per_query_head(geo.dv_padded),
         specs.per_query_head(),
         specs.per_query_head(),
-        specs.whole_kv_head(dk),
-        specs.whole_kv_head(dv),
-        specs.kv_head_rows(dk),
+        specs.kv_head_rows(geo.dk_padded),
     ]
     by_query_head = lambda x: x.reshape(batch, length, q_heads)
-    inputs = [
-        counts,
-        _padded_positions(positions),
-        q,
-        dout,
-        by_query_head(lse),
-        by_query_head(delta),
-        k,
-        v,
-        dq_rows,
-    ]
+    inputs = [q, dout, by_query_head(lse), by_query_head(delta), dq_rows]
     out_shapes = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
-    [dq] = _call(_dq_kernel, "nsa_selected_bwd_forced_dq", geo, specs, inputs, in_specs, out_shapes)
+    forced = (counts, positions, k, v)
+    [dq] = _call(_dq_kernel, "nsa_selected_bwd_forced_dq", geo, forced, inputs, in_specs, out_shapes, specs)
     return dq

@@ -545,10 +545,8 @@ def _mosaic_forward(q, k, v, key_starts, geo: _Geometry):
     entries, offsets = _inverse_map(key_starts, geo)
     listed = listed_parts(key_starts, block_size=geo.block_size, aligned=geo.aligned)
     positions = selection_mosaic.list_positions(entries, listed)
-    firsts = None
-    if tuning.forced_merge:
-        forced, counts = forced_merge.forced_pairs(key_starts, geo.block_size)
-        firsts = forced_merge.list_firsts(offsets, counts, geo.block_size, selection_mosaic.PAIRS)
+    split = _forced_split(key_starts, offsets, geo) if tuning.forced_merge else None
+    forced, counts, firsts = split or (None, None, None)
     out_rows, lse_rows, rows = selection_forward_mosaic.tile_forward(
         q.reshape(batch, length, heads, geo.group, geo.dk),
         k,
@@ -578,7 +576,16 @@ def _mosaic_forward(q, k, v, key_starts, geo: _Geometry):
         )
     else:
         out, lse = selection_forward_mosaic.merge_partials(out_rows, lse_rows, rows)
-    return out.reshape(batch, length, heads * geo.group, geo.dv), lse, (entries, offsets, positions)
+    return out.reshape(batch, length, heads * geo.group, geo.dv), lse, (entries, offsets, positions, split)
+
+
+def _forced_split(key_starts, offsets, geo: _Geometry) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(forced, counts, firsts)``: which pairs select a forced block (Eq. 11) and how many slots
+    select each candidate (:func:`pallas_kernels.gpu.forced_merge.forced_pairs`), and where each
+    tile's list starts past its forced prefix, in whole steps (``list_firsts``). The forward that
+    computed it passes it to the backward with the inverse map."""
+    forced, counts = forced_merge.forced_pairs(key_starts, geo.block_size)
+    return forced, counts, forced_merge.list_firsts(offsets, counts, geo.block_size, selection_mosaic.PAIRS)
 
 
 def _per_query_group(queries: int, *trailing: int) -> pl.BlockSpec:
@@ -597,16 +604,15 @@ def _backward(q, k, v, key_starts, out, lse, dout, inverse, geo: _Geometry):
     delta = _delta(out, dout, geo)
     if inverse is None:
         entries, offsets = _inverse_map(key_starts, geo)
-        positions = None
+        positions, split = None, None
     else:
-        entries, offsets, positions = inverse
+        entries, offsets, positions, split = inverse
     if not (_uses_mosaic(geo) and geo.tuning.forced_dq):
         dk, dv, dq = _tile_backward(q, k, v, dout, key_starts, lse, delta, entries, offsets, geo)
         dq = _finish_dq(dq, key_starts, entries, geo, positions)
         return dq.reshape(q.shape).astype(q.dtype), dk, dv
     # The forced blocks' dQ (Eq. 11) computed per block of queries, not written as rows and summed.
-    forced, counts = forced_merge.forced_pairs(key_starts, geo.block_size)
-    firsts = forced_merge.list_firsts(offsets, counts, geo.block_size, selection_mosaic.PAIRS)
+    forced, counts, firsts = split or _forced_split(key_starts, offsets, geo)
     dk, dv, dq_rows = _tile_backward(q, k, v, dout, key_starts, lse, delta, entries, offsets, geo, firsts)
     if positions is None:
         listed = listed_parts(key_starts, block_size=geo.block_size, aligned=geo.aligned)
