@@ -46,6 +46,8 @@ def _forward_variants(default: SelectionTuning) -> dict[str, SelectionTuning]:
         "forced_merge_q32": {"forced_merge": True, "merge_queries": 32},
         "forced_merge_w8": {"forced_merge": True, "merge_warps": 8},
         "forced_merge_s3": {"forced_merge": True, "merge_stages": 3},
+        "forced_merge_s1": {"forced_merge": True, "merge_stages": 1},
+        "forced_merge_w8_s1": {"forced_merge": True, "merge_warps": 8, "merge_stages": 1},
         "forced_both_s1": {"forced_merge": True, "forced_dq": True, "merge_stages": 1},
         "forced_dq": {"forced_dq": True},
         "forced_both": {"forced_merge": True, "forced_dq": True},

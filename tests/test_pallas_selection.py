@@ -405,10 +405,10 @@ def test_forced_merge_rejects_queries_not_dividing_the_block():
     q, k, v, _ = _inputs(1, 1, 64, 16, 1, 64, 64, jnp.bfloat16)
     geo = _geometry(q, v, dataclasses.replace(tuning_for(128, 128), forced_merge=True, merge_queries=128))
     counts = jnp.zeros((1, 64, 1, 4), jnp.int32)
-    positions = jnp.full((1, 64, 1, 3), -1, jnp.int32)
+    forced_rows = jnp.full((1, 64, 1), -1, jnp.int32)
     rows, lse_rows = jnp.zeros((1, 1, 16, 64), jnp.bfloat16), jnp.zeros((1, 1, 16), jnp.float32)
     with pytest.raises(ValueError, match="merge_queries must divide the block size 64, got 128"):
-        forced_merge.merge_with_forced(q, k, v, counts, positions, rows, lse_rows, geo)
+        forced_merge.attend_forced(q, k, v, counts, forced_rows, rows, lse_rows, geo)
 
 
 @pytest.mark.parametrize("dk", [128, 192])
@@ -436,7 +436,7 @@ def test_mosaic_path_lowers_for_an_h200(dk, monkeypatch):
         jax.ShapeDtypeStruct((1, length, 64, 128), jnp.bfloat16),
     ]
     kernels = set(re.findall(r"nsa_[a-z_]+", lower_for_h200(forward_backward, *shapes)))
-    expected = ("nsa_selected_fwd_mosaic", "nsa_selected_bwd_mosaic", "nsa_selected_fwd_forced_merge")
+    expected = ("nsa_selected_fwd_mosaic", "nsa_selected_bwd_mosaic", "nsa_selected_fwd_forced")
     assert {*expected, "nsa_selected_bwd_forced_dq"} <= kernels
 
 

@@ -66,15 +66,15 @@ class SelectionTuning:
         query slots (even; fewer where shared memory is short) and the backward's splits and
         launch order; the inverse map it builds is kept for the backward.
       forced_merge: with ``mosaic_forward``, leave each query's forced blocks (block 0 and its
-        two local blocks, Eq. 11) out of the tile kernel and attend them in the merge
-        (:mod:`pallas_kernels.gpu.forced_merge`, a Triton kernel of ``merge_queries`` queries
-        of one head a program, ``merge_warps`` warps, ``merge_stages`` stages) instead of
-        merging every slot's partial in XLA.
+        two local blocks, Eq. 11) out of the tile kernel and attend them per block of queries
+        (:func:`pallas_kernels.gpu.forced_merge.attend_forced`, a Triton kernel of
+        ``merge_queries`` queries of one head a program, ``merge_warps`` warps, ``merge_stages``
+        stages), whose partial the XLA merge folds in with the others.
       forced_dq: with ``mosaic_backward``, the backward's tile kernel writes no dQ rows for
         the forced pairs (it still adds their dK and dV), and a Triton kernel computes their dQ
-        per block of queries while summing the other pairs' rows
-        (:func:`pallas_kernels.gpu.forced_merge.dq_with_forced`; the ``merge_*`` launch), instead
-        of summing every pair's rows. Either flag works without the other.
+        per block of queries (:func:`pallas_kernels.gpu.forced_merge.forced_dq`; the
+        ``merge_*`` launch), added to the other pairs' summed rows. Either flag works without
+        the other.
       dq_sum_kernel: sum the dQ parts with a Pallas kernel (one program per query
         and KV head) that skips unlisted parts by a masked load and writes dQ in the
         input dtype, instead of the XLA masked sum to float32 and a cast.

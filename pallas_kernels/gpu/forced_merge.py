@@ -4,18 +4,19 @@ Spec, "Top-n (Eq. 11)": every query selects the initial block and its two local 
 block holding it and the one before). Those three blocks are the same for all ``l'`` queries
 of a block, so one program per (block of queries, query head) can read them once and attend
 them as a dense tile, where the tile kernel of :mod:`pallas_kernels.gpu.selection_forward_mosaic`
-would write a partial output per (query, forced block) and read it back: 3 of the ``n = 16``
-partials of every query, about 3.2 GB of the 17 GB written and read at T = 64K, H = 4
-(experiments/results/session23_h200.md bounds the design at 5.76 ms against 7.11).
+would gather the queries and write a partial output per (query, forced block): 3 of the
+``n = 16`` partials of every query, about 3.2 GB of the 17 GB written and read at T = 64K, H = 4.
 
 A (query, slot) pair is *forced* when its block is block 0, the query's block or the one before
 (whatever the caller's indices: a slot that does not select such a block stays with the tile
 kernel). Every forced pair of a key tile ``a >= 1`` belongs to a query of blocks ``a`` or
 ``a + 1`` and every pair of tile 0 is forced, so in the inverse map's query-ordered lists the
-forced pairs are a prefix of each list (:func:`list_firsts`): the tile kernel starts past it. The
-merge then attends each forced block once per query, weighted by how many of the query's slots
-select it (a block listed twice counts twice, as in the reference), and folds in the tile
-kernel's partials of the other slots by their log-sum-exps.
+forced pairs are a prefix of each list (:func:`list_firsts`): the tile kernel starts past it.
+:func:`attend_forced` attends each forced block once per query, weighted by how many of the
+query's slots select it (a block listed twice counts twice, as in the reference), and writes one
+partial a query that the XLA merge folds in with the tile kernel's. (Folding the other partials
+in this kernel instead, a gather of 13 rows a query, took 7.6-7.8 ms at T = 64K on the H200
+against XLA's 4.2 ms for all 16: experiments/results/session27_h200.md.)
 
 The backward's dQ works the same way (:func:`dq_with_forced`): the Mosaic tile kernel of
 :mod:`pallas_kernels.gpu.selection_mosaic` still adds the forced pairs' dK and dV (those sum over
@@ -25,7 +26,6 @@ of the prefix, and one program per block of queries and query head computes the 
 about 4.8 GB of the 25.8 GB of bf16 dQ rows written and read at T = 64K, Dk = 192.
 
 Served where the Mosaic kernels serve (aligned blocks, no segments). Runs in interpret mode.
-Not yet measured on a GPU (``SelectionTuning.forced_merge`` and ``forced_dq`` are off by default).
 """
 
 from __future__ import annotations
@@ -131,28 +131,16 @@ class _QueryBlock:
         v = load(v_ref.at[rows, :], tile_mask(key_in_range, lanes(geo.dv, geo.dv_padded)))
         return count, seen & key_in_range[None, :], k, v
 
-    def listed(self, positions_ref, slot, rows_ref, offset: int, width: int, size: int, other=0):
-        """``(live [Q], rows [Q, width])``: the query head's row at each query's position in column
-        ``slot`` of ``positions_ref`` (``-1``: none), lanes ``offset ..`` of ``rows_ref [R, ...]``
-        (a 1-D ``rows_ref`` for ``width == 0``: one value a query)."""
-        position = positions_ref[:, slot]
-        live = self.in_range & (position >= 0)
-        at = jnp.maximum(position, 0) * self.geo.group + self.group_head
-        if not width:
-            return live, plt.load(rows_ref.at[at], mask=live, other=other)
-        columns = offset + jnp.arange(width)
-        cells = live[:, None] & (columns < size)[None, :]
-        return live, plt.load(rows_ref.at[at[:, None], columns[None, :]], mask=cells, other=other)
 
-
-def _merge_kernel(
-    counts_ref, positions_ref, k_ref, v_ref, q_ref, rows_ref, lse_rows_ref, o_ref, lse_ref,
-    *, geo, queries, slots,
+def _forced_kernel(
+    counts_ref, k_ref, v_ref, q_ref, row_ref, _out_rows, _lse_rows, out_rows_ref, lse_rows_ref,
+    *, geo, queries,
 ):  # fmt: skip
     """One block of ``Q = queries`` queries and one query head: ``q_ref [Q, Dk']``, ``k_ref [T, Dk']``,
-    ``v_ref [T, Dv']``, ``counts_ref [Q, 4]``, ``positions_ref [Q, slots]`` (padded partial rows,
-    ``-1``: none), ``rows_ref [R, Dv']`` and ``lse_rows_ref [R]`` of the query's KV head.
-    Writes ``o_ref [Q, Dv']`` and ``lse_ref [Q]`` (base 2)."""
+    ``v_ref [T, Dv']``, ``counts_ref [Q, 4]``. Writes the forced blocks' partial output and its
+    log-sum-exp (base 2) into row ``row_ref [Q]`` (``-1``: none) of the KV head's
+    ``out_rows_ref [R, Dv']`` and ``lse_rows_ref [R]`` (the same buffers as ``_out_rows`` and
+    ``_lse_rows``, which are not read)."""
     block = _QueryBlock(geo, queries)
     q = load_pieces(q_ref, slice(None), geo.dk, block.in_range)
 
@@ -165,37 +153,27 @@ def _merge_kernel(
         )
 
     # A loop over the candidates, not three unrolled blocks: unrolled, the dQ kernel took 255
-    # registers and spilled 128 bytes at Dk = 192 (the merge 206); as loops they take 240 and 168
-    # without spills, their K/V loads pipelined through shared memory (experiments/kernel_resources.py:
-    # triton 3.6, ptxas for sm_90a, 4 warps, 2 stages; 107 and 123 KB of it, against 66 and 82 KB).
-    state = jax.lax.fori_loop(0, _CANDIDATES, forced, empty_softmax_state(queries, geo.dv_padded))
-
-    def partial(slot, state):
-        acc, row_max, row_sum = state
-        live, lse = block.listed(positions_ref, slot, lse_rows_ref, 0, 0, 0, other=MASKED)
-        _, out = block.listed(positions_ref, slot, rows_ref, 0, geo.dv_padded, geo.dv)
-        new_max = jnp.maximum(row_max, lse)
-        alpha = jnp.exp2(row_max - new_max)
-        weight = jnp.where(live, jnp.exp2(lse - new_max), 0.0)
-        acc = acc * alpha[:, None] + weight[:, None] * out.astype(jnp.float32)
-        return acc, new_max, row_sum * alpha + weight
-
-    acc, row_max, row_sum = jax.lax.fori_loop(0, slots, partial, state)
+    # registers and spilled 128 bytes at Dk = 192; as loops they take 240 and 168 without spills
+    # (experiments/kernel_resources.py: triton 3.6, ptxas for sm_90a, 4 warps, 2 stages).
+    acc, row_max, row_sum = jax.lax.fori_loop(
+        0, _CANDIDATES, forced, empty_softmax_state(queries, geo.dv_padded)
+    )
     seen = row_sum > 0
-    dv_lanes = lanes(geo.dv, geo.dv_padded)
-    store(o_ref, acc / jnp.where(seen, row_sum, 1.0)[:, None], tile_mask(block.in_range, dv_lanes))
-    lse = jnp.where(seen, row_max + jnp.log2(jnp.where(seen, row_sum, 1.0)), 0.0)
-    plt.store(lse_ref, lse, mask=block.in_range)
+    row = plt.load(row_ref, mask=block.in_range, other=-1)
+    live = block.in_range & (row >= 0)
+    at = jnp.maximum(row, 0) * geo.group + block.group_head
+    columns = jnp.arange(geo.dv_padded)
+    out = acc / jnp.where(seen, row_sum, 1.0)[:, None]
+    cells = live[:, None] & (columns < geo.dv)[None, :]
+    plt.store(out_rows_ref.at[at[:, None], columns[None, :]], out.astype(out_rows_ref.dtype), mask=cells)
+    lse = jnp.where(seen, row_max + jnp.log2(jnp.where(seen, row_sum, 1.0)), MASKED)
+    plt.store(lse_rows_ref.at[at], lse, mask=live)
 
 
-def _dq_kernel(
-    counts_ref, positions_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, rows_ref, dq_ref,
-    *, geo, queries, slots,
-):  # fmt: skip
-    """dQ of one block of ``Q`` queries and one query head (``dq_ref [Q, Dk']``): the forced
-    blocks' ``dS K`` from ``q_ref [Q, Dk']``, ``do_ref [Q, Dv']``, ``lse_ref``/``delta_ref [Q]``
-    and the blocks of ``k_ref``/``v_ref``, plus the tile kernel's scaled dQ rows ``rows_ref
-    [R, Dk']`` at ``positions_ref [Q, slots]`` (list positions, ``-1``: none)."""
+def _dq_kernel(counts_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, dq_ref, *, geo, queries):
+    """The forced blocks' dQ of one block of ``Q`` queries and one query head (``dq_ref [Q, Dk']``,
+    scaled): their ``dS K`` from ``q_ref [Q, Dk']``, ``do_ref [Q, Dv']``, ``lse_ref``/``delta_ref
+    [Q]`` and the blocks of ``k_ref``/``v_ref``."""
     block = _QueryBlock(geo, queries)
     in_range = block.in_range
     q = load_pieces(q_ref, slice(None), geo.dk, in_range)
@@ -215,19 +193,11 @@ def _dq_kernel(
         ]
 
     dq = [jnp.zeros((queries, width), jnp.float32) for _, width in pieces]
-    dq = [acc * geo.scale for acc in jax.lax.fori_loop(0, _CANDIDATES, forced, dq)]
-
-    def listed(slot, dq):
-        rows = [
-            block.listed(positions_ref, slot, rows_ref, offset, width, geo.dk)[1] for offset, width in pieces
-        ]
-        return [acc + part.astype(jnp.float32) for acc, part in zip(dq, rows, strict=True)]
-
-    dq = jax.lax.fori_loop(0, slots, listed, dq)
+    dq = jax.lax.fori_loop(0, _CANDIDATES, forced, dq)
     for (offset, width), acc in zip(pieces, dq, strict=True):
         store(
             dq_ref.at[:, pl.ds(offset, width)],
-            acc,
+            acc * geo.scale,
             tile_mask(in_range, lanes(min(geo.dk - offset, width), width)),
         )
 
@@ -236,13 +206,8 @@ class _Specs:
     """Block specs of the grid ``(HQ, ceil(T / merge_queries), B)``: one program per block of
     ``merge_queries`` queries, query head and batch row."""
 
-    def __init__(self, geo, length: int, num_rows: int):
-        self.queries, self.group, self.length, self.num_rows = (
-            geo.tuning.merge_queries,
-            geo.group,
-            length,
-            num_rows,
-        )
+    def __init__(self, geo, length: int):
+        self.queries, self.group, self.length = geo.tuning.merge_queries, geo.group, length
         if geo.block_size % self.queries:
             raise ValueError(f"merge_queries must divide the block size {geo.block_size}, got {self.queries}")
 
@@ -259,87 +224,85 @@ class _Specs:
             (None, self.queries, None), lambda h, g, b: (b, g, jax.lax.div(h, self.group)), tail
         )
 
+    def kv_head_rows(self, num_rows: int, *tail: int) -> pl.BlockSpec:
+        """All ``num_rows`` rows of ``[B, H, R, *tail]`` at the program's KV head."""
+        return self._spec((None, None, num_rows), lambda h, g, b: (b, jax.lax.div(h, self.group), 0), tail)
+
     def whole_kv_head(self, *tail: int) -> pl.BlockSpec:
         """All of ``[B, T, H, *tail]`` at the program's KV head."""
         return self._spec((None, self.length, None), lambda h, g, b: (b, 0, jax.lax.div(h, self.group)), tail)
 
-    def kv_head_rows(self, *tail: int) -> pl.BlockSpec:
-        """All rows of ``[B, H, R, *tail]`` at the program's KV head."""
-        return self._spec(
-            (None, None, self.num_rows), lambda h, g, b: (b, jax.lax.div(h, self.group), 0), tail
-        )
-
 
 def _call(
-    kernel, name: str, geo, forced: tuple, inputs: list, in_specs: list, out_shapes: list, specs: _Specs
-):
-    """``kernel`` over ``specs``' grid: its refs are the forced inputs ``(counts, positions, k, v)``
-    (:func:`forced_pairs`' counts, each pair's row or ``-1``, padded here to a power-of-two ``n``,
-    and the whole K and V of the program's KV head), then ``inputs``, then its outputs per query
-    head (``[B, T, HQ, ...]``)."""
-    counts, positions, k, v = forced
-    batch, length, q_heads = out_shapes[0].shape[:3]
-    slots = pl.next_power_of_2(geo.slots)
-    positions = jnp.pad(positions, ((0, 0), (0, 0), (0, 0), (0, slots - geo.slots)), constant_values=-1)
+    kernel, name: str, geo, forced: tuple, inputs: list, out_shapes: list,
+    rows: tuple = (), per_kv: tuple = (),
+):  # fmt: skip
+    """``kernel`` over the grid ``(HQ, ceil(T / merge_queries), B)``: its refs are the forced
+    inputs ``(counts, k, v)`` (:func:`forced_pairs`' counts; the whole K and V of the program's KV
+    head), then ``inputs`` (``[B, T, HQ, ...]``, the program's queries and head), then ``per_kv``
+    (``[B, T, H, ...]``, the program's queries at its KV head), then ``rows`` (``[B, H, R, ...]``,
+    all rows of its KV head, updated in place), then its outputs: the rows' new values, then
+    ``out_shapes`` (``[B, T, HQ, ...]`` as the inputs)."""
+    batch, length = forced[0].shape[:2]
+    q_heads = geo.group * forced[0].shape[2]
+    specs = _Specs(geo, length)
     forced_specs = [
         specs.per_kv_head(_COUNT_LANES),
-        specs.per_kv_head(slots),
         specs.whole_kv_head(geo.dk_padded),
         specs.whole_kv_head(geo.dv_padded),
     ]
+    per_query = lambda x: specs.per_query_head(*(padded(d) for d in x.shape[3:]))
+    per_row = lambda x: specs.kv_head_rows(x.shape[2], *(padded(d) for d in x.shape[3:]))
+    by_kv_head = lambda x: specs.per_kv_head(*(padded(d) for d in x.shape[3:]))
+    in_specs = [*forced_specs, *map(per_query, inputs), *map(by_kv_head, per_kv), *map(per_row, rows)]
+    first_row = len(in_specs) - len(rows)
     return pl.pallas_call(
-        functools.partial(kernel, geo=geo, queries=specs.queries, slots=slots),
+        functools.partial(kernel, geo=geo, queries=specs.queries),
         grid=(q_heads, pl.cdiv(length, specs.queries), batch),
-        in_specs=forced_specs + in_specs,
-        out_specs=[specs.per_query_head(*(padded(d) for d in shape.shape[3:])) for shape in out_shapes],
-        out_shape=out_shapes,
+        in_specs=in_specs,
+        out_specs=[per_row(x) for x in rows] + [per_query(x) for x in out_shapes],
+        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in rows] + list(out_shapes),
+        input_output_aliases={first_row + i: i for i in range(len(rows))},
         compiler_params=geo.params(geo.tuning.merge_warps, geo.tuning.merge_stages),
         interpret=geo.interpret,
         name=name,
-    )(counts, positions, k, v, *inputs)
+    )(*forced, *inputs, *per_kv, *rows)
 
 
-def merge_with_forced(
+def attend_forced(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
     counts: jax.Array,
-    positions: jax.Array,
+    forced_rows: jax.Array,
     out_rows: jax.Array,
     lse_rows: jax.Array,
     geo,
 ) -> tuple[jax.Array, jax.Array]:
-    """Selected attention's output: the forced blocks attended here, the other slots' partials merged.
+    """The forced blocks' partial of selected attention (Eq. 11), written as one of each query's
+    partials: the tile kernel's rows with the forced blocks' partial at ``forced_rows``.
 
     Args:
       q: ``[B, T, HQ, Dk]``; k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]``.
       counts: ``[B, T, H, 4]`` from :func:`forced_pairs`.
-      positions: int32 ``[B, T, H, n]``, each non-forced listed pair's padded row index into
-        ``out_rows`` (rows ``16 i ..``; ``-1``: forced or unlisted).
-      out_rows, lse_rows: the tile kernel's partials ``[B, H, R * G, Dv]`` and their log-sum-exps
-        ``[B, H, R * G]`` (float32, base 2).
+      forced_rows: int32 ``[B, T, H]``, the pair index ``i`` (rows ``16 i ..``) that takes the
+        query's forced partial, one of its forced pairs' (the tile kernel computes no partial
+        the merge reads there); ``-1``: the query selects no forced block.
+      out_rows, lse_rows: the tile kernel's partials ``[B, H, R * G, Dv]`` and log-sum-exps
+        ``[B, H, R * G]`` (float32, base 2), updated in place.
       geo: the selected attention's static geometry (``pallas_kernels.gpu.selection._Geometry``):
         shapes, scale, precision, interpret mode, and ``tuning.merge_queries`` (queries a program,
         a power of two dividing ``l'``), ``merge_warps`` and ``merge_stages``.
 
     Returns:
-      ``(out [B, T, HQ, Dv]`` in ``q.dtype``, ``lse [B, T, H, G]`` float32 base 2; 0 where a query
-      attends to nothing).
+      ``(out_rows, lse_rows)`` with the forced partials written.
     """
-    batch, length, q_heads, _ = q.shape
-    specs = _Specs(geo, length, out_rows.shape[2])
-    in_specs = [specs.per_query_head(geo.dk_padded), specs.kv_head_rows(geo.dv_padded), specs.kv_head_rows()]
-    out_shapes = [
-        jax.ShapeDtypeStruct((batch, length, q_heads, geo.dv), q.dtype),
-        jax.ShapeDtypeStruct((batch, length, q_heads), jnp.float32),
-    ]
-    forced = (counts, positions, k, v)
-    name = "nsa_selected_fwd_forced_merge"
-    out, lse = _call(_merge_kernel, name, geo, forced, [q, out_rows, lse_rows], in_specs, out_shapes, specs)
-    return out, lse.reshape(batch, length, k.shape[2], geo.group)
+    name = "nsa_selected_fwd_forced"
+    rows = (out_rows, lse_rows)
+    return _call(_forced_kernel, name, geo, (counts, k, v), [q], [], rows=rows, per_kv=(forced_rows,))
 
 
-def dq_with_forced(
+def forced_dq(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
@@ -347,37 +310,22 @@ def dq_with_forced(
     lse: jax.Array,
     delta: jax.Array,
     counts: jax.Array,
-    positions: jax.Array,
-    dq_rows: jax.Array,
     geo,
 ) -> jax.Array:
-    """Selected attention's dQ: the forced blocks' part computed here, the other slots' rows summed.
+    """The forced blocks' part of selected attention's dQ (Eq. 11), one row a query and query head.
 
     Args:
       q: ``[B, T, HQ, Dk]``; k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]``; dout: ``[B, T, HQ, Dv]``.
       lse, delta: float32 ``[B, T, H, G]`` (the forward's base-2 log-sum-exp; ``rowsum(out * dout)``).
       counts: ``[B, T, H, 4]`` from :func:`forced_pairs`.
-      positions: int32 ``[B, T, H, n]``, each non-forced listed pair's list position in
-        ``dq_rows`` (rows ``16 i ..``; ``-1``: forced or unlisted).
-      dq_rows: ``[B, H, R, Dk]``, the Mosaic tile kernel's scaled dQ rows in list order
-        (:func:`pallas_kernels.gpu.selection_mosaic.tile_backward`).
-      geo: as for :func:`merge_with_forced`.
+      geo: as for :func:`attend_forced`.
 
     Returns:
-      dQ ``[B, T, HQ, Dk]`` in ``q.dtype`` (scaled).
+      ``[B, T, H, G, Dk]`` in ``q.dtype`` (scaled), to add to the other pairs' summed dQ rows.
     """
     batch, length, q_heads, _ = q.shape
-    specs = _Specs(geo, length, dq_rows.shape[2])
-    in_specs = [
-        specs.per_query_head(geo.dk_padded),
-        specs.per_query_head(geo.dv_padded),
-        specs.per_query_head(),
-        specs.per_query_head(),
-        specs.kv_head_rows(geo.dk_padded),
-    ]
     by_query_head = lambda x: x.reshape(batch, length, q_heads)
-    inputs = [q, dout, by_query_head(lse), by_query_head(delta), dq_rows]
+    inputs = [q, dout, by_query_head(lse), by_query_head(delta)]
     out_shapes = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
-    forced = (counts, positions, k, v)
-    [dq] = _call(_dq_kernel, "nsa_selected_bwd_forced_dq", geo, forced, inputs, in_specs, out_shapes, specs)
-    return dq
+    [dq] = _call(_dq_kernel, "nsa_selected_bwd_forced_dq", geo, (counts, k, v), inputs, out_shapes)
+    return dq.reshape(batch, length, k.shape[2], geo.group, geo.dk)

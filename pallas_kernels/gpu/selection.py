@@ -538,8 +538,9 @@ def _forward(q, k, v, key_starts, geo: _Geometry):
 
 def _mosaic_forward(q, k, v, key_starts, geo: _Geometry):
     """The forward keys to queries (:mod:`pallas_kernels.gpu.selection_forward_mosaic`): the
-    inverse map, the tile kernel's partials, merged per query (by XLA, or with ``forced_merge``
-    by :mod:`pallas_kernels.gpu.forced_merge`, which attends the forced blocks itself)."""
+    inverse map, the tile kernel's partials, merged per query by XLA (with ``forced_merge``, the
+    forced blocks' partial of :mod:`pallas_kernels.gpu.forced_merge` in place of theirs, written
+    into the row of one of them)."""
     batch, length, heads, _ = k.shape
     tuning = geo.tuning
     entries, offsets = _inverse_map(key_starts, geo)
@@ -563,19 +564,15 @@ def _mosaic_forward(q, k, v, key_starts, geo: _Geometry):
         interpret=geo.interpret,
         firsts=firsts,
     )
-    if tuning.forced_merge:
-        out, lse = forced_merge.merge_with_forced(
-            q,
-            k,
-            v,
-            counts,
-            jnp.where(forced, -1, rows),
-            out_rows,
-            lse_rows,
-            geo,
-        )
-    else:
-        out, lse = selection_forward_mosaic.merge_partials(out_rows, lse_rows, rows)
+    if split is not None:
+        # One forced pair a query (its first row) takes the forced blocks' partial; the others
+        # leave the merge.
+        unused = jnp.iinfo(jnp.int32).max
+        first = jnp.min(jnp.where(forced & (rows >= 0), rows, unused), axis=-1)
+        forced_rows = jnp.where(first == unused, -1, first)
+        rows = jnp.where(forced & (rows != forced_rows[..., None]), -1, rows)
+        out_rows, lse_rows = forced_merge.attend_forced(q, k, v, counts, forced_rows, out_rows, lse_rows, geo)
+    out, lse = selection_forward_mosaic.merge_partials(out_rows, lse_rows, rows)
     return out.reshape(batch, length, heads * geo.group, geo.dv), lse, (entries, offsets, positions, split)
 
 
@@ -617,9 +614,9 @@ def _backward(q, k, v, key_starts, out, lse, dout, inverse, geo: _Geometry):
     if positions is None:
         listed = listed_parts(key_starts, block_size=geo.block_size, aligned=geo.aligned)
         positions = selection_mosaic.list_positions(entries, listed)
-    positions = jnp.where(forced, -1, positions)
-    dq = forced_merge.dq_with_forced(q, k, v, dout, lse, delta, counts, positions, dq_rows, geo)
-    return dq, dk, dv
+    dq = _finish_dq(dq_rows, key_starts, entries, geo, jnp.where(forced, -1, positions))
+    dq = dq.astype(jnp.float32) + forced_merge.forced_dq(q, k, v, dout, lse, delta, counts, geo)
+    return dq.reshape(q.shape).astype(q.dtype), dk, dv
 
 
 def _delta(out, dout, geo: _Geometry) -> jax.Array:
