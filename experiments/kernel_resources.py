@@ -25,7 +25,7 @@ Usage::
 
     python -m experiments.kernel_resources                 # the shipped kernels, paper shapes
     python -m experiments.kernel_resources --dk 192 --dv 128
-    python -m experiments.kernel_resources --dk 192 --dv 128 --variant forced_both   # a VARIANTS tuning
+    python -m experiments.kernel_resources --dk 192 --dv 128 --variant forced_merge  # a VARIANTS tuning
 """
 
 from __future__ import annotations

@@ -38,20 +38,20 @@ _D192_DEFAULT = tuning_for(192, 128)
 
 
 def _forward_variants(default: SelectionTuning) -> dict[str, SelectionTuning]:
-    """The Triton forward (the default before session 25), the Mosaic forward's ring depths and its
-    merge attending the forced blocks (:mod:`pallas_kernels.gpu.forced_merge`) at a few launches."""
+    """The Triton forward (the default before session 25), the Mosaic forward's ring depths and the
+    forced blocks attended outside its tile kernel (:mod:`pallas_kernels.gpu.forced_merge`) at a few
+    launches."""
     stages = {f"keys_forward_s{n}": dataclasses.replace(default, mosaic_fwd_stages=n) for n in (2, 6, 8)}
     merges = {
         "forced_merge": {"forced_merge": True},
-        "forced_merge_q32": {"forced_merge": True, "merge_queries": 32},
-        "forced_merge_w8": {"forced_merge": True, "merge_warps": 8},
-        "forced_merge_s3": {"forced_merge": True, "merge_stages": 3},
-        "forced_merge_s1": {"forced_merge": True, "merge_stages": 1},
-        "forced_merge_w8_s1": {"forced_merge": True, "merge_warps": 8, "merge_stages": 1},
-        "forced_both_s1": {"forced_merge": True, "forced_dq": True, "merge_stages": 1},
-        "forced_dq": {"forced_dq": True},
-        "forced_both": {"forced_merge": True, "forced_dq": True},
-        "forced_both_w8": {"forced_merge": True, "forced_dq": True, "merge_warps": 8},
+        "forced_merge_s2": {"forced_merge": True, "merge_stages": 2},
+        "forced_merge_q8_w8": {"forced_merge": True, "merge_queries": 8, "merge_warps": 8, "merge_stages": 2},
+        "forced_merge_q16_w8": {
+            "forced_merge": True,
+            "merge_queries": 16,
+            "merge_warps": 8,
+            "merge_stages": 2,
+        },
     }
     merges = {name: dataclasses.replace(default, **fields) for name, fields in merges.items()}
     return {"triton_forward": dataclasses.replace(default, mosaic_forward=False), **stages, **merges}

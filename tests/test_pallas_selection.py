@@ -352,20 +352,15 @@ def _forced_indices(seed, length, slots, block_size, duplicates):
     return jnp.asarray(rows[None, :, None, :])
 
 
-@pytest.mark.parametrize(
-    ("dk", "duplicates", "merge", "dq"),
-    [(128, True, True, False), (128, True, False, True), (192, False, True, True)],
-    ids=["d128_duplicates_forward", "d128_duplicates_dq", "dk192_both"],
-)
-def test_forced_blocks_match_reference(dk, duplicates, merge, dq):
+@pytest.mark.parametrize(("dk", "duplicates"), [(128, True), (192, False)], ids=["d128_duplicates", "dk192"])
+def test_forced_blocks_match_reference(dk, duplicates):
     # T = 300: five key tiles, so tiles have forced prefixes and pairs past them; heavy tile 0
     # (every pair forced) and the others split two ways.
     q, k, v, ct = _inputs(9, 1, 300, 16, 1, dk, 128, jnp.bfloat16)
     indices = _forced_indices(3, 300, 4, 64, duplicates)
     tuning = dataclasses.replace(
         tuning_for(dk, 128),
-        forced_merge=merge,
-        forced_dq=dq,
+        forced_merge=True,
         mosaic_splits=2,
         mosaic_heavy_tiles=1,
         mosaic_heavy_splits=3,
@@ -418,7 +413,7 @@ def test_mosaic_path_lowers_for_an_h200(dk, monkeypatch):
     from experiments.kernel_resources import lower_for_h200
 
     monkeypatch.setattr(selection_mosaic, "_on_hopper", lambda: True)
-    tuning = dataclasses.replace(tuning_for(dk, 128), forced_merge=True, forced_dq=True)
+    tuning = dataclasses.replace(tuning_for(dk, 128), forced_merge=True)
     length = 1000
 
     def forward_backward(q, k, v, indices, ct):
@@ -436,8 +431,7 @@ def test_mosaic_path_lowers_for_an_h200(dk, monkeypatch):
         jax.ShapeDtypeStruct((1, length, 64, 128), jnp.bfloat16),
     ]
     kernels = set(re.findall(r"nsa_[a-z_]+", lower_for_h200(forward_backward, *shapes)))
-    expected = ("nsa_selected_fwd_mosaic", "nsa_selected_bwd_mosaic", "nsa_selected_fwd_forced")
-    assert {*expected, "nsa_selected_bwd_forced_dq"} <= kernels
+    assert {"nsa_selected_fwd_mosaic", "nsa_selected_bwd_mosaic", "nsa_selected_fwd_forced"} <= kernels
 
 
 def _geometry(q, v, tuning, aligned=True, block_size=64, interpret=True):

@@ -68,13 +68,8 @@ class SelectionTuning:
       forced_merge: with ``mosaic_forward``, leave each query's forced blocks (block 0 and its
         two local blocks, Eq. 11) out of the tile kernel and attend them per block of queries
         (:func:`pallas_kernels.gpu.forced_merge.attend_forced`, a Triton kernel of
-        ``merge_queries`` queries of one head a program, ``merge_warps`` warps, ``merge_stages``
-        stages), whose partial the XLA merge folds in with the others.
-      forced_dq: with ``mosaic_backward``, the backward's tile kernel writes no dQ rows for
-        the forced pairs (it still adds their dK and dV), and a Triton kernel computes their dQ
-        per block of queries (:func:`pallas_kernels.gpu.forced_merge.forced_dq`; the
-        ``merge_*`` launch), added to the other pairs' summed rows. Either flag works without
-        the other.
+        ``merge_queries`` queries with the query heads of one KV head a program, ``merge_warps``
+        warps, ``merge_stages`` stages), whose partial the XLA merge folds in with the others.
       dq_sum_kernel: sum the dQ parts with a Pallas kernel (one program per query
         and KV head) that skips unlisted parts by a masked load and writes dQ in the
         input dtype, instead of the XLA masked sum to float32 and a cast.
@@ -99,10 +94,9 @@ class SelectionTuning:
     mosaic_forward: bool = False
     mosaic_fwd_stages: int = 4
     forced_merge: bool = False
-    forced_dq: bool = False
-    merge_queries: int = 64
+    merge_queries: int = 4
     merge_warps: int = 4
-    merge_stages: int = 2
+    merge_stages: int = 1
 
     def __post_init__(self) -> None:
         names = (

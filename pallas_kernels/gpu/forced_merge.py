@@ -2,10 +2,11 @@
 
 Spec, "Top-n (Eq. 11)": every query selects the initial block and its two local blocks (the
 block holding it and the one before). Those three blocks are the same for all ``l'`` queries
-of a block, so one program per (block of queries, query head) can read them once and attend
-them as a dense tile, where the tile kernel of :mod:`pallas_kernels.gpu.selection_forward_mosaic`
-would gather the queries and write a partial output per (query, forced block): 3 of the
-``n = 16`` partials of every query, about 3.2 GB of the 17 GB written and read at T = 64K, H = 4.
+of a block, so one program per (block of queries, KV head) can read them once and attend them
+as a dense tile for all the KV head's query heads, where the tile kernel of
+:mod:`pallas_kernels.gpu.selection_forward_mosaic` would gather the queries and write a partial
+output per (query, forced block): 3 of the ``n = 16`` partials of every query, about 3.2 GB of
+the 17 GB written and read at T = 64K, H = 4.
 
 A (query, slot) pair is *forced* when its block is block 0, the query's block or the one before
 (whatever the caller's indices: a slot that does not select such a block stays with the tile
@@ -13,17 +14,17 @@ kernel). Every forced pair of a key tile ``a >= 1`` belongs to a query of blocks
 ``a + 1`` and every pair of tile 0 is forced, so in the inverse map's query-ordered lists the
 forced pairs are a prefix of each list (:func:`list_firsts`): the tile kernel starts past it.
 :func:`attend_forced` attends each forced block once per query, weighted by how many of the
-query's slots select it (a block listed twice counts twice, as in the reference), and writes one
-partial a query that the XLA merge folds in with the tile kernel's. (Folding the other partials
-in this kernel instead, a gather of 13 rows a query, took 7.6-7.8 ms at T = 64K on the H200
-against XLA's 4.2 ms for all 16: experiments/results/session27_h200.md.)
+query's slots select it (a block listed twice counts twice, as in the reference), and writes its
+partial into the row of one of the query's forced pairs, which the XLA merge then reads as any
+other.
 
-The backward's dQ works the same way (:func:`dq_with_forced`): the Mosaic tile kernel of
-:mod:`pallas_kernels.gpu.selection_mosaic` still adds the forced pairs' dK and dV (those sum over
-every query that selects a block, block 0's over all of them) but writes no dQ rows for the steps
-of the prefix, and one program per block of queries and query head computes the forced blocks'
-``dS K`` from ``q``, ``dout``, the log-sum-exp and ``delta`` while summing the other pairs' rows:
-about 4.8 GB of the 25.8 GB of bf16 dQ rows written and read at T = 64K, Dk = 192.
+Measured on the H200 at T = 64K (experiments/results/session27_h200.md): the tile kernel saves
+1.6-2.3 ms (Dk = 128) and 1.9 ms (Dk = 192), the merge 0.4 ms, and this kernel takes 1.7 and
+2.1 ms (4 queries a program, 4 warps, 1 stage; 2.0 and 2.3 ms with one query head a program,
+latency-bound at 2 blocks an SM). The branch's forward is no faster, so it stays off by default.
+Two designs before it were slower: folding the other partials in this kernel (7.6-7.8 ms for the
+kernel, against the XLA merge's 4.2) and the forced partial as a concatenated extra slot of the
+merge (6.8 ms for the merge).
 
 Served where the Mosaic kernels serve (aligned blocks, no segments). Runs in interpret mode.
 """
@@ -40,17 +41,12 @@ from jax.experimental.pallas import triton as plt
 from pallas_kernels.gpu.tiles import (
     MASKED,
     column_pieces,
-    dot,
-    dot_nt,
-    dot_nt_pieces,
     empty_softmax_state,
-    exp2_affine,
     lanes,
     load,
     load_pieces,
     online_softmax_step,
     padded,
-    store,
     tile_mask,
 )
 
@@ -103,19 +99,34 @@ def list_firsts(offsets: jax.Array, counts: jax.Array, block_size: int, step: in
     return offsets[..., :-1] + forced // step * step
 
 
-class _QueryBlock:
-    """One program's ``queries`` consecutive queries (grid axis 1) of one query head (axis 0)."""
+class _Rows:
+    """One program's rows: ``positions`` consecutive queries (grid axis 1) times the ``G`` query
+    heads of one KV head (axis 0); row ``r`` is query ``r // G`` of the program, head ``r % G``."""
 
-    def __init__(self, geo, queries: int):
+    def __init__(self, geo, positions: int):
         self.geo = geo
-        self.head, self.first = pl.program_id(0), pl.program_id(1) * queries
-        self.query = self.first + jnp.arange(queries)
+        rows = jnp.arange(positions * geo.group)
+        self.local, self.head = jax.lax.div(rows, geo.group), jax.lax.rem(rows, geo.group)
+        self.first = pl.program_id(1) * positions
+        self.query = self.first + self.local
         self.in_range = self.query < geo.length
-        self.group_head = jax.lax.rem(self.head, geo.group)
+
+    def q_pieces(self, q_ref) -> list[jax.Array]:
+        """The rows' queries from ``q_ref [P, G, Dk']`` as :func:`column_pieces` tiles ``[rows, width]``."""
+        geo = self.geo
+        return [
+            plt.load(
+                q_ref.at[self.local[:, None], self.head[:, None], offset + jnp.arange(width)[None, :]],
+                mask=tile_mask(self.in_range, lanes(min(geo.dk - offset, width), width)),
+                other=0,
+            )
+            for offset, width in column_pieces(geo.dk)
+        ]
 
     def forced_block(self, candidate, counts_ref, k_ref, v_ref):
-        """``(count [Q], valid [Q, l'], k pieces, v [l', Dv'])`` of forced candidate ``candidate``
-        (traced; :func:`forced_pairs`) from ``k_ref [T, Dk']``, ``v_ref [T, Dv']``, ``counts_ref [Q, 4]``.
+        """``(count [rows], valid [rows, l'], k pieces, v [l', Dv'])`` of forced candidate
+        ``candidate`` (traced; :func:`forced_pairs`) from ``k_ref [T, Dk']``, ``v_ref [T, Dv']``
+        and ``counts_ref [P, 4]``.
 
         The candidates' counts are 0 where a candidate does not exist (block 0's queries have
         neither local candidate), so each is read from a block in range without a test."""
@@ -124,25 +135,25 @@ class _QueryBlock:
         source = jnp.where(candidate == 0, 0, jnp.maximum(block + candidate - 2, 0))
         keys = source * geo.block_size + jnp.arange(geo.block_size)
         key_in_range = keys < geo.length
-        count = counts_ref[:, candidate]
-        seen = (self.in_range & (count > 0))[:, None] & (keys[None, :] <= self.query[:, None])
+        count = plt.load(counts_ref.at[self.local, candidate], mask=self.in_range, other=0)
+        seen = (count > 0)[:, None] & (keys[None, :] <= self.query[:, None]) & key_in_range[None, :]
         rows = pl.ds(source * geo.block_size, geo.block_size)
         k = load_pieces(k_ref, rows, geo.dk, key_in_range)
         v = load(v_ref.at[rows, :], tile_mask(key_in_range, lanes(geo.dv, geo.dv_padded)))
-        return count, seen & key_in_range[None, :], k, v
+        return count, seen, k, v
 
 
 def _forced_kernel(
     counts_ref, k_ref, v_ref, q_ref, row_ref, _out_rows, _lse_rows, out_rows_ref, lse_rows_ref,
-    *, geo, queries,
+    *, geo, positions,
 ):  # fmt: skip
-    """One block of ``Q = queries`` queries and one query head: ``q_ref [Q, Dk']``, ``k_ref [T, Dk']``,
-    ``v_ref [T, Dv']``, ``counts_ref [Q, 4]``. Writes the forced blocks' partial output and its
-    log-sum-exp (base 2) into row ``row_ref [Q]`` (``-1``: none) of the KV head's
-    ``out_rows_ref [R, Dv']`` and ``lse_rows_ref [R]`` (the same buffers as ``_out_rows`` and
-    ``_lse_rows``, which are not read)."""
-    block = _QueryBlock(geo, queries)
-    q = load_pieces(q_ref, slice(None), geo.dk, block.in_range)
+    """``P = positions`` queries and the ``G`` query heads of one KV head: ``q_ref [P, G, Dk']``,
+    ``k_ref [T, Dk']``, ``v_ref [T, Dv']``, ``counts_ref [P, 4]``. Writes the forced blocks' partial
+    output and its log-sum-exp (base 2) of query head ``j`` into row ``row_ref[p] * G + j`` of the
+    KV head's ``out_rows_ref [R, Dv']`` and ``lse_rows_ref [R]`` (none where ``row_ref[p] == -1``;
+    the same buffers as ``_out_rows`` and ``_lse_rows``, which are not read)."""
+    block = _Rows(geo, positions)
+    q = block.q_pieces(q_ref)
 
     def forced(candidate, state):
         count, valid, k, v = block.forced_block(candidate, counts_ref, k_ref, v_ref)
@@ -152,121 +163,21 @@ def _forced_kernel(
             state, q, k, v, valid, geo.log2_scale, geo.precision, flush=geo.flush_exp2, bias=bias
         )
 
-    # A loop over the candidates, not three unrolled blocks: unrolled, the dQ kernel took 255
-    # registers and spilled 128 bytes at Dk = 192; as loops they take 240 and 168 without spills
-    # (experiments/kernel_resources.py: triton 3.6, ptxas for sm_90a, 4 warps, 2 stages).
+    # A loop over the candidates, not three unrolled blocks: ptxas spilled registers for unrolled
+    # versions of these kernels (experiments/kernel_resources.py, session 26).
     acc, row_max, row_sum = jax.lax.fori_loop(
-        0, _CANDIDATES, forced, empty_softmax_state(queries, geo.dv_padded)
+        0, _CANDIDATES, forced, empty_softmax_state(positions * geo.group, geo.dv_padded)
     )
     seen = row_sum > 0
-    row = plt.load(row_ref, mask=block.in_range, other=-1)
+    row = plt.load(row_ref.at[block.local], mask=block.in_range, other=-1)
     live = block.in_range & (row >= 0)
-    at = jnp.maximum(row, 0) * geo.group + block.group_head
+    at = jnp.maximum(row, 0) * geo.group + block.head
     columns = jnp.arange(geo.dv_padded)
     out = acc / jnp.where(seen, row_sum, 1.0)[:, None]
     cells = live[:, None] & (columns < geo.dv)[None, :]
     plt.store(out_rows_ref.at[at[:, None], columns[None, :]], out.astype(out_rows_ref.dtype), mask=cells)
     lse = jnp.where(seen, row_max + jnp.log2(jnp.where(seen, row_sum, 1.0)), MASKED)
     plt.store(lse_rows_ref.at[at], lse, mask=live)
-
-
-def _dq_kernel(counts_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, dq_ref, *, geo, queries):
-    """The forced blocks' dQ of one block of ``Q`` queries and one query head (``dq_ref [Q, Dk']``,
-    scaled): their ``dS K`` from ``q_ref [Q, Dk']``, ``do_ref [Q, Dv']``, ``lse_ref``/``delta_ref
-    [Q]`` and the blocks of ``k_ref``/``v_ref``."""
-    block = _QueryBlock(geo, queries)
-    in_range = block.in_range
-    q = load_pieces(q_ref, slice(None), geo.dk, in_range)
-    do = load(do_ref, tile_mask(in_range, lanes(geo.dv, geo.dv_padded)))
-    lse = plt.load(lse_ref, mask=in_range, other=0)
-    delta = plt.load(delta_ref, mask=in_range, other=0)
-    pieces = column_pieces(geo.dk)
-
-    def forced(candidate, dq):
-        count, valid, k, v = block.forced_block(candidate, counts_ref, k_ref, v_ref)
-        scores = dot_nt_pieces(q, k, geo.precision)
-        p = jnp.where(valid, exp2_affine(scores, geo.log2_scale, lse, flush=geo.flush_exp2), 0.0)
-        # Each of the c copies of a block in the query's slots has this P and adds this dS K.
-        ds = p * (dot_nt(do, v, geo.precision) - delta[:, None]) * count.astype(jnp.float32)[:, None]
-        return [
-            acc + dot(ds.astype(piece.dtype), piece, geo.precision) for acc, piece in zip(dq, k, strict=True)
-        ]
-
-    dq = [jnp.zeros((queries, width), jnp.float32) for _, width in pieces]
-    dq = jax.lax.fori_loop(0, _CANDIDATES, forced, dq)
-    for (offset, width), acc in zip(pieces, dq, strict=True):
-        store(
-            dq_ref.at[:, pl.ds(offset, width)],
-            acc * geo.scale,
-            tile_mask(in_range, lanes(min(geo.dk - offset, width), width)),
-        )
-
-
-class _Specs:
-    """Block specs of the grid ``(HQ, ceil(T / merge_queries), B)``: one program per block of
-    ``merge_queries`` queries, query head and batch row."""
-
-    def __init__(self, geo, length: int):
-        self.queries, self.group, self.length = geo.tuning.merge_queries, geo.group, length
-        if geo.block_size % self.queries:
-            raise ValueError(f"merge_queries must divide the block size {geo.block_size}, got {self.queries}")
-
-    def _spec(self, shape, index, tail) -> pl.BlockSpec:
-        return pl.BlockSpec((*shape, *tail), lambda h, g, b: (*index(h, g, b), *(0,) * len(tail)))
-
-    def per_query_head(self, *tail: int) -> pl.BlockSpec:
-        """The program's queries of ``[B, T, HQ, *tail]``."""
-        return self._spec((None, self.queries, None), lambda h, g, b: (b, g, h), tail)
-
-    def per_kv_head(self, *tail: int) -> pl.BlockSpec:
-        """The program's queries of ``[B, T, H, *tail]`` at its query head's KV head."""
-        return self._spec(
-            (None, self.queries, None), lambda h, g, b: (b, g, jax.lax.div(h, self.group)), tail
-        )
-
-    def kv_head_rows(self, num_rows: int, *tail: int) -> pl.BlockSpec:
-        """All ``num_rows`` rows of ``[B, H, R, *tail]`` at the program's KV head."""
-        return self._spec((None, None, num_rows), lambda h, g, b: (b, jax.lax.div(h, self.group), 0), tail)
-
-    def whole_kv_head(self, *tail: int) -> pl.BlockSpec:
-        """All of ``[B, T, H, *tail]`` at the program's KV head."""
-        return self._spec((None, self.length, None), lambda h, g, b: (b, 0, jax.lax.div(h, self.group)), tail)
-
-
-def _call(
-    kernel, name: str, geo, forced: tuple, inputs: list, out_shapes: list,
-    rows: tuple = (), per_kv: tuple = (),
-):  # fmt: skip
-    """``kernel`` over the grid ``(HQ, ceil(T / merge_queries), B)``: its refs are the forced
-    inputs ``(counts, k, v)`` (:func:`forced_pairs`' counts; the whole K and V of the program's KV
-    head), then ``inputs`` (``[B, T, HQ, ...]``, the program's queries and head), then ``per_kv``
-    (``[B, T, H, ...]``, the program's queries at its KV head), then ``rows`` (``[B, H, R, ...]``,
-    all rows of its KV head, updated in place), then its outputs: the rows' new values, then
-    ``out_shapes`` (``[B, T, HQ, ...]`` as the inputs)."""
-    batch, length = forced[0].shape[:2]
-    q_heads = geo.group * forced[0].shape[2]
-    specs = _Specs(geo, length)
-    forced_specs = [
-        specs.per_kv_head(_COUNT_LANES),
-        specs.whole_kv_head(geo.dk_padded),
-        specs.whole_kv_head(geo.dv_padded),
-    ]
-    per_query = lambda x: specs.per_query_head(*(padded(d) for d in x.shape[3:]))
-    per_row = lambda x: specs.kv_head_rows(x.shape[2], *(padded(d) for d in x.shape[3:]))
-    by_kv_head = lambda x: specs.per_kv_head(*(padded(d) for d in x.shape[3:]))
-    in_specs = [*forced_specs, *map(per_query, inputs), *map(by_kv_head, per_kv), *map(per_row, rows)]
-    first_row = len(in_specs) - len(rows)
-    return pl.pallas_call(
-        functools.partial(kernel, geo=geo, queries=specs.queries),
-        grid=(q_heads, pl.cdiv(length, specs.queries), batch),
-        in_specs=in_specs,
-        out_specs=[per_row(x) for x in rows] + [per_query(x) for x in out_shapes],
-        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in rows] + list(out_shapes),
-        input_output_aliases={first_row + i: i for i in range(len(rows))},
-        compiler_params=geo.params(geo.tuning.merge_warps, geo.tuning.merge_stages),
-        interpret=geo.interpret,
-        name=name,
-    )(*forced, *inputs, *per_kv, *rows)
 
 
 def attend_forced(
@@ -292,40 +203,39 @@ def attend_forced(
         ``[B, H, R * G]`` (float32, base 2), updated in place.
       geo: the selected attention's static geometry (``pallas_kernels.gpu.selection._Geometry``):
         shapes, scale, precision, interpret mode, and ``tuning.merge_queries`` (queries a program,
-        a power of two dividing ``l'``), ``merge_warps`` and ``merge_stages``.
+        each with the ``G`` query heads of its KV head; a power of two dividing ``l'``),
+        ``merge_warps`` and ``merge_stages``.
 
     Returns:
       ``(out_rows, lse_rows)`` with the forced partials written.
     """
-    name = "nsa_selected_fwd_forced"
+    batch, length, heads, _ = k.shape
+    positions = geo.tuning.merge_queries
+    if geo.block_size % positions:
+        raise ValueError(f"merge_queries must divide the block size {geo.block_size}, got {positions}")
+
+    def spec(block: tuple, index) -> pl.BlockSpec:
+        return pl.BlockSpec(block, lambda h, g, b: index(h, g, b) + (0,) * (len(block) - 3))
+
+    per_query = lambda *tail: spec((None, positions, None, *tail), lambda h, g, b: (b, g, h))
+    whole = lambda width: spec((None, length, None, width), lambda h, g, b: (b, 0, h))
+    per_row = lambda x: spec((None, None, x.shape[2], *map(padded, x.shape[3:])), lambda h, g, b: (b, h, 0))
     rows = (out_rows, lse_rows)
-    return _call(_forced_kernel, name, geo, (counts, k, v), [q], [], rows=rows, per_kv=(forced_rows,))
-
-
-def forced_dq(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    dout: jax.Array,
-    lse: jax.Array,
-    delta: jax.Array,
-    counts: jax.Array,
-    geo,
-) -> jax.Array:
-    """The forced blocks' part of selected attention's dQ (Eq. 11), one row a query and query head.
-
-    Args:
-      q: ``[B, T, HQ, Dk]``; k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]``; dout: ``[B, T, HQ, Dv]``.
-      lse, delta: float32 ``[B, T, H, G]`` (the forward's base-2 log-sum-exp; ``rowsum(out * dout)``).
-      counts: ``[B, T, H, 4]`` from :func:`forced_pairs`.
-      geo: as for :func:`attend_forced`.
-
-    Returns:
-      ``[B, T, H, G, Dk]`` in ``q.dtype`` (scaled), to add to the other pairs' summed dQ rows.
-    """
-    batch, length, q_heads, _ = q.shape
-    by_query_head = lambda x: x.reshape(batch, length, q_heads)
-    inputs = [q, dout, by_query_head(lse), by_query_head(delta)]
-    out_shapes = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
-    [dq] = _call(_dq_kernel, "nsa_selected_bwd_forced_dq", geo, (counts, k, v), inputs, out_shapes)
-    return dq.reshape(batch, length, k.shape[2], geo.group, geo.dk)
+    return pl.pallas_call(
+        functools.partial(_forced_kernel, geo=geo, positions=positions),
+        grid=(heads, pl.cdiv(length, positions), batch),
+        in_specs=[
+            per_query(_COUNT_LANES),
+            whole(geo.dk_padded),
+            whole(geo.dv_padded),
+            per_query(geo.group, geo.dk_padded),
+            per_query(),
+            *map(per_row, rows),
+        ],
+        out_specs=list(map(per_row, rows)),
+        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in rows],
+        input_output_aliases={5: 0, 6: 1},
+        compiler_params=geo.params(geo.tuning.merge_warps, geo.tuning.merge_stages),
+        interpret=geo.interpret,
+        name="nsa_selected_fwd_forced",
+    )(counts, k, v, q.reshape(batch, length, heads, geo.group, -1), forced_rows, *rows)

@@ -546,8 +546,12 @@ def _mosaic_forward(q, k, v, key_starts, geo: _Geometry):
     entries, offsets = _inverse_map(key_starts, geo)
     listed = listed_parts(key_starts, block_size=geo.block_size, aligned=geo.aligned)
     positions = selection_mosaic.list_positions(entries, listed)
-    split = _forced_split(key_starts, offsets, geo) if tuning.forced_merge else None
-    forced, counts, firsts = split or (None, None, None)
+    firsts = None
+    if tuning.forced_merge:
+        # Which pairs select a forced block (Eq. 11), how many slots each candidate, and where each
+        # tile's list starts past its forced prefix, in whole steps.
+        forced, counts = forced_merge.forced_pairs(key_starts, geo.block_size)
+        firsts = forced_merge.list_firsts(offsets, counts, geo.block_size, selection_mosaic.PAIRS)
     out_rows, lse_rows, rows = selection_forward_mosaic.tile_forward(
         q.reshape(batch, length, heads, geo.group, geo.dk),
         k,
@@ -564,7 +568,7 @@ def _mosaic_forward(q, k, v, key_starts, geo: _Geometry):
         interpret=geo.interpret,
         firsts=firsts,
     )
-    if split is not None:
+    if firsts is not None:
         # One forced pair a query (its first row) takes the forced blocks' partial; the others
         # leave the merge.
         unused = jnp.iinfo(jnp.int32).max
@@ -573,16 +577,7 @@ def _mosaic_forward(q, k, v, key_starts, geo: _Geometry):
         rows = jnp.where(forced & (rows != forced_rows[..., None]), -1, rows)
         out_rows, lse_rows = forced_merge.attend_forced(q, k, v, counts, forced_rows, out_rows, lse_rows, geo)
     out, lse = selection_forward_mosaic.merge_partials(out_rows, lse_rows, rows)
-    return out.reshape(batch, length, heads * geo.group, geo.dv), lse, (entries, offsets, positions, split)
-
-
-def _forced_split(key_starts, offsets, geo: _Geometry) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(forced, counts, firsts)``: which pairs select a forced block (Eq. 11) and how many slots
-    select each candidate (:func:`pallas_kernels.gpu.forced_merge.forced_pairs`), and where each
-    tile's list starts past its forced prefix, in whole steps (``list_firsts``). The forward that
-    computed it passes it to the backward with the inverse map."""
-    forced, counts = forced_merge.forced_pairs(key_starts, geo.block_size)
-    return forced, counts, forced_merge.list_firsts(offsets, counts, geo.block_size, selection_mosaic.PAIRS)
+    return out.reshape(batch, length, heads * geo.group, geo.dv), lse, (entries, offsets, positions)
 
 
 def _per_query_group(queries: int, *trailing: int) -> pl.BlockSpec:
@@ -601,21 +596,11 @@ def _backward(q, k, v, key_starts, out, lse, dout, inverse, geo: _Geometry):
     delta = _delta(out, dout, geo)
     if inverse is None:
         entries, offsets = _inverse_map(key_starts, geo)
-        positions, split = None, None
+        positions = None
     else:
-        entries, offsets, positions, split = inverse
-    if not (_uses_mosaic(geo) and geo.tuning.forced_dq):
-        dk, dv, dq = _tile_backward(q, k, v, dout, key_starts, lse, delta, entries, offsets, geo)
-        dq = _finish_dq(dq, key_starts, entries, geo, positions)
-        return dq.reshape(q.shape).astype(q.dtype), dk, dv
-    # The forced blocks' dQ (Eq. 11) computed per block of queries, not written as rows and summed.
-    forced, counts, firsts = split or _forced_split(key_starts, offsets, geo)
-    dk, dv, dq_rows = _tile_backward(q, k, v, dout, key_starts, lse, delta, entries, offsets, geo, firsts)
-    if positions is None:
-        listed = listed_parts(key_starts, block_size=geo.block_size, aligned=geo.aligned)
-        positions = selection_mosaic.list_positions(entries, listed)
-    dq = _finish_dq(dq_rows, key_starts, entries, geo, jnp.where(forced, -1, positions))
-    dq = dq.astype(jnp.float32) + forced_merge.forced_dq(q, k, v, dout, lse, delta, counts, geo)
+        entries, offsets, positions = inverse
+    dk, dv, dq = _tile_backward(q, k, v, dout, key_starts, lse, delta, entries, offsets, geo)
+    dq = _finish_dq(dq, key_starts, entries, geo, positions)
     return dq.reshape(q.shape).astype(q.dtype), dk, dv
 
 
@@ -652,10 +637,9 @@ def _uses_mosaic(geo: _Geometry) -> bool:
     )
 
 
-def _tile_backward(q, k, v, dout, key_starts, lse, delta, entries, offsets, geo: _Geometry, firsts=None):
+def _tile_backward(q, k, v, dout, key_starts, lse, delta, entries, offsets, geo: _Geometry):
     """The backward kernel: dk, dv and dQ as parts ``[B, T, H, n*E, G, Dk]`` (Triton) or as
-    rows in list order (Mosaic GPU, :func:`pallas_kernels.gpu.selection_mosaic.tile_backward`,
-    without the rows of the steps before ``firsts`` where given)."""
+    rows in list order (Mosaic GPU, :func:`pallas_kernels.gpu.selection_mosaic.tile_backward`)."""
     batch, length, heads, _ = k.shape
     q5 = q.reshape(batch, length, heads, geo.group, geo.dk)
     do5 = dout.reshape(batch, length, heads, geo.group, geo.dv)
@@ -675,7 +659,6 @@ def _tile_backward(q, k, v, dout, key_starts, lse, delta, entries, offsets, geo:
             programs=_mosaic_programs(geo),
             stages=selection_mosaic.stages_for(geo.dk, geo.dv, geo.tuning.bwd_stages),
             interpret=geo.interpret,
-            firsts=firsts,
         )
         return dk.astype(k.dtype), dv.astype(v.dtype), dq
     num_tiles = key_tile_count(length, geo.block_size)

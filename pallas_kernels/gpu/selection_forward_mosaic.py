@@ -22,7 +22,8 @@ The partials go to rows in *padded list order*: every tile's list is padded to w
 share. :func:`merge_partials` (XLA) then combines each query's ``n`` partials by their
 log-sum-exps into the output and the log-sum-exp the backward reads. With
 ``SelectionTuning.forced_merge`` the programs start past each list's forced pairs (``firsts``) and
-:mod:`pallas_kernels.gpu.forced_merge` attends those blocks in the merge instead.
+:mod:`pallas_kernels.gpu.forced_merge` attends those blocks, writing their partial into one of the
+query's rows (no faster on the H200, session 27).
 
 On the H200 at T = 64K (random causal blocks, block 0 always picked; experiments/results/
 session25_h200.md): forward 15.5 against 18.8 ms at Dk = 192 / Dv = 128 (kernel 10.5, merge 5.0,

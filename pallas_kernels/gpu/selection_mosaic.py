@@ -289,7 +289,6 @@ def tile_backward(
     programs: Programs,
     stages: int,
     interpret: bool,
-    firsts: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """dK, dV and the dQ rows of selected attention, in list order.
 
@@ -305,10 +304,6 @@ def tile_backward(
         D]`` buffer, so the partials summed stay ``splits`` per tile elsewhere. stages: gather
         slots in the ring.
       interpret: run in Mosaic GPU interpret mode (CPU), one warpgroup (see the module notes).
-      firsts: int32 ``[B, H, num_tiles]`` (whole steps into each list,
-        :func:`pallas_kernels.gpu.forced_merge.list_firsts`): the steps before it write no dQ rows
-        (their pairs' dQ is computed by :func:`pallas_kernels.gpu.forced_merge.dq_with_forced`);
-        ``None``: every step writes its rows.
 
     Returns:
       ``(dk, dv, dq)``: float32 ``[B, T, H, Dk]`` (scaled) and ``[B, T, H, Dv]``, and
@@ -342,11 +337,8 @@ def tile_backward(
     width = dk if dk <= 128 else 64
     dq_columns = [pl.ds(start, width) for start in range(0, dk, width)]
 
-    skip_forced = firsts is not None
-    firsts = offsets[..., :-1] if firsts is None else firsts
-
     def kernel(
-        entries_ref, offsets_ref, firsts_ref, order_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+        entries_ref, offsets_ref, order_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
         dk_ref, dv_ref, dk_extra_ref, dv_extra_ref, dq_ref,
         k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ids_smem, p_smem, ds_smem, dq_smem,
         out_smem, kv_barrier, loaded, consumed, ds_ready,
@@ -476,10 +468,7 @@ def tile_backward(
             if not inline and len(dq_columns) > 1:
                 plgpu.barrier_arrive(consumed.at[slot])
             plgpu.commit_smem()
-            if skip_forced:
-                pl.when(start >= firsts_ref[b, head, tile])(lambda: store_dq(start, live_pairs(start)))
-            else:
-                store_dq(start, live_pairs(start))
+            store_dq(start, live_pairs(start))
             plgpu.commit_smem_to_gmem_group()
             return dk_acc, dv_acc
 
@@ -581,7 +570,7 @@ def tile_backward(
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
         kernel_name="nsa_selected_bwd_mosaic",
-    )(entries, offsets, firsts, order, q5, k, v, do5, lse, delta)
+    )(entries, offsets, order, q5, k, v, do5, lse, delta)
     dk_out, dv_out = jnp.sum(dk_out, axis=3), jnp.sum(dv_out, axis=3)
     if heavy_tiles:
         heavy = order[..., :heavy_tiles]
