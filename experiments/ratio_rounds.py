@@ -43,7 +43,7 @@ from experiments.bench_layer import (
 from experiments.bench_selection import variant_tuning
 from experiments.measure import alternating_rounds, write_report
 from experiments.plot_benchmarks import dense_peer_name
-from experiments.selection_inputs import VARIANTS
+from experiments.selection_inputs import unknown_variants
 from nsa_jax import registry
 from pallas_kernels.gpu import selection
 
@@ -149,7 +149,7 @@ def main() -> int:
         help="VARIANTS names (experiments/selection_inputs.py) whose op also runs in the rounds",
     )
     args = parser.parse_args()
-    unknown = [name for name in args.selection_variants if not all(name in v for v in VARIANTS.values())]
+    unknown = unknown_variants(args.selection_variants)
     if unknown:
         parser.error(f"--selection-variants must name VARIANTS of both head-dim configs, got {unknown}")
     if not ON_GPU:

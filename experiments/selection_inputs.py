@@ -99,6 +99,11 @@ VARIANTS = {
 }
 
 
+def unknown_variants(names: list[str]) -> list[str]:
+    """Those of ``names`` that are not a :data:`VARIANTS` entry of every head-dim config."""
+    return [name for name in names if not all(name in config for config in VARIANTS.values())]
+
+
 def random_causal_indices(
     key: jax.Array,
     batch: int,

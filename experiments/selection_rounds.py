@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from experiments.bench_selection import CONFIGS, make_inputs, ours
 from experiments.measure import alternating_rounds, gpu_events, relative_error, write_report
-from experiments.selection_inputs import VARIANTS
+from experiments.selection_inputs import VARIANTS, unknown_variants
 
 ON_GPU = jax.default_backend() == "gpu"
 DIRECTIONS = ("fwd", "fwd_bwd")
@@ -116,7 +116,7 @@ def main() -> int:
         "--forced-blocks", action="store_true", help="Eq. 11's three blocks in every selection"
     )
     args = parser.parse_args()
-    unknown = [name for name in args.variants if not all(name in v for v in VARIANTS.values())]
+    unknown = unknown_variants(args.variants)
     if unknown:
         parser.error(f"--variants must name VARIANTS of both head-dim configs, got {unknown}")
     if not ON_GPU:
