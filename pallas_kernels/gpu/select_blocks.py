@@ -1,5 +1,12 @@
 """Block selection (spec, "Selection scores (Eqs. 8-10)" and Eq. 11) as a Pallas kernel, Triton lowering.
 
+With the default tuning, inputs that :mod:`pallas_kernels.gpu.block_importance_mosaic` serves
+(16-bit, no segments, ``G = 16``; on a Hopper GPU or in interpret mode) go to its Mosaic GPU scores
+and the top-n kernel of :mod:`pallas_kernels.gpu.top_n` instead: 6.4-6.6 against 9.0-9.1 ms at
+T = 64K, Dk = 128 on the H200, 8.7-8.9 against 13.6 at Dk = 192 (experiments/results/
+session28_h200.md). The
+kernel below serves the rest (float32, packed segments, other group sizes) and explicit tunings.
+
 Layouts follow :func:`nsa_jax.select_blocks`: ``q [B, T, HQ, Dk]``, compressed keys
 ``k_cmp [B, Tc, H, Dk]`` in the slot layout of :mod:`nsa_jax.segments`, ``lse``
 float32 ``[B, T, HQ]`` from the compressed attention. Internally ``q`` is viewed as
@@ -81,6 +88,7 @@ from jax.experimental.pallas import triton as plt
 
 from nsa_jax.reference.selection import overlap_weights
 from nsa_jax.segments import segment_starts
+from pallas_kernels.gpu import block_importance_mosaic
 from pallas_kernels.gpu.tiles import (
     LOG2E,
     column_pieces,
@@ -89,11 +97,10 @@ from pallas_kernels.gpu.tiles import (
     padded,
     require_supported_dtype,
 )
+from pallas_kernels.gpu.top_n import _ascending_unused_last, _top_n_argmax, _top_n_direct
 
 # Log-sum-exp (base 2) given to dead rows (padded heads): exp2(logit - _NO_ROW) is 0.
 _NO_ROW = 1e30
-# Score of a block that cannot be picked: below every importance (those are >= 0).
-_UNAVAILABLE = -1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -448,94 +455,6 @@ def _importance_with_back_dot(p: jax.Array, p_back: jax.Array, geo: _Geometry) -
     return _group_sum(own + _weighted_sum(back_planes, tuple(back_weights)), geo)
 
 
-def _ascending_unused_last(picks: jax.Array, unused: int) -> jax.Array:
-    """``[P, n']`` distinct blocks and ``-1`` sorted ascending with ``-1`` last (as
-    :func:`nsa_jax.reference.selection.ascending_unused_last`): each entry goes to its rank,
-    ties (the ``-1``) ranked by lane. ``unused`` exceeds every block."""
-    lanes = picks.shape[1]
-    key = jnp.where(picks < 0, unused, picks)
-    lane_i = jnp.arange(lanes)[None, :, None]
-    lane_j = jnp.arange(lanes)[None, None, :]
-    mine, other = key[:, :, None], key[:, None, :]
-    before = (other < mine) | ((other == mine) & (lane_j < lane_i))
-    rank = jnp.sum(before.astype(jnp.int32), axis=2)
-    ordered = jnp.min(jnp.where(rank[:, :, None] == lane_j, key[:, :, None], unused), axis=1)
-    return jnp.where(ordered >= unused, -1, ordered)
-
-
-def _top_n_argmax(score: jax.Array, current: jax.Array, geo: _Geometry) -> jax.Array:
-    """Eq. 11 on ``score [P, Nb']`` (importances): forced blocks score ``+inf``, then ``n`` rounds
-    of arg-max over each whole row. Returns the picks ``[P, n']``, ``-1`` for none."""
-    block = jnp.arange(geo.blocks_padded)[None, :]
-    here = current[:, None]
-    forced = (block < geo.num_initial_blocks) | (block > here - geo.num_local_blocks)
-    score = jnp.where(block <= here, jnp.where(forced, jnp.inf, score), _UNAVAILABLE)
-    pick_lane = jnp.arange(geo.picks_padded)[None, :]
-
-    def pick(i, carry):
-        score, picks = carry
-        # argmax takes the lowest index among equal maxima, as lax.top_k. The current + 1
-        # visible blocks all score >= 0 > _UNAVAILABLE: pick i is real while i <= current.
-        index = jnp.argmax(score, axis=1).astype(jnp.int32)
-        picks = jnp.where((pick_lane == i) & (i <= current)[:, None], index[:, None], picks)
-        return jnp.where(block == index[:, None], _UNAVAILABLE, score), picks
-
-    init = (score, jnp.full((geo.positions, geo.picks_padded), -1, jnp.int32))
-    return jax.lax.fori_loop(0, geo.num_selected, pick, init)[1]
-
-
-def _top_n_direct(score: jax.Array, current: jax.Array, geo: _Geometry, view: str) -> jax.Array:
-    """Eq. 11 on ``score [P, Nb']``: the forced blocks (``n_f = n_init + n_local <= n`` of them,
-    fewer only when every visible block is forced) take the first picks directly, then ``n - n_f``
-    rounds of arg-max (the maximum, then the lowest block holding it, as ``lax.top_k``) rank the
-    rest. ``view``: ``"flat"`` reduces each row ``[P, Nb']`` as it is laid out (with ``quads`` the
-    blocks of a position lie in one warp); ``"lanes"`` first views it as ``[A, P, L]`` (block ``a * L
-    + lane``, ``L = min(32, Nb')``), which Triton lays out with ``P`` over warps and ``L`` over lanes.
-    Returns ``[P, W]`` picks (``W >= n'``), ``-1`` for none."""
-    P, lanes = geo.positions, min(32, geo.blocks_padded)
-    if view == "lanes":
-        rows = geo.blocks_padded // lanes
-        score = jnp.transpose(score.reshape(P, rows, lanes), (1, 0, 2))
-        row = jnp.arange(rows)[:, None, None]
-        lane = jnp.arange(lanes)[None, None, :]
-        block = row * lanes + lane
-        here = current[None, :, None]
-    else:
-        block = jnp.arange(geo.blocks_padded)[None, :]
-        here = current[:, None]
-    forced = (block < geo.num_initial_blocks) | (block > here - geo.num_local_blocks)
-    score = jnp.where((block <= here) & ~forced, score, _UNAVAILABLE)
-
-    width = max(geo.picks_padded, lanes) if view == "lanes" else geo.picks_padded
-    slot = jnp.arange(width)[None, :]
-    here = current[:, None]
-    local = here - (slot - geo.num_initial_blocks)
-    picks = jnp.where(
-        slot < geo.num_initial_blocks,
-        jnp.where(slot <= here, slot, -1),
-        jnp.where((slot < geo.forced_blocks) & (local >= geo.num_initial_blocks), local, -1),
-    )
-
-    def pick(i, carry):
-        score, picks = carry
-        if view == "lanes":
-            best = jnp.max(jnp.max(score, axis=0), axis=1)
-            first_row = jnp.min(jnp.where(score == best[None, :, None], row, rows), axis=0)
-            index = jnp.min(
-                jnp.where(first_row < rows, first_row * lanes + lane[0], geo.blocks_padded), axis=1
-            )
-            taken = block == index[None, :, None]
-        else:
-            best = jnp.max(score, axis=1)
-            index = jnp.min(jnp.where(score == best[:, None], block, geo.blocks_padded), axis=1)
-            taken = block == index[:, None]
-        found = best > _UNAVAILABLE
-        picks = jnp.where((slot == geo.forced_blocks + i) & found[:, None], index[:, None], picks)
-        return jnp.where(taken, _UNAVAILABLE, score), picks
-
-    return jax.lax.fori_loop(0, geo.num_selected - geo.forced_blocks, pick, (score, picks))[1]
-
-
 def _key_columns(geo: _Geometry) -> tuple[jax.Array, jax.Array]:
     """``(token, used) [keys]``: the token (counted from the key tile's first) that each column of
     the key tile's dot holds, in order or in the quads order, and whether it is one (``r < r'``
@@ -791,7 +710,10 @@ def select_blocks(
       num_selected, num_initial_blocks, num_local_blocks: ``n`` and the forced blocks.
       scale: logit scale; segment_ids: int ``[B, T]`` or ``None``.
       interpret: run the kernel in Pallas interpret mode (CPU).
-      tuning: tile sizes, warps and stages; ``None``: :func:`default_tuning` of the dtype and ``Dk``.
+      tuning: tile sizes, warps and stages of this kernel; ``None``: the scores and top-n of
+        :mod:`pallas_kernels.gpu.block_importance_mosaic` where it serves the inputs (16-bit, no
+        segments, ``G = 16``, on a Hopper GPU or in interpret mode), else this kernel with
+        :func:`default_tuning` of the dtype and ``Dk``.
 
     Returns:
       int32 ``[B, T, H, n]``: blocks counted from the segment start, ascending, ``-1``
@@ -799,6 +721,30 @@ def select_blocks(
     """
     batch, length, q_heads, dk = q.shape
     kv_heads = k_cmp.shape[2]
+    served = block_importance_mosaic.supports(
+        segmented=segment_ids is not None,
+        group=q_heads // kv_heads,
+        dk=dk,
+        dtype=jnp.dtype(q.dtype).name,
+        block_length=block_length,
+        block_stride=block_stride,
+        selection_block_size=selection_block_size,
+        interpret=interpret,
+    )
+    if tuning is None and served:
+        return block_importance_mosaic.select_blocks(
+            q,
+            k_cmp,
+            lse,
+            block_length=block_length,
+            block_stride=block_stride,
+            selection_block_size=selection_block_size,
+            num_selected=num_selected,
+            num_initial_blocks=num_initial_blocks,
+            num_local_blocks=num_local_blocks,
+            scale=scale,
+            interpret=interpret,
+        )
     geo = _Geometry(
         length=length,
         slots=k_cmp.shape[1],

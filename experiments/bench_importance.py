@@ -1,0 +1,177 @@
+"""GPU check and timing of select_blocks' Mosaic scores and top-n kernel against its Triton kernel.
+
+Run on the H200 from the repo root (about 1-2 minutes)::
+
+    PYTHONPATH=$PWD python3 experiments/bench_importance.py --out $OUT [--skip-checks]
+        [--rounds 3] [--iters 5] [--dks 128 192] [--top-n l4w4 l1w1 ...]
+
+1. Checks (unless ``--skip-checks``): the default ``select_blocks`` (the Mosaic scores of
+   :mod:`pallas_kernels.gpu.block_importance_mosaic` and :mod:`pallas_kernels.gpu.top_n`) against
+   the ``xla`` reference on the same inputs and lse (bf16, B=1, HQ=64, H=4, lse from our compressed
+   forward) at T = 5000 (Dk = 128 and 192) and T = 64K (Dk = 192): picks equal except near ties
+   (:func:`experiments.bench_select_blocks.near_tie_rows`).
+2. Timing at T = 64K, paper geometry, bf16, interleaved rounds
+   (:func:`experiments.measure.alternating_rounds`): the Triton kernel (``triton``, its default
+   tuning), the default pipeline (``default``), the scores alone for both ``positions`` tunings
+   (``importance_P16``, ``importance_P8``, and each with ``overlap``), and the top-n kernel alone
+   on the default scores for each ``--top-n`` launch in :data:`TOP_N`; the picks of ``default``
+   are compared with ``triton``'s.
+
+Writes ``bench_importance.json`` (and ``.md``) into ``--out``. Exits non-zero when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import jax
+import numpy as np
+
+import nsa_jax
+from experiments import bench_select_blocks as bsb
+from experiments.measure import alternating_rounds, write_report
+from pallas_kernels.gpu import block_importance_mosaic, select_blocks, top_n
+
+GEOMETRY = dict(block_length=bsb.L, block_stride=bsb.D, selection_block_size=bsb.L_SEL)
+PICKS = dict(num_selected=bsb.N, num_initial_blocks=1, num_local_blocks=2)
+TOP_N = {
+    "l4w4": top_n.TopNTuning(4, 4, "lanes"),
+    "l1w1": top_n.TopNTuning(1, 1, "lanes"),
+    "l2w1": top_n.TopNTuning(2, 1, "lanes"),
+    "f2w1": top_n.TopNTuning(2, 1, "flat"),
+    "l1w4": top_n.TopNTuning(1, 4, "lanes"),
+    "f1w2": top_n.TopNTuning(1, 2, "flat"),
+    "l4w4_whole": top_n.TopNTuning(4, 4, "lanes", narrowest=1024),
+}
+
+
+def default_select(q, k, lse):
+    return select_blocks.select_blocks(q, k, lse, **GEOMETRY, **PICKS, scale=q.shape[-1] ** -0.5)
+
+
+def triton_select(q, k, lse):
+    tuning = select_blocks.default_tuning(q.dtype, q.shape[-1], q.shape[1])
+    return select_blocks.select_blocks(
+        q, k, lse, **GEOMETRY, **PICKS, scale=q.shape[-1] ** -0.5, tuning=tuning
+    )
+
+
+def importance(positions: int, overlap: bool = False):
+    tuning = block_importance_mosaic.ImportanceTuning(positions=positions, overlap=overlap)
+
+    def fn(q, k, lse):
+        return block_importance_mosaic.block_importance(
+            q, k, lse, **GEOMETRY, scale=q.shape[-1] ** -0.5, tuning=tuning
+        )
+
+    return fn
+
+
+def picks_of(tuning: top_n.TopNTuning):
+    def fn(scores):
+        return top_n.top_blocks(scores, selection_block_size=bsb.L_SEL, tuning=tuning, **PICKS)
+
+    return fn
+
+
+def check(length: int, dk: int) -> dict:
+    start = time.perf_counter()
+    q, k, lse = bsb.inputs(length, dk)
+    ours = np.asarray(jax.jit(default_select)(q, k, lse))
+    ref = jax.jit(
+        lambda q, k, lse: nsa_jax.select_blocks(q, k, lse, **GEOMETRY, **PICKS, implementation="xla")
+    )
+    expected = np.asarray(ref(q, k, lse))
+    mismatched, judged, near = bsb.near_tie_rows(q, k, lse, ours, expected)
+    result = dict(
+        T=length,
+        dk=dk,
+        rows=int(np.prod(expected.shape[:3])),
+        mismatched_rows=mismatched,
+        judged_rows=judged,
+        near_tie_rows=near,
+        ok=bool(mismatched == judged == near),
+        seconds=time.perf_counter() - start,
+    )
+    print(result, flush=True)
+    return result
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        "# select_blocks: Mosaic scores + top-n kernel against the Triton kernel",
+        "",
+        f"Device: {report['device']}; jax {report['jax']}; command: `{report['command']}`.",
+        f"T = 64K, paper geometry, HQ=64, H=4, bf16; ms, medians of {report['rounds']} interleaved rounds.",
+        "",
+        "| Dk | " + " | ".join(report["names"]) + " | rows unlike triton's |",
+        "|---|" + "---|" * (len(report["names"]) + 1),
+    ]
+    for dk, timing in report["timing"].items():
+        cells = [f"{np.median(timing['ms'][name]):.3f}" for name in report["names"]]
+        lines.append(f"| {dk} | " + " | ".join(cells) + f" | {timing['rows_unlike_triton']} |")
+    lines += [
+        "",
+        "Checks: "
+        + ", ".join(f"T={c['T']} Dk={c['dk']} {'PASS' if c['ok'] else 'FAIL'}" for c in report["checks"]),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--skip-checks", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--dks", type=int, nargs="+", default=[128, 192])
+    parser.add_argument("--top-n", nargs="+", default=list(TOP_N), choices=list(TOP_N))
+    args = parser.parse_args()
+    names = [
+        "triton",
+        "default",
+        "importance_P16",
+        "importance_P8",
+        "importance_P16_overlap",
+        "importance_P8_overlap",
+        *(f"top_n_{name}" for name in args.top_n),
+    ]
+    report = dict(
+        device=jax.devices()[0].device_kind,
+        jax=jax.__version__,
+        command="PYTHONPATH=$PWD python3 experiments/bench_importance.py " + " ".join(sys.argv[1:]),
+        rounds=args.rounds,
+        names=names,
+        checks=[],
+        timing={},
+    )
+    if not args.skip_checks:
+        report["checks"] = [check(5000, 128), check(5000, 192), check(65536, 192)]
+    for dk in args.dks:
+        q, k, lse = bsb.inputs(65536, dk)
+        calls = {
+            "triton": (jax.jit(triton_select), (q, k, lse)),
+            "default": (jax.jit(default_select), (q, k, lse)),
+            "importance_P16": (jax.jit(importance(16)), (q, k, lse)),
+            "importance_P8": (jax.jit(importance(8)), (q, k, lse)),
+            "importance_P16_overlap": (jax.jit(importance(16, overlap=True)), (q, k, lse)),
+            "importance_P8_overlap": (jax.jit(importance(8, overlap=True)), (q, k, lse)),
+        }
+        scores = jax.jit(importance(block_importance_mosaic.default_tuning(dk).positions))(q, k, lse)
+        for name in args.top_n:
+            calls[f"top_n_{name}"] = (jax.jit(picks_of(TOP_N[name])), (scores,))
+        times = alternating_rounds(calls, rounds=args.rounds, iters=args.iters)
+        unlike = np.any(
+            np.asarray(calls["triton"][0](q, k, lse)) != np.asarray(calls["default"][0](q, k, lse)), -1
+        )
+        report["timing"][str(dk)] = dict(ms=times, rows_unlike_triton=int(unlike.sum()))
+        print(dk, {name: round(float(np.median(v)), 3) for name, v in times.items()}, flush=True)
+        write_report(args.out, "bench_importance", report, markdown(report))
+    write_report(args.out, "bench_importance", report, markdown(report))
+    return 0 if all(c["ok"] for c in report["checks"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
