@@ -97,7 +97,7 @@ from pallas_kernels.gpu.tiles import (
     padded,
     require_supported_dtype,
 )
-from pallas_kernels.gpu.top_n import _ascending_unused_last, _top_n_argmax, _top_n_direct
+from pallas_kernels.gpu.top_n import PickCounts, _ascending_unused_last, _top_n_argmax, _top_n_direct
 
 # Log-sum-exp (base 2) given to dead rows (padded heads): exp2(logit - _NO_ROW) is 0.
 _NO_ROW = 1e30
@@ -181,7 +181,7 @@ def default_tuning(dtype: jnp.dtype, dk: int, length: int) -> SelectTuning:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Geometry:
+class _Geometry(PickCounts):
     length: int
     slots: int
     group: int
@@ -248,15 +248,6 @@ class _Geometry:
     @property
     def query_tiles(self) -> int:
         return -(-self.length // self.positions)
-
-    @property
-    def forced_blocks(self) -> int:
-        """``n_f``: initial plus local blocks."""
-        return self.num_initial_blocks + self.num_local_blocks
-
-    @property
-    def picks_padded(self) -> int:
-        return padded(self.num_selected)
 
     @property
     def dk_pieces(self) -> tuple[tuple[int, int], ...]:

@@ -76,8 +76,26 @@ class TopNShape(Protocol):
     def picks_padded(self) -> int: ...
 
 
+class PickCounts:
+    """``n_f`` and ``n'`` of a geometry with ``num_selected``, ``num_initial_blocks`` and
+    ``num_local_blocks`` fields (this module's and the Triton scoring kernel's)."""
+
+    num_selected: int
+    num_initial_blocks: int
+    num_local_blocks: int
+
+    @property
+    def forced_blocks(self) -> int:
+        """``n_f``: initial plus local blocks."""
+        return self.num_initial_blocks + self.num_local_blocks
+
+    @property
+    def picks_padded(self) -> int:
+        return padded(self.num_selected)
+
+
 @dataclasses.dataclass(frozen=True)
-class _Shape:
+class _Shape(PickCounts):
     """The standalone kernel's :class:`TopNShape`."""
 
     positions: int
@@ -89,14 +107,6 @@ class _Shape:
     @property
     def blocks_padded(self) -> int:
         return max(pl.next_power_of_2(self.num_blocks), 1)
-
-    @property
-    def forced_blocks(self) -> int:
-        return self.num_initial_blocks + self.num_local_blocks
-
-    @property
-    def picks_padded(self) -> int:
-        return padded(self.num_selected)
 
 
 def _ascending_unused_last(picks: jax.Array, unused: int) -> jax.Array:
