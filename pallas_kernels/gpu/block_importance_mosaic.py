@@ -1,8 +1,8 @@
 """Block importance (spec, "Selection scores (Eqs. 8-10)") in Pallas Mosaic GPU (Hopper: TMA, wgmma).
 
 The scoring half of :func:`nsa_jax.select_blocks`: each position's importance of every selection
-block, float32 ``[B, T, H, Nb]``; the top-n (Eq. 11) is then the reference's
-(:func:`nsa_jax.reference.selection.top_blocks`, ``lax.top_k``), so ties go as there.
+block, float32 ``[B, T, H, Nb]``; the top-n (Eq. 11) is then :mod:`pallas_kernels.gpu.top_n`'s
+kernel, which breaks ties as the reference (the lower block first).
 
 One program per tile of ``P`` positions, KV head and batch row (late tiles first). Its 64 MMA
 rows are ``R = 64 / P`` head groups times the ``P`` positions: row ``g * P + p`` is position ``p``
@@ -164,7 +164,8 @@ def block_importance(
 
     Returns:
       float32 ``[B, T, H, Nb]``, ``Nb = ceil(T / l')``: entries past a position's own block are
-      unspecified (:func:`nsa_jax.reference.selection.top_blocks` masks them).
+      unspecified (the top-n never reads them; :func:`nsa_jax.reference.selection.top_blocks`
+      masks them).
     """
     batch, length, q_heads, dk = q.shape
     tuning = default_tuning(dk) if tuning is None else tuning
@@ -202,10 +203,8 @@ def block_importance(
     lse_rows = jnp.transpose(lse_rows, (0, 3, 1, 4, 5, 2)).reshape(
         batch, heads, query_tiles, heads_a_row, _ROWS
     )
-    k_tiles = jnp.pad(
-        k_cmp, ((0, 0), (0, key_tiles * _TOKENS - min(slots, key_tiles * _TOKENS)), (0, 0), (0, 0))
-    )
-    k_tiles = k_tiles[:, : key_tiles * _TOKENS]
+    kept = min(slots, key_tiles * _TOKENS)
+    k_tiles = jnp.pad(k_cmp[:, :kept], ((0, 0), (0, key_tiles * _TOKENS - kept), (0, 0), (0, 0)))
     weights = jnp.asarray(eq9_weights(block_length, block_stride, selection_block_size), jnp.float16)
 
     def kernel(
@@ -244,7 +243,7 @@ def block_importance(
             plgpu.broadcasted_iota(jnp.int32, (_ROWS, blocks_a_tile), 1, layout=plgpu.Layout.WGMMA) == 0
         )
         # Row vectors, broadcast where used: [64, 64] copies would hold 32 registers each.
-        lse_rows = [
+        lse_by_head = [
             plgpu.load(lse_smem.at[i], layout=plgpu.Layout.WGMMA.reduce(1)) for i in range(heads_a_row)
         ]
 
@@ -288,7 +287,7 @@ def block_importance(
                             functools.partial(_scores, q_smem.at[h], k_smem.at[slot]),
                             plgpu.ACC((_ROWS, _TOKENS), jnp.float32),
                         )
-                    p = jnp.exp2(s * log2_scale - jax.lax.broadcast_in_dim(lse_rows[h], s.shape, [0]))
+                    p = jnp.exp2(s * log2_scale - jax.lax.broadcast_in_dim(lse_by_head[h], s.shape, [0]))
                     g = p if g is None else g + p
                 return g
 
