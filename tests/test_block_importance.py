@@ -71,7 +71,8 @@ def _reference_importance(q, k_cmp, lse, geometry: dict) -> np.ndarray:
     ids=["P16_bf16", "P8_f16", "P8_overlap"],
 )
 def test_importance_and_picks_equal_the_reference(length, dk, dtype, tuning):
-    q, k_cmp, lse = _inputs(length + dk, length, dk, dtype, kv_heads=2)
+    # Two KV heads where one key tile suffices; one over two key tiles (the slowest case here).
+    q, k_cmp, lse = _inputs(length + dk, length, dk, dtype, kv_heads=1 if length > 1024 else 2)
     ours = np.asarray(
         importance_kernel.block_importance(
             q, k_cmp, lse, **PAPER, scale=dk**-0.5, interpret=True, tuning=tuning
