@@ -53,6 +53,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from nsa_jax.reference.selection import overlap_weights
 from pallas_kernels.gpu import top_n
 from pallas_kernels.gpu.selection_mosaic import _on_hopper
+from pallas_kernels.gpu.tiles import visible_tokens
 
 _TOKENS = 64  # compressed tokens a key tile
 _ROWS = 64  # MMA rows: head groups times positions
@@ -248,9 +249,7 @@ def block_importance(
         ]
 
         def visible_count(position):
-            ended = position - (block_length - 1)
-            count = jnp.where(ended >= 0, jax.lax.div(jnp.maximum(ended, 0), block_stride) + 1, 0)
-            return jnp.minimum(count, slots)
+            return jnp.minimum(visible_tokens(position, block_length, block_stride), slots)
 
         def visible(i):
             """Whether each row's position sees each token of key tile ``i`` (Eqs. 7-8)."""

@@ -69,6 +69,7 @@ from pallas_kernels.gpu.tiles import (
     require_supported_dtype,
     store,
     tile_mask,
+    visible_tokens,
 )
 
 LN2 = math.log(2.0)
@@ -233,8 +234,7 @@ def _tile_rows(geo: _Geometry, starts_ref, tile: jax.Array, rows: int) -> _Rows:
     position_c = jnp.where(live, position, 0)
     s0 = plt.load(starts_ref.at[position_c], mask=live, other=0)
     lo = jax.lax.div(s0 + geo.block_stride - 1, geo.block_stride)
-    ended = position_c - s0 - (geo.block_length - 1)
-    count = jnp.where(live & (ended >= 0), jax.lax.div(ended, geo.block_stride) + 1, 0)
+    count = visible_tokens(position_c - s0, geo.block_length, geo.block_stride, live)
     hi = jnp.maximum(jnp.minimum(lo + count, geo.slots), lo)
     if geo.window is not None:
         lo = jnp.minimum(jnp.maximum(lo, position_c - geo.window + 1), hi)

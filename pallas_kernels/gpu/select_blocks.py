@@ -4,8 +4,8 @@ With the default tuning, inputs that :mod:`pallas_kernels.gpu.block_importance_m
 (16-bit, no segments, ``G = 16``; on a Hopper GPU or in interpret mode) go to its Mosaic GPU scores
 and the top-n kernel of :mod:`pallas_kernels.gpu.top_n` instead: 6.4-6.6 against 9.0-9.1 ms at
 T = 64K, Dk = 128 on the H200, 8.7-8.9 against 13.6 at Dk = 192 (experiments/results/
-session28_h200.md). The
-kernel below serves the rest (float32, packed segments, other group sizes) and explicit tunings.
+session28_h200.md). The kernel below serves the rest (float32, packed segments, other group
+sizes) and explicit tunings.
 
 Layouts follow :func:`nsa_jax.select_blocks`: ``q [B, T, HQ, Dk]``, compressed keys
 ``k_cmp [B, Tc, H, Dk]`` in the slot layout of :mod:`nsa_jax.segments`, ``lse``
@@ -96,8 +96,9 @@ from pallas_kernels.gpu.tiles import (
     exp2_affine,
     padded,
     require_supported_dtype,
+    visible_tokens,
 )
-from pallas_kernels.gpu.top_n import PickCounts, _ascending_unused_last, _top_n_argmax, _top_n_direct
+from pallas_kernels.gpu.top_n import TopNShape, _ascending_unused_last, _top_n_argmax, _top_n_direct
 
 # Log-sum-exp (base 2) given to dead rows (padded heads): exp2(logit - _NO_ROW) is 0.
 _NO_ROW = 1e30
@@ -181,7 +182,7 @@ def default_tuning(dtype: jnp.dtype, dk: int, length: int) -> SelectTuning:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Geometry(PickCounts):
+class _Geometry(TopNShape):
     length: int
     slots: int
     group: int
@@ -510,8 +511,7 @@ def _kernel(starts_ref, q_ref, lse_ref, k_ref, *refs, geo: _Geometry):
     # As the reference: a non-finite lse (-inf: nothing visible, every p masked) reads as 0.
     lse2 = jnp.where(jnp.abs(lse) < jnp.inf, lse * LOG2E, 0.0)
     row_start = plt.load(starts_ref.at[row_position], mask=live, other=0)
-    ended = row_position - row_start - (geo.block_length - 1)
-    row_count = jnp.where(live & (ended >= 0), jax.lax.div(jnp.maximum(ended, 0), geo.block_stride) + 1, 0)
+    row_count = visible_tokens(row_position - row_start, geo.block_length, geo.block_stride, live)
 
     position = first_position + jnp.arange(P)
     position_live = position < geo.length
@@ -542,10 +542,7 @@ def _kernel(starts_ref, q_ref, lse_ref, k_ref, *refs, geo: _Geometry):
             jax.lax.div(jnp.min(jnp.where(in_rows, count, key_tiles * tile_tokens)), tile_tokens), key_tiles
         )
         row_offset = jnp.where(in_rows, lse2, _NO_ROW)
-        ended = position - start - (geo.block_length - 1)
-        position_count = jnp.where(
-            in_positions & (ended >= 0), jax.lax.div(jnp.maximum(ended, 0), geo.block_stride) + 1, 0
-        )
+        position_count = visible_tokens(position - start, geo.block_length, geo.block_stride, in_positions)
         position_count = jnp.clip(position_count, 0, jnp.maximum(geo.slots - base, 0))
         block_tiles = jax.lax.div(jnp.max(jnp.where(in_positions, current + blocks, 0)), blocks)
 

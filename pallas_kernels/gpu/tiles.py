@@ -19,6 +19,17 @@ LOG2E = math.log2(math.e)
 MASKED = -1e30
 
 
+def visible_tokens(
+    offset: jax.Array, block_length: int, block_stride: int, live: jax.Array | None = None
+) -> jax.Array:
+    """Compressed tokens a query sees (spec, Eqs. 7-8): those whose whole block of ``l`` keys has
+    ended, counted from its segment's first, for ``offset`` = its position minus its segment start
+    (``d`` apart: ``(offset - l + 1) // d + 1``, 0 before the first ends or where not ``live``)."""
+    ended = offset - (block_length - 1)
+    seen = ended >= 0 if live is None else live & (ended >= 0)
+    return jnp.where(seen, jax.lax.div(jnp.maximum(ended, 0), block_stride) + 1, 0)
+
+
 def padded(size: int) -> int:
     return max(16, pl.next_power_of_2(size))
 

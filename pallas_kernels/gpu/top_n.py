@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -57,29 +56,13 @@ class TopNTuning:
             raise ValueError(f"view must be 'lanes' or 'flat', got {self.view!r}")
 
 
-class TopNShape(Protocol):
-    """What the top-n reads of a kernel's geometry: ``P`` positions of ``Nb' = blocks_padded``
-    importances, ``n`` picks (``n' = picks_padded`` lanes), ``n_f = forced_blocks`` of them forced."""
+class TopNShape:
+    """What the top-n reads of a kernel's geometry, the base of this module's and of the Triton
+    scoring kernel's: ``P = positions`` rows of ``Nb' = blocks_padded`` importances, ``n`` picks
+    (``n' = picks_padded`` lanes), ``n_f = forced_blocks`` of them forced."""
 
     positions: int
-    num_selected: int
-    num_initial_blocks: int
-    num_local_blocks: int
-
-    @property
-    def blocks_padded(self) -> int: ...
-
-    @property
-    def forced_blocks(self) -> int: ...
-
-    @property
-    def picks_padded(self) -> int: ...
-
-
-class PickCounts:
-    """``n_f`` and ``n'`` of a geometry with ``num_selected``, ``num_initial_blocks`` and
-    ``num_local_blocks`` fields (this module's and the Triton scoring kernel's)."""
-
+    blocks_padded: int
     num_selected: int
     num_initial_blocks: int
     num_local_blocks: int
@@ -95,7 +78,7 @@ class PickCounts:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Shape(PickCounts):
+class _Shape(TopNShape):
     """The standalone kernel's :class:`TopNShape`."""
 
     positions: int
