@@ -213,6 +213,14 @@ def test_supports_and_rejects():
     with pytest.raises(ValueError, match="view must be 'lanes' or 'flat'"):
         top_n.TopNTuning(view="rows")
     q, k_cmp, lse = _inputs(1, 64, 64, jnp.bfloat16)
+    with pytest.raises(ValueError, match="must share B and Dk"):
+        importance_kernel.block_importance(q, k_cmp[..., :32], lse, **PAPER, scale=1.0, interpret=True)
+    with pytest.raises(ValueError, match="lse must be"):
+        importance_kernel.block_importance(q, k_cmp, lse[:, :8], **PAPER, scale=1.0, interpret=True)
+    with pytest.raises(ValueError, match="importance must be float32"):
+        top_n.top_blocks(
+            lse, selection_block_size=64, num_selected=4, num_initial_blocks=1, num_local_blocks=2
+        )
     with pytest.raises(ValueError, match="16 query heads per KV head"):
         importance_kernel.block_importance(
             q[:, :, :8], k_cmp, lse[:, :, :8], **PAPER, scale=1.0, interpret=True

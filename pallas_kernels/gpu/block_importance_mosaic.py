@@ -168,6 +168,12 @@ def block_importance(
       unspecified (the top-n never reads them; :func:`nsa_jax.reference.selection.top_blocks`
       masks them).
     """
+    if q.ndim != 4 or k_cmp.ndim != 4 or k_cmp.shape[::3] != (q.shape[0], q.shape[3]):
+        raise ValueError(
+            f"q [B, T, HQ, Dk] and k_cmp [B, Tc, H, Dk] must share B and Dk, got {q.shape} and {k_cmp.shape}"
+        )
+    if lse.shape != q.shape[:3]:
+        raise ValueError(f"lse must be [B, T, HQ] = {q.shape[:3]}, got {lse.shape}")
     batch, length, q_heads, dk = q.shape
     tuning = default_tuning(dk) if tuning is None else tuning
     slots, heads = k_cmp.shape[1], k_cmp.shape[2]

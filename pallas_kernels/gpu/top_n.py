@@ -243,6 +243,10 @@ def top_blocks(
     """Eq. 11 on ``importance`` float32 ``[B, T, H, Nb]`` (entries past a position's own block
     are never read): int32 ``[B, T, H, n]``, ascending, ``-1`` last, as
     :func:`nsa_jax.reference.selection.top_blocks` with every segment starting at 0."""
+    if importance.ndim != 4 or importance.dtype != jnp.float32:
+        raise ValueError(
+            f"importance must be float32 [B, T, H, Nb], got {importance.dtype} of shape {importance.shape}"
+        )
     tuning = TopNTuning() if tuning is None else tuning
     batch, length, heads, num_blocks = importance.shape
     parts = []
