@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +15,16 @@ from tests import oracle
 # Relative-error bounds (norm(out - ref) / norm(ref)) against the float32 dense oracle; the
 # bf16 bound covers bf16 rounding of outputs and cotangents.
 TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 1.5e-2}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A compilation cache for this process (each xdist worker has its own): many tests compile
+    the same reference and kernel programs again, and a cache hit skips XLA's compile."""
+    cache = tempfile.mkdtemp(prefix="nsa-jax-compile-cache-")
+    config.add_cleanup(lambda: shutil.rmtree(cache, ignore_errors=True))
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 class Inputs:

@@ -16,6 +16,9 @@ from experiments.model import ModelConfig, TransformerLM
 from nsa_jax.decoding import CACHE_LOGICAL_AXES, decode_step_at, generate, selected_and_window_at
 from tests.test_layer import SMALL
 
+# Jitted: compiling the layer once is far cheaper than dispatching it op by op.
+_full_forward = nnx.jit(lambda layer, x: layer(x))
+
 
 def _decode_all(layer, x, prompt_lengths, steps):
     """Prefills ``x[:, :max(prompt_lengths)]`` then feeds row b's tokens from its own length on."""
@@ -40,7 +43,7 @@ def test_token_by_token_equals_full_forward(compression):
     layer = nsa_jax.NativeSparseAttention(config, rngs=nnx.Rngs(0))
     length, prompt = 61, 11  # neither a multiple of l=8, d=4 nor l'=16
     x = jax.random.normal(jax.random.key(1), (2, length, config.model_dim))
-    full = layer(x)
+    full = _full_forward(layer, x)
     decoded, cache = _decode_all(layer, x, [prompt, prompt], length - prompt)
     np.testing.assert_allclose(np.asarray(decoded), np.asarray(full[:, prompt:]), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(cache.lengths), [length, length])
@@ -64,7 +67,7 @@ def test_token_by_token_through_the_decode_kernels_equals_full_forward(monkeypat
     x = jax.random.normal(jax.random.key(6), (2, length, SMALL.model_dim))
     lengths = [11, 21]
     decoded, _ = _decode_all(layer, x, lengths, steps)
-    full = layer(x)
+    full = _full_forward(layer, x)
     for row, start in enumerate(lengths):
         np.testing.assert_allclose(
             np.asarray(decoded[row]), np.asarray(full[row, start : start + steps]), rtol=1e-5, atol=1e-5
@@ -77,7 +80,7 @@ def test_ragged_batch_decodes_each_row_on_its_own():
     x = jax.random.normal(jax.random.key(3), (3, length, SMALL.model_dim))
     lengths = [7, 17, 24]
     decoded, _ = _decode_all(layer, x, lengths, steps)
-    full = layer(x)
+    full = _full_forward(layer, x)
     for row, start in enumerate(lengths):
         np.testing.assert_allclose(
             np.asarray(decoded[row]), np.asarray(full[row, start : start + steps]), rtol=1e-5, atol=1e-5
@@ -109,12 +112,17 @@ def test_greedy_generate_equals_recomputing_the_whole_sequence():
     generated = generate(model, prompt, lengths, max_new_tokens=new)
     assert generated.shape == (2, new) and generated.dtype == jnp.int32
     forward = nnx.jit(lambda m, t: m(t))
+    # One padded length for every recomputation (one compile): the model is causal, so the
+    # zeros after position n - 1 do not change its logits there.
+    padded = prompt.shape[1] + new
     for row in range(2):
-        sequence = list(np.asarray(prompt[row, : int(lengths[row])]))
-        for _ in range(new):
-            logits = forward(model, jnp.asarray([sequence]))
-            sequence.append(int(jnp.argmax(logits[0, -1])))
-        np.testing.assert_array_equal(np.asarray(generated[row]), sequence[int(lengths[row]) :])
+        start = int(lengths[row])
+        sequence = np.zeros(padded, np.int32)
+        sequence[:start] = np.asarray(prompt[row, :start])
+        for n in range(start, start + new):
+            logits = forward(model, jnp.asarray(sequence[None]))
+            sequence[n] = int(jnp.argmax(logits[0, n - 1]))
+        np.testing.assert_array_equal(np.asarray(generated[row]), sequence[start : start + new])
 
 
 def test_sampling_is_reproducible_and_checked():

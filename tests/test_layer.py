@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 
 import jax
@@ -47,8 +48,8 @@ def test_nsa_attention_is_the_gated_sum_of_oracle_branches(packed):
     segment_ids = packed_segment_ids(batch, length, 3) if packed else None
     seg = None if segment_ids is None else jnp.asarray(segment_ids)
     kwargs = {k: v for k, v in c.attention_kwargs().items() if k != "implementation"}
-    out = nsa_jax.nsa_attention(
-        inputs.q, k_cmp, v_cmp, inputs.k, inputs.v, k_win, v_win, gates, segment_ids=seg, **kwargs
+    out = jax.jit(functools.partial(nsa_jax.nsa_attention, **kwargs))(
+        inputs.q, k_cmp, v_cmp, inputs.k, inputs.v, k_win, v_win, gates, segment_ids=seg
     )
 
     cmp_mask = oracle.compressed_mask(
@@ -109,12 +110,13 @@ def test_layer_gradient_matches_finite_differences():
         def loss(params, x):
             return jnp.sum(nnx.merge(graphdef, params)(x) * target)
 
-        grad_params, grad_x = jax.grad(loss, argnums=(0, 1))(params, x)
+        # Jitted: compiling each whole function once is far cheaper than op-by-op dispatch here.
+        grad_params, grad_x = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
         direction = jax.tree.map(lambda p: jax.random.normal(jax.random.key(4), p.shape, p.dtype), params)
         dx = jax.random.normal(jax.random.key(5), x.shape, jnp.float64)
         eps = 1e-5
-        shifted = lambda s: loss(
-            jax.tree.map(lambda p, d: p + s * eps * d, params, direction), x + s * eps * dx
+        shifted = jax.jit(
+            lambda s: loss(jax.tree.map(lambda p, d: p + s * eps * d, params, direction), x + s * eps * dx)
         )
         numeric = (shifted(1.0) - shifted(-1.0)) / (2 * eps)
         analytic = sum(
@@ -131,24 +133,25 @@ def test_packed_segments_do_not_see_each_other():
     segment_ids = jnp.asarray(np.repeat([0, 1, 2], [37, 30, 23])[None], jnp.int32)
     x = jax.random.normal(jax.random.key(6), (1, length, SMALL.model_dim))
     changed = x.at[:, 37:67].set(jax.random.normal(jax.random.key(7), (1, 30, SMALL.model_dim)))
-    y, y_changed = layer(x, segment_ids=segment_ids), layer(changed, segment_ids=segment_ids)
+    forward = nnx.jit(lambda layer, x, segment_ids=None: layer(x, segment_ids=segment_ids))
+    y, y_changed = forward(layer, x, segment_ids), forward(layer, changed, segment_ids)
     untouched = np.r_[0:37, 67:90]
     np.testing.assert_allclose(
         np.asarray(y_changed[:, untouched]), np.asarray(y[:, untouched]), rtol=1e-6, atol=1e-6
     )
     assert not np.allclose(np.asarray(y_changed[:, 37:67]), np.asarray(y[:, 37:67]))
     # A packed segment behaves as the same tokens alone (positions restart per segment).
-    alone = layer(x[:, 67:])
+    alone = forward(layer, x[:, 67:])
     np.testing.assert_allclose(np.asarray(alone), np.asarray(y[:, 67:]), rtol=1e-5, atol=1e-5)
 
 
 def test_linen_bridge_initialises_and_applies():
     module = nsa_jax.native_sparse_attention_linen(SMALL)
     x = jax.random.normal(jax.random.key(1), (2, 40, SMALL.model_dim))
-    variables = module.init(jax.random.key(0), x)
+    variables = jax.jit(module.init)(jax.random.key(0), x)
     y = jax.jit(module.apply)(variables, x)
     assert y.shape == x.shape and bool(jnp.all(jnp.isfinite(y)))
-    grads = jax.grad(lambda v: jnp.sum(module.apply(v, x) ** 2))(variables)
+    grads = jax.jit(jax.grad(lambda v: jnp.sum(module.apply(v, x) ** 2)))(variables)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
 
 
