@@ -11,6 +11,11 @@ dims) are timed in alternating rounds (:func:`experiments.measure.alternating_ro
 and forward+backward, at Dk=192/Dv=128 and Dk=Dv=128. Each round gives one ratio for each;
 the report gives every round's ratio, their median, and the lowest and highest.
 
+``--flash-attention-2`` adds torch SDPA's FlashAttention-2 forward (the paper's peer for its
+9.0x forward; torch with CUDA needed) to the same rounds: causal, K/V repeated to the query heads,
+V zero-padded to Dk where Dv differs (FlashAttention-2 takes one head dim). Its rows report
+FlashAttention-2 / NSA forward.
+
 ``--selection-variants NAME ...`` adds the op with its selected branch at each named tuning of
 :data:`experiments.selection_inputs.VARIANTS` (for the row's head dims) to the same rounds, so that
 a variant and the default are compared against one peer measured alongside both.
@@ -31,6 +36,7 @@ import jax
 import nsa_jax
 from experiments.bench_layer import (
     HEAD_DIMS,
+    HEADS,
     NSA_INPUTS,
     ON_GPU,
     PAPER,
@@ -73,9 +79,45 @@ def variant_op(name: str, dk: int) -> Callable:
     return op
 
 
-def ratio_row(length: int, dk: int, dv: int, rounds: int, iters: int, variants: tuple[str, ...] = ()) -> dict:
+def flash_attention_2_forward(length: int, dk: int, dv: int) -> Callable[[], None]:
+    """A call of torch SDPA's FlashAttention-2 forward on random bf16 inputs of the op's shape
+    (module notes), synchronised so that it times as a JAX call waited for."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--flash-attention-2 needs torch with CUDA")
+    q_heads, kv_heads = HEADS["q_heads"], HEADS["kv_heads"]
+    width = max(dk, dv)
+    generator = torch.Generator(device="cuda").manual_seed(0)
+
+    def normal(heads: int) -> torch.Tensor:
+        shape = (1, heads, length, width)
+        return torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=generator)
+
+    q = normal(q_heads)
+    k, v = (normal(kv_heads).repeat_interleave(q_heads // kv_heads, dim=1) for _ in range(2))
+
+    def forward() -> None:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            scaled_dot_product_attention(q, k, v, is_causal=True)
+        torch.cuda.synchronize()
+
+    return forward
+
+
+def ratio_row(
+    length: int,
+    dk: int,
+    dv: int,
+    rounds: int,
+    iters: int,
+    variants: tuple[str, ...] = (),
+    flash_attention_2: bool = False,
+) -> dict:
     """Per-round times (ms) of the op (and of its ``variants``) and its peer, forward and
-    forward+backward, and the ratios."""
+    forward+backward, and the ratios; with ``flash_attention_2`` also FlashAttention-2's forward."""
     x = op_inputs(length, dk, dv, PAPER)
     peers = dense_peers(length, dk, dv)
     peer = dense_peer_name(peers)
@@ -88,8 +130,12 @@ def ratio_row(length: int, dk: int, dv: int, rounds: int, iters: int, variants: 
         calls[f"{label}_fwd_bwd"] = (with_vjp(op, len(NSA_INPUTS)), (*nsa_args, x["cotangent"]))
     calls["dense_fwd"] = (jax.jit(peer_fn), peer_args)
     calls["dense_fwd_bwd"] = (with_vjp(peer_fn, 3), (*peer_args, peer_cotangent))
+    if flash_attention_2:
+        calls["fa2_fwd"] = (flash_attention_2_forward(length, dk, dv), ())
     times = alternating_rounds(calls, rounds, iterations(length, iters))
     row = {"T": length, "Dk": dk, "Dv": dv, "peer": peer, "ms": times, "ops": list(ops)}
+    if flash_attention_2:
+        row["fa2_fwd_ratios"] = ratio_summary(times["fa2_fwd"], times["nsa_fwd"])
     for label in ops:
         prefix = "" if label == "nsa" else f"{label}_"
         for mode in MODES:
@@ -129,6 +175,22 @@ def markdown(report: dict) -> str:
                 + "".join(f"| {r['median']:.2f}x ({r['low']:.2f}-{r['high']:.2f}) " for r in ratios)
                 + "|"
             )
+    fa2_rows = [row for row in report["rows"] if "fa2_fwd_ratios" in row]
+    if fa2_rows:
+        lines += [
+            "",
+            "torch SDPA FlashAttention-2 forward in the same rounds (V zero-padded to Dk where Dv differs):",
+            "",
+            "| T | Dk/Dv | NSA fwd | FlashAttention-2 fwd | ratio, median (low-high) |",
+            "|---|---|---|---|---|",
+        ]
+        for row in fa2_rows:
+            ratio = row["fa2_fwd_ratios"]
+            lines.append(
+                f"| {row['T']} | {row['Dk']}/{row['Dv']} | {statistics.median(row['ms']['nsa_fwd']):.2f} "
+                f"| {statistics.median(row['ms']['fa2_fwd']):.2f} "
+                f"| {ratio['median']:.2f}x ({ratio['low']:.2f}-{ratio['high']:.2f}) |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -141,6 +203,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument(
         "--iters", type=int, default=5, help="timed calls a round (halved past 16K, at least 3)"
+    )
+    parser.add_argument(
+        "--flash-attention-2",
+        action="store_true",
+        help="also time torch SDPA FlashAttention-2's forward in the rounds (needs torch with CUDA)",
     )
     parser.add_argument(
         "--selection-variants",
@@ -159,7 +226,17 @@ def main() -> int:
     rows = []
     for length in args.lengths:
         for dk, dv in HEAD_DIMS.values():
-            rows.append(ratio_row(length, dk, dv, args.rounds, args.iters, tuple(args.selection_variants)))
+            rows.append(
+                ratio_row(
+                    length,
+                    dk,
+                    dv,
+                    args.rounds,
+                    args.iters,
+                    tuple(args.selection_variants),
+                    args.flash_attention_2,
+                )
+            )
             print(rows[-1], flush=True)
     report = {
         "device": jax.devices()[0].device_kind,

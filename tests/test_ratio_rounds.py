@@ -103,3 +103,16 @@ def test_variant_op_registers_the_variant_tuning():
     assert tuning.forced_merge and tuning == VARIANTS["G16_D192_128"]["forced_merge"]
     with pytest.raises(ValueError, match="no variant 'nope' for Dk=128"):
         ratio_rounds.variant_op("nope", 128)
+
+
+def test_markdown_adds_flash_attention_2_rows_only_where_timed():
+    ms = {"nsa_fwd": [40.0, 42.0], "nsa_fwd_bwd": [120.0, 121.0], "dense_fwd": [150.0, 151.0]}
+    ms.update({"dense_fwd_bwd": [615.0, 614.0], "fa2_fwd": [336.0, 340.0]})
+    row = {"T": 65536, "Dk": 192, "Dv": 128, "ms": ms}
+    for mode in ratio_rounds.MODES:
+        row[f"{mode}_ratios"] = ratio_rounds.ratio_summary(ms[f"dense_{mode}"], ms[f"nsa_{mode}"])
+    plain = {"device": "test", "jax": "0", "command": "ratio_rounds.py", "rounds": 2, "rows": [dict(row)]}
+    assert "FlashAttention-2" not in ratio_rounds.markdown(plain)
+    row["fa2_fwd_ratios"] = ratio_rounds.ratio_summary(ms["fa2_fwd"], ms["nsa_fwd"])
+    text = ratio_rounds.markdown(dict(plain, rows=[row]))
+    assert "| 65536 | 192/128 | 41.00 | 338.00 | 8.25x (8.10-8.40) |" in text
