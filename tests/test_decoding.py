@@ -16,8 +16,8 @@ from experiments.model import ModelConfig, TransformerLM
 from nsa_jax.decoding import CACHE_LOGICAL_AXES, decode_step_at, generate, selected_and_window_at
 from tests.test_layer import SMALL
 
-# Jitted: compiling the layer once is far cheaper than dispatching it op by op.
-_full_forward = nnx.jit(lambda layer, x: layer(x))
+# Jitted: compiling a layer or model once is far cheaper than dispatching it op by op.
+_full_forward = nnx.jit(lambda module, x: module(x))
 
 
 def _decode_all(layer, x, prompt_lengths, steps):
@@ -111,7 +111,6 @@ def test_greedy_generate_equals_recomputing_the_whole_sequence():
     new = 10
     generated = generate(model, prompt, lengths, max_new_tokens=new)
     assert generated.shape == (2, new) and generated.dtype == jnp.int32
-    forward = nnx.jit(lambda m, t: m(t))
     # One padded length for every recomputation (one compile): the model is causal, so the
     # zeros after position n - 1 do not change its logits there.
     padded = prompt.shape[1] + new
@@ -120,7 +119,7 @@ def test_greedy_generate_equals_recomputing_the_whole_sequence():
         sequence = np.zeros(padded, np.int32)
         sequence[:start] = np.asarray(prompt[row, :start])
         for n in range(start, start + new):
-            logits = forward(model, jnp.asarray(sequence[None]))
+            logits = _full_forward(model, jnp.asarray(sequence[None]))
             sequence[n] = int(jnp.argmax(logits[0, n - 1]))
         np.testing.assert_array_equal(np.asarray(generated[row]), sequence[start : start + new])
 
