@@ -62,30 +62,68 @@ def _reference_importance(q, k_cmp, lse, geometry: dict) -> np.ndarray:
 
 
 @pytest.mark.parametrize(
-    ("length", "dk", "dtype", "tuning"),
+    ("length", "dk", "dtype", "tuning", "position_range", "narrowest"),
     [
-        (1100, 64, jnp.bfloat16, importance_kernel.ImportanceTuning(positions=16)),  # two key tiles
-        (300, 128, jnp.float16, importance_kernel.ImportanceTuning(positions=8)),
-        (300, 64, jnp.bfloat16, importance_kernel.ImportanceTuning(positions=8, overlap=True)),
+        (1100, 64, jnp.bfloat16, importance_kernel.ImportanceTuning(positions=16), None, 32),  # two key tiles
+        (300, 128, jnp.float16, importance_kernel.ImportanceTuning(positions=8), None, 32),
+        (300, 64, jnp.bfloat16, importance_kernel.ImportanceTuning(positions=8, overlap=True), None, 32),
+        # Room for 200 positions' 18 importances: chunks of 192 positions, picked by top-n launches
+        # over ranges of 4, 8, 16 and 18 blocks cut at the chunks' edges; the importances of a
+        # range that starts off a program's 16 positions.
+        (1100, 64, jnp.bfloat16, importance_kernel.ImportanceTuning(max_importances=3600), (456, 700), 4),
     ],
-    ids=["P16_bf16", "P8_f16", "P8_overlap"],
+    ids=["P16_bf16", "P8_f16", "P8_overlap", "P16_chunks"],
 )
-def test_importance_and_picks_equal_the_reference(length, dk, dtype, tuning):
+def test_importance_and_picks_equal_the_reference(length, dk, dtype, tuning, position_range, narrowest):
     # Two KV heads where one key tile suffices; one over two key tiles (the slowest case here).
     q, k_cmp, lse = _inputs(length + dk, length, dk, dtype, kv_heads=1 if length > 1024 else 2)
+    first, stop = (0, length) if position_range is None else position_range
     ours = np.asarray(
         importance_kernel.block_importance(
-            q, k_cmp, lse, **PAPER, scale=dk**-0.5, interpret=True, tuning=tuning
+            q,
+            k_cmp,
+            lse,
+            **PAPER,
+            scale=dk**-0.5,
+            interpret=True,
+            tuning=tuning,
+            position_range=position_range,
         )
     )
-    expected = _reference_importance(q, k_cmp, lse, PAPER)
-    visible = np.arange(expected.shape[-1])[None, :] <= (np.arange(length) // 64)[:, None]
+    expected = _reference_importance(q, k_cmp, lse, PAPER)[:, first:stop, :, : -(-stop // 64)]
+    assert ours.shape == expected.shape
+    visible = np.arange(expected.shape[-1])[None, :] <= (np.arange(first, stop) // 64)[:, None]
     visible = np.broadcast_to(visible[None, :, None, :], expected.shape)
     np.testing.assert_allclose(ours[visible], expected[visible], rtol=2e-6, atol=1e-9)
     selection = dict(PAPER, num_selected=6, num_initial_blocks=1, num_local_blocks=2, scale=dk**-0.5)
-    picks = importance_kernel.select_blocks(q, k_cmp, lse, **selection, interpret=True, tuning=tuning)
+    picks = importance_kernel.select_blocks(
+        q,
+        k_cmp,
+        lse,
+        **selection,
+        interpret=True,
+        tuning=tuning,
+        top_n_tuning=top_n.TopNTuning(narrowest=narrowest),
+    )
     xla = nsa_jax.select_blocks(q, k_cmp, lse, **selection, implementation="xla")
     np.testing.assert_array_equal(np.asarray(picks), np.asarray(xla))
+
+
+def test_ranges_and_chunks():
+    assert top_n.position_ranges(1100, 18, 64, narrowest=4) == [
+        (0, 256, 4),
+        (256, 512, 8),
+        (512, 1024, 16),
+        (1024, 1100, 18),
+    ]
+    assert top_n.position_ranges(65536, 1024, 64, narrowest=32)[-1] == (32768, 65536, 1024)
+    default = importance_kernel.default_tuning(128)
+    # The paper's heads at 64K: every position in one launch; at 256K, 16 launches.
+    assert importance_kernel.chunk_positions(4 * 1024, default) == 65536
+    assert importance_kernel.chunk_positions(4 * 4096, default) == 16384
+    small = importance_kernel.ImportanceTuning(max_importances=3600)
+    assert importance_kernel.chunk_positions(18, small) == 192
+    assert importance_kernel.chunk_positions(10**6, small) == 16
 
 
 def test_default_select_blocks_keeps_exact_ties_across_key_tiles():
@@ -182,10 +220,11 @@ def test_gpu_default_lowers_to_the_served_kernels(dtype, served, monkeypatch):
             q, k_cmp, lse, **PAPER, num_selected=16, num_initial_blocks=1, num_local_blocks=2, scale=0.1
         )
 
+    # T = 4100, not a multiple of a program's positions: q is padded for the TMA copies.
     shapes = [
-        jax.ShapeDtypeStruct((1, 4096, 64, 192), dtype),
+        jax.ShapeDtypeStruct((1, 4100, 64, 192), dtype),
         jax.ShapeDtypeStruct((1, 256, 4, 192), dtype),
-        jax.ShapeDtypeStruct((1, 4096, 64), jnp.float32),
+        jax.ShapeDtypeStruct((1, 4100, 64), jnp.float32),
     ]
     found = set(re.findall(r"nsa_[a-z_]+", lower_for_h200(select, *shapes)))
     unserved = {"nsa_block_importance", "nsa_top_n", "nsa_select_blocks"} - served
@@ -215,6 +254,12 @@ def test_supports_and_rejects():
     q, k_cmp, lse = _inputs(1, 64, 64, jnp.bfloat16)
     with pytest.raises(ValueError, match="must share B and Dk"):
         importance_kernel.block_importance(q, k_cmp[..., :32], lse, **PAPER, scale=1.0, interpret=True)
+    with pytest.raises(ValueError, match="position_range must satisfy"):
+        importance_kernel.block_importance(
+            q, k_cmp, lse, **PAPER, scale=1.0, interpret=True, position_range=(8, 8)
+        )
+    with pytest.raises(ValueError, match="max_importances must be positive, got 0"):
+        importance_kernel.ImportanceTuning(max_importances=0)
     with pytest.raises(ValueError, match="lse must be"):
         importance_kernel.block_importance(q, k_cmp, lse[:, :8], **PAPER, scale=1.0, interpret=True)
     with pytest.raises(ValueError, match="importance must be float32"):

@@ -59,20 +59,29 @@ _TOKENS = 64  # compressed tokens a key tile
 _ROWS = 64  # MMA rows: head groups times positions
 _HEADS = 16
 _SHARED_BYTES = 220 * 1024
+# Float32 importances select_blocks holds at once at most (all batch rows and KV heads): 1 GiB.
+# That scores every position in one launch at T = 64K, H = 4, B = 1: launches of fewer positions
+# cost time there (6.51-6.53 ms against 6.32 at Dk = 128 on the H200, session 30), so longer
+# inputs are the ones cut into chunks.
+MAX_IMPORTANCES = 2**28
 
 
 @dataclasses.dataclass(frozen=True)
 class ImportanceTuning:
     """``positions``: query positions a program (``P``, 16 or 8; the head groups are ``64 / P``).
     ``overlap``: a key tile's ``S`` MMAs for all the heads a row holds issued together (one
-    accumulator each) before the first exp."""
+    accumulator each) before the first exp. ``max_importances``: float32 importances
+    :func:`select_blocks` holds in memory at once at most (see :func:`chunk_positions`)."""
 
     positions: int = 16
     overlap: bool = False
+    max_importances: int = MAX_IMPORTANCES
 
     def __post_init__(self) -> None:
         if self.positions not in (8, 16):
             raise ValueError(f"positions must be 8 or 16, got {self.positions}")
+        if self.max_importances < 1:
+            raise ValueError(f"max_importances must be positive, got {self.max_importances}")
 
 
 def default_tuning(dk: int) -> ImportanceTuning:
@@ -138,6 +147,21 @@ def _shared_bytes(dk: int, tuning: ImportanceTuning) -> int:
     )
 
 
+def chunk_positions(importances_a_position: int, tuning: ImportanceTuning) -> int:
+    """Positions :func:`select_blocks` scores in one launch: as many as ``tuning.max_importances``
+    holds at ``importances_a_position`` (``B * H * ceil(T / l')``) each, a multiple of the
+    program's ``P``, at least ``P``."""
+    fit = tuning.max_importances // importances_a_position
+    return max(tuning.positions, fit - fit % tuning.positions)
+
+
+def padded_rows(length: int, position_ranges: list[tuple[int, int]], positions: int) -> int:
+    """Rows ``q`` needs for :func:`block_importance` to score each ``(first, stop)`` range with
+    programs of ``positions`` positions: a multiple of ``positions``, at least ``length``."""
+    needed = max(first + -(-(stop - first) // positions) * positions for first, stop in position_ranges)
+    return -(-max(length, needed) // positions) * positions
+
+
 def _scores(q_smem, k_smem, acc):
     """``S = Q K^T`` of one head into ``acc``, read back."""
     plgpu.wgmma(acc, q_smem, k_smem.T)
@@ -155,6 +179,7 @@ def block_importance(
     scale: float,
     interpret: bool = False,
     tuning: ImportanceTuning | None = None,
+    position_range: tuple[int, int] | None = None,
 ) -> jax.Array:
     """Each position's importance of each selection block (Eqs. 8-10), unsegmented.
 
@@ -162,10 +187,13 @@ def block_importance(
       q: ``[B, T, HQ, Dk]`` (bf16 or float16, ``HQ = 16 H``); k_cmp: ``[B, Tc, H, Dk]``;
         lse: float32 ``[B, T, HQ]`` from the compressed attention (natural log).
       interpret: run in Mosaic GPU interpret mode (CPU).
+      position_range: ``(first, stop)``: score positions ``first .. stop - 1`` only
+        (``0 <= first < stop <= T``); ``None``: all ``T``.
 
     Returns:
-      float32 ``[B, T, H, Nb]``, ``Nb = ceil(T / l')``: entries past a position's own block are
-      unspecified (the top-n never reads them; :func:`nsa_jax.reference.selection.top_blocks`
+      float32 ``[B, stop - first, H, Nb]``, ``Nb = ceil(stop / l')`` (the blocks those positions
+      can see; ``[B, T, H, ceil(T / l')]`` for all positions): entries past a position's own block
+      are unspecified (the top-n never reads them; :func:`nsa_jax.reference.selection.top_blocks`
       masks them).
     """
     if q.ndim != 4 or k_cmp.ndim != 4 or k_cmp.shape[::3] != (q.shape[0], q.shape[3]):
@@ -175,6 +203,11 @@ def block_importance(
     if lse.shape != q.shape[:3]:
         raise ValueError(f"lse must be [B, T, HQ] = {q.shape[:3]}, got {lse.shape}")
     batch, length, q_heads, dk = q.shape
+    first_position, stop = (0, length) if position_range is None else position_range
+    if not 0 <= first_position < stop <= length:
+        raise ValueError(
+            f"position_range must satisfy 0 <= first < stop <= T = {length}, got {position_range}"
+        )
     tuning = default_tuning(dk) if tuning is None else tuning
     slots, heads = k_cmp.shape[1], k_cmp.shape[2]
     group = q_heads // heads
@@ -183,13 +216,13 @@ def block_importance(
     ratio = selection_block_size // block_stride
     blocks_a_tile = _TOKENS // ratio
     columns = 2 * blocks_a_tile
-    num_blocks = -(-length // selection_block_size)
+    num_blocks = -(-stop // selection_block_size)
     key_tiles = -(-num_blocks // blocks_a_tile)
     positions = tuning.positions
     head_groups = _ROWS // positions
     heads_a_row = _HEADS // head_groups
-    query_tiles = -(-length // positions)
-    padded_length = query_tiles * positions
+    query_tiles = -(-(stop - first_position) // positions)
+    padded_count = query_tiles * positions
     dtype = q.dtype
     log2_scale = scale * math.log2(math.e)
     # g <= heads_a_row (p <= 1): scaled below float16's largest finite value.
@@ -201,10 +234,13 @@ def block_importance(
     lse2 = jax.lax.stop_gradient(lse).astype(jnp.float32)
     # As the reference: a non-finite lse (nothing visible) reads as 0.
     lse2 = jnp.where(jnp.isfinite(lse2), lse2 * math.log2(math.e), 0.0)
-    if padded_length != length:
-        pad = padded_length - length
-        q5 = jnp.pad(q5, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
-        lse2 = jnp.pad(lse2, ((0, 0), (0, pad), (0, 0)))
+    # The programs read q rows up to first + padded_count, and TMA takes q's rows in whole tiles
+    # of P; lse only for their own positions.
+    q_pad = padded_rows(length, [position_range or (0, length)], positions) - length
+    if q_pad > 0:
+        q5 = jnp.pad(q5, ((0, 0), (0, q_pad), (0, 0), (0, 0), (0, 0)))
+    lse2 = lse2[:, first_position:stop]
+    lse2 = jnp.pad(lse2, ((0, 0), (0, padded_count - lse2.shape[1]), (0, 0)))
     # Row g * P + p of a tile's MMA for its i-th head: position p, query head i * R + g.
     lse_rows = lse2.reshape(batch, query_tiles, positions, heads, heads_a_row, head_groups)
     lse_rows = jnp.transpose(lse_rows, (0, 3, 1, 4, 5, 2)).reshape(
@@ -222,7 +258,7 @@ def block_importance(
         head = jax.lax.axis_index("head")
         b = jax.lax.axis_index("batch")
         query_tile = query_tiles - 1 - tile
-        first = query_tile * positions
+        first = first_position + query_tile * positions
         for i in range(heads_a_row):
             for g in range(head_groups):
                 plgpu.copy_gmem_to_smem(
@@ -232,7 +268,7 @@ def block_importance(
                 )
         plgpu.copy_gmem_to_smem(lse_ref.at[b, head, query_tile], lse_smem, q_barrier)
         plgpu.copy_gmem_to_smem(w_ref, w_smem, q_barrier)
-        last = jnp.minimum(first + positions, length) - 1
+        last = jnp.minimum(first + positions, stop) - 1
         tiles = jnp.minimum(
             jax.lax.div(jax.lax.div(last, selection_block_size), blocks_a_tile) + 1, key_tiles
         )
@@ -332,7 +368,9 @@ def block_importance(
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(
                 out_smem,
-                out_ref.at[b, pl.ds(first, positions), head, pl.ds(i * blocks_a_tile, blocks_a_tile)],
+                out_ref.at[
+                    b, pl.ds(query_tile * positions, positions), head, pl.ds(i * blocks_a_tile, blocks_a_tile)
+                ],
             )
             return back
 
@@ -363,7 +401,7 @@ def block_importance(
     ]
     importance = plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct((batch, padded_length, heads, key_tiles * blocks_a_tile), jnp.float32),
+        out_type=jax.ShapeDtypeStruct((batch, padded_count, heads, key_tiles * blocks_a_tile), jnp.float32),
         scratch_types=scratch,
         grid=(query_tiles, heads, batch),
         grid_names=("tile", "head", "batch"),
@@ -371,7 +409,7 @@ def block_importance(
         interpret=plgpu.InterpretGPUParams() if interpret else None,
         kernel_name="nsa_block_importance",
     )(q5, k_tiles, lse_rows, weights)
-    return importance[:, :length, :, :num_blocks]
+    return importance[:, : stop - first_position, :, :num_blocks]
 
 
 def select_blocks(
@@ -390,26 +428,62 @@ def select_blocks(
     tuning: ImportanceTuning | None = None,
     top_n_tuning: top_n.TopNTuning | None = None,
 ) -> jax.Array:
-    """Top-n blocks (Eq. 11) of :func:`block_importance`'s scores
-    (:func:`pallas_kernels.gpu.top_n.top_blocks`): int32 ``[B, T, H, n]`` as
-    :func:`nsa_jax.select_blocks` (unsegmented)."""
-    importance = block_importance(
-        q,
-        k_cmp,
-        lse,
-        block_length=block_length,
-        block_stride=block_stride,
-        selection_block_size=selection_block_size,
-        scale=scale,
-        interpret=interpret,
-        tuning=tuning,
-    )
-    return top_n.top_blocks(
-        importance,
-        selection_block_size=selection_block_size,
-        num_selected=num_selected,
-        num_initial_blocks=num_initial_blocks,
-        num_local_blocks=num_local_blocks,
-        interpret=interpret,
-        tuning=top_n_tuning,
-    )
+    """Top-n blocks (Eq. 11) of :func:`block_importance`'s scores: int32 ``[B, T, H, n]`` as
+    :func:`nsa_jax.select_blocks` (unsegmented).
+
+    The positions are scored in chunks of :func:`chunk_positions` (one at T = 64K, H = 4, B = 1),
+    each picked (:func:`pallas_kernels.gpu.top_n.top_blocks_of_range`, over the ranges of
+    :func:`pallas_kernels.gpu.top_n.position_ranges` inside it) before the next is scored: at most
+    ``tuning.max_importances`` float32 importances are in memory at a time, where scoring every
+    position at once would take ``B * T * H * ceil(T / l')`` of them, quadratic in ``T`` (spec,
+    "Kernel design"; 1 GiB at T = 64K, H = 4, 64 GiB at 512K).
+    """
+    tuning = default_tuning(q.shape[-1]) if tuning is None else tuning
+    top_n_tuning = top_n.TopNTuning() if top_n_tuning is None else top_n_tuning
+    batch, length = q.shape[:2]
+    heads = k_cmp.shape[2]
+    num_blocks = -(-length // selection_block_size)
+    chunk = chunk_positions(batch * heads * num_blocks, tuning)
+    ranges = top_n.position_ranges(length, num_blocks, selection_block_size, top_n_tuning.narrowest)
+    # Padded once here (a copy of q) where the last chunk needs it, rather than in its call.
+    rows = padded_rows(length, [(0, length)], tuning.positions)
+    if rows > length:
+        q = jnp.pad(q, ((0, 0), (0, rows - length), (0, 0), (0, 0)))
+        lse = jnp.pad(lse, ((0, 0), (0, rows - length), (0, 0)))
+    parts = []
+    for start in range(0, length, chunk):
+        end = min(length, start + chunk)
+        importance = block_importance(
+            q,
+            k_cmp,
+            lse,
+            block_length=block_length,
+            block_stride=block_stride,
+            selection_block_size=selection_block_size,
+            scale=scale,
+            interpret=interpret,
+            tuning=tuning,
+            position_range=(start, end),
+        )
+        picks = [
+            top_n.top_blocks_of_range(
+                importance,
+                first=max(first, start),
+                stop=min(stop, end),
+                blocks=blocks,
+                rows_first=start,
+                selection_block_size=selection_block_size,
+                num_selected=num_selected,
+                num_initial_blocks=num_initial_blocks,
+                num_local_blocks=num_local_blocks,
+                interpret=interpret,
+                tuning=top_n_tuning,
+            )
+            for first, stop, blocks in ranges
+            if max(first, start) < min(stop, end)
+        ]
+        # The next chunk is scored after these picks exist, so that its importances can reuse
+        # this chunk's memory (XLA would otherwise be free to score every chunk first).
+        picks, q = jax.lax.optimization_barrier((picks, q))
+        parts += picks
+    return jnp.concatenate(parts, axis=1)

@@ -181,10 +181,19 @@ def _top_n_direct(score: jax.Array, current: jax.Array, geo: TopNShape, view: st
 
 
 def _kernel(
-    importance_ref, out_ref, *, shape: _Shape, first: int, stop: int, selection_block_size: int, view: str
+    importance_ref,
+    out_ref,
+    *,
+    shape: _Shape,
+    first: int,
+    stop: int,
+    rows_first: int,
+    selection_block_size: int,
+    view: str,
 ):
-    """``importance_ref [T, Nb]`` and ``out_ref [stop - first, n']`` of one KV head: positions
-    ``first .. stop - 1``, whose blocks lie below ``shape.num_blocks``."""
+    """``importance_ref [rows, Nb]`` (row ``i`` is position ``rows_first + i``) and ``out_ref
+    [stop - first, n']`` of one KV head: positions ``first .. stop - 1``, whose blocks lie below
+    ``shape.num_blocks``."""
     P = shape.positions
     position = first + pl.program_id(0) * P + jnp.arange(P)
     live = position < stop
@@ -193,7 +202,7 @@ def _kernel(
     block = jnp.arange(shape.blocks_padded)[None, :]
     seen = live[:, None] & (block <= current[:, None]) & (block < shape.num_blocks)
     score = plt.load(
-        importance_ref.at[position[:, None], jnp.minimum(block, shape.num_blocks - 1)],
+        importance_ref.at[position[:, None] - rows_first, jnp.minimum(block, shape.num_blocks - 1)],
         mask=seen,
         other=_UNAVAILABLE,
     )
@@ -208,7 +217,9 @@ def _kernel(
     plt.store(out_ref.at[target[:, None], lane], picks, mask=live[:, None] & (lane < shape.picks_padded))
 
 
-def _position_ranges(length: int, num_blocks: int, selection_block_size: int, narrowest: int):
+def position_ranges(
+    length: int, num_blocks: int, selection_block_size: int, narrowest: int
+) -> list[tuple[int, int, int]]:
     """``(first, stop, blocks)``: positions ``first .. stop - 1`` see at most ``blocks`` blocks, a
     power of two from ``narrowest`` on (doubling with each range), or ``num_blocks``."""
     ranges, first, width = [], 0, narrowest
@@ -217,6 +228,49 @@ def _position_ranges(length: int, num_blocks: int, selection_block_size: int, na
         ranges.append((first, stop, min(width, num_blocks)))
         first, width = stop, 2 * width
     return ranges
+
+
+def top_blocks_of_range(
+    importance: jax.Array,
+    *,
+    first: int,
+    stop: int,
+    blocks: int,
+    rows_first: int,
+    selection_block_size: int,
+    num_selected: int,
+    num_initial_blocks: int,
+    num_local_blocks: int,
+    interpret: bool,
+    tuning: TopNTuning,
+) -> jax.Array:
+    """Eq. 11 for positions ``first .. stop - 1``, which see at most ``blocks`` blocks, from
+    ``importance`` float32 ``[B, R, H, Nb]`` whose row ``i`` is position ``rows_first + i``:
+    int32 ``[B, stop - first, H, n]`` (one launch)."""
+    batch, rows, heads, num_blocks = importance.shape
+    # A chunk's importances may be narrower than its range's blocks; its positions see no further.
+    shape = _Shape(
+        tuning.positions, min(blocks, num_blocks), num_selected, num_initial_blocks, num_local_blocks
+    )
+    kernel = functools.partial(
+        _kernel,
+        shape=shape,
+        first=first,
+        stop=stop,
+        rows_first=rows_first,
+        selection_block_size=selection_block_size,
+        view=tuning.view,
+    )
+    return pl.pallas_call(
+        kernel,
+        grid=(-(-(stop - first) // tuning.positions), heads, batch),
+        in_specs=[pl.BlockSpec((None, rows, None, num_blocks), lambda x, h, b: (b, 0, h, 0))],
+        out_specs=pl.BlockSpec((None, stop - first, None, shape.picks_padded), lambda x, h, b: (b, 0, h, 0)),
+        out_shape=jax.ShapeDtypeStruct((batch, stop - first, heads, shape.picks_padded), jnp.int32),
+        compiler_params=plt.CompilerParams(num_warps=tuning.warps, num_stages=1),
+        interpret=interpret,
+        name="nsa_top_n",
+    )(importance)[..., :num_selected]
 
 
 @functools.partial(
@@ -248,30 +302,21 @@ def top_blocks(
             f"importance must be float32 [B, T, H, Nb], got {importance.dtype} of shape {importance.shape}"
         )
     tuning = TopNTuning() if tuning is None else tuning
-    batch, length, heads, num_blocks = importance.shape
-    parts = []
-    for first, stop, blocks in _position_ranges(length, num_blocks, selection_block_size, tuning.narrowest):
-        shape = _Shape(tuning.positions, blocks, num_selected, num_initial_blocks, num_local_blocks)
-        kernel = functools.partial(
-            _kernel,
-            shape=shape,
+    length, num_blocks = importance.shape[1], importance.shape[3]
+    parts = [
+        top_blocks_of_range(
+            importance,
             first=first,
             stop=stop,
+            blocks=blocks,
+            rows_first=0,
             selection_block_size=selection_block_size,
-            view=tuning.view,
+            num_selected=num_selected,
+            num_initial_blocks=num_initial_blocks,
+            num_local_blocks=num_local_blocks,
+            interpret=interpret,
+            tuning=tuning,
         )
-        parts.append(
-            pl.pallas_call(
-                kernel,
-                grid=(-(-(stop - first) // tuning.positions), heads, batch),
-                in_specs=[pl.BlockSpec((None, length, None, num_blocks), lambda x, h, b: (b, 0, h, 0))],
-                out_specs=pl.BlockSpec(
-                    (None, stop - first, None, shape.picks_padded), lambda x, h, b: (b, 0, h, 0)
-                ),
-                out_shape=jax.ShapeDtypeStruct((batch, stop - first, heads, shape.picks_padded), jnp.int32),
-                compiler_params=plt.CompilerParams(num_warps=tuning.warps, num_stages=1),
-                interpret=interpret,
-                name="nsa_top_n",
-            )(importance)[..., :num_selected]
-        )
+        for first, stop, blocks in position_ranges(length, num_blocks, selection_block_size, tuning.narrowest)
+    ]
     return jnp.concatenate(parts, axis=1)
