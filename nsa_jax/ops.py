@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nsa_jax import checks, cudnn, registry
 from nsa_jax.reference import compressed as compressed_ref
@@ -61,7 +62,10 @@ def _block_indices(block_indices: jax.Array, batch: int, length: int, kv_heads: 
         )
     if checks.is_concrete(block_indices) and block_indices.size:
         num_blocks = -(-length // block_size)
-        low, high = int(jnp.min(block_indices)), int(jnp.max(block_indices))
+        # numpy, not jnp: under a jit trace jnp would stage the reduction even of a concrete
+        # (closed-over) array and return a tracer.
+        values = np.asarray(block_indices)
+        low, high = int(values.min()), int(values.max())
         if low < -1 or high >= num_blocks:
             raise ValueError(
                 f"block_indices must lie in [-1, ceil(T / block_size) - 1] = [-1, {num_blocks - 1}], "
