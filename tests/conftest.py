@@ -27,6 +27,18 @@ def pytest_configure(config: pytest.Config) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def jitted_vjp(fn, args, cotangent, has_aux: bool = False):
+    """``(fn(*args), vjp(cotangent))`` computed by one compiled program (``(out, grads, aux)``
+    with ``has_aux``, ``fn`` returning ``(out, aux)``): run op by op, the references' many small
+    ops and the interpret-mode kernels' dispatch made these tests slow."""
+
+    def forward_and_backward(args, cotangent):
+        out, vjp, *aux = jax.vjp(fn, *args, has_aux=has_aux)
+        return out, vjp(cotangent), *aux
+
+    return jax.jit(forward_and_backward)(tuple(args), cotangent)
+
+
 class Inputs:
     """Fresh random attention inputs ``q [B,T,HQ,Dk]``, ``k [B,T,H,Dk]``, ``v [B,T,H,Dv]``."""
 

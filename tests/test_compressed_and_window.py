@@ -11,7 +11,7 @@ import nsa_jax
 from nsa_jax import cudnn, registry
 from nsa_jax.segments import num_compressed_slots
 from tests import oracle
-from tests.conftest import TOLERANCE, Inputs, packed_segment_ids
+from tests.conftest import TOLERANCE, Inputs, jitted_vjp, packed_segment_ids
 
 # (B, T, HQ, H, Dk, Dv): T never a multiple of l, d or l' used below.
 SHAPES = [
@@ -45,22 +45,23 @@ def _skip_unless_served(op, implementation, *args, **kwargs):
             pytest.skip(f"{implementation} does not serve these arguments: {err}")
 
 
-def _check_vjp(ours, theirs, args, cotangent, dtype):
-    out, vjp = jax.vjp(ours, *args)
-    ref, ref_vjp = jax.vjp(theirs, *args)
+def _check_vjp(ours, theirs, args, cotangent, dtype, has_aux: bool = False):
+    """Output and gradients of ``ours`` against ``theirs``; returns ``ours``' aux with ``has_aux``."""
+    out, grads, *aux = jitted_vjp(ours, args, cotangent, has_aux)
+    ref, ref_grads = jitted_vjp(theirs, args, cotangent.astype(jnp.float32))
     tol = TOLERANCE[dtype]
     assert out.dtype == dtype
     assert oracle.relative_error(out, ref) < tol
-    for i, (grad, ref_grad) in enumerate(
-        zip(vjp(cotangent), ref_vjp(cotangent.astype(jnp.float32)), strict=False)
-    ):
+    for i, (grad, ref_grad) in enumerate(zip(grads, ref_grads, strict=False)):
         assert oracle.relative_error(grad, ref_grad) < tol, f"gradient {i}"
+    return aux[0] if has_aux else None
 
 
 @pytest.mark.parametrize("implementation", nsa_jax.implementations("compressed_attention"))
 @pytest.mark.parametrize(("shape", "geometry"), list(zip(SHAPES, GEOMETRIES, strict=True)), ids=str)
 @pytest.mark.parametrize("packed", [False, True], ids=["single", "packed"])
 def test_compressed_matches_oracle(implementation, shape, geometry, packed, dtype):
+    _skip_unless_runs_here("compressed_attention", implementation)
     batch, length, q_heads, kv_heads, dk, dv = shape
     block_length, block_stride = geometry
     seed = hash((shape, geometry, packed)) % 1000
@@ -70,7 +71,6 @@ def test_compressed_matches_oracle(implementation, shape, geometry, packed, dtyp
     k_cmp = jax.random.normal(keys[0], (batch, slots, kv_heads, dk)).astype(dtype)
     v_cmp = jax.random.normal(keys[1], (batch, slots, kv_heads, dv)).astype(dtype)
     segment_ids = packed_segment_ids(batch, length, seed) if packed else None
-    _skip_unless_runs_here("compressed_attention", implementation)
     mask = oracle.compressed_mask(length, slots, kv_heads, block_length, block_stride, batch, segment_ids)
     seg = None if segment_ids is None else jnp.asarray(segment_ids)
 
@@ -83,25 +83,16 @@ def test_compressed_matches_oracle(implementation, shape, geometry, packed, dtyp
             block_stride=block_stride,
             segment_ids=seg,
             implementation=implementation,
-        )[0]
+        )
 
-    _check_vjp(
+    # The log-sum-exp is what selection rebuilds p_cmp from; -inf where nothing is visible.
+    lse = _check_vjp(
         ours,
         lambda q, k, v: oracle.dense_attention(q, k, v, mask)[0],
         (inputs.q, k_cmp, v_cmp),
         inputs.cotangent,
         dtype,
-    )
-
-    # The log-sum-exp is what selection rebuilds p_cmp from; -inf where nothing is visible.
-    _, lse = nsa_jax.compressed_attention(
-        inputs.q,
-        k_cmp,
-        v_cmp,
-        block_length=block_length,
-        block_stride=block_stride,
-        segment_ids=seg,
-        implementation=implementation,
+        has_aux=True,
     )
     group = q_heads // kv_heads
     logits = (
@@ -139,6 +130,7 @@ def test_compressed_with_standard_token_count():
 @pytest.mark.parametrize(("shape", "window"), list(zip(SHAPES, WINDOWS, strict=True)), ids=str)
 @pytest.mark.parametrize("packed", [False, True], ids=["single", "packed"])
 def test_window_matches_oracle(implementation, shape, window, packed, dtype):
+    _skip_unless_runs_here("sliding_window_attention", implementation)
     batch, length, q_heads, kv_heads, dk, dv = shape
     seed = hash((shape, window, packed)) % 1000
     inputs = Inputs(seed, batch, length, q_heads, kv_heads, dk, dv, dtype)

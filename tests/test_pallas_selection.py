@@ -19,6 +19,7 @@ import nsa_jax
 from pallas_kernels.gpu import forced_merge, selection, selection_mosaic, shared_blocks
 from pallas_kernels.gpu.block_sizes import DEFAULT_TUNING, SelectionTuning, tuning_for
 from pallas_kernels.gpu.inverse_map import build_inverse_map, key_tile_count, listed_parts
+from tests.conftest import jitted_vjp
 
 
 def _random_starts(rng, batch, length, heads, slots, block_size, aligned):
@@ -169,12 +170,12 @@ def _compare(q, k, v, ct, indices, block_size, tolerance, segment_ids=None, tuni
             q, k, v, indices, block_size=block_size, segment_ids=segment_ids, implementation="xla"
         )
 
-    out, vjp = jax.vjp(ours, q, k, v)
+    out, grads = jitted_vjp(ours, (q, k, v), ct)
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-    ref, ref_vjp = jax.vjp(reference, *f32)
+    ref, ref_grads = jitted_vjp(reference, f32, ct.astype(jnp.float32))
     assert out.dtype == q.dtype and np.all(np.isfinite(np.asarray(out, np.float32)))
     assert _relative_error(out, ref) < tolerance
-    for name, grad, ref_grad in zip("qkv", vjp(ct), ref_vjp(ct.astype(jnp.float32)), strict=True):
+    for name, grad, ref_grad in zip("qkv", grads, ref_grads, strict=True):
         assert grad.dtype == q.dtype, name
         assert _relative_error(grad, ref_grad) < tolerance, name
 

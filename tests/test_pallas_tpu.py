@@ -22,7 +22,7 @@ from pallas_kernels.tpu import core, dense, selection
 from pallas_kernels.tpu.block_sizes import TpuBlockSizes, block_sizes_for
 from pallas_kernels.tpu.inverse_map import build_inverse_map, touched_tiles
 from tests import oracle
-from tests.conftest import TOLERANCE, Inputs, packed_segment_ids, random_block_indices
+from tests.conftest import TOLERANCE, Inputs, jitted_vjp, packed_segment_ids, random_block_indices
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -109,14 +109,14 @@ def _selected_case(shape, dtype, seed, packed):
 
 
 def _check_against_oracle(fn, inputs, mask, dtype):
-    out, vjp = jax.vjp(fn, inputs.q, inputs.k, inputs.v)
-    ref, ref_vjp = jax.vjp(
-        lambda q, k, v: oracle.dense_attention(q, k, v, mask)[0], inputs.q, inputs.k, inputs.v
+    args = (inputs.q, inputs.k, inputs.v)
+    out, grads = jitted_vjp(fn, args, inputs.cotangent)
+    ref, ref_grads = jitted_vjp(
+        lambda q, k, v: oracle.dense_attention(q, k, v, mask)[0], args, inputs.cotangent.astype(jnp.float32)
     )
     tol = TOLERANCE[dtype]
     assert oracle.relative_error(out, ref) < tol
-    grads = vjp(inputs.cotangent)
-    for name, grad, ref_grad in zip("qkv", grads, ref_vjp(inputs.cotangent.astype(jnp.float32)), strict=True):
+    for name, grad, ref_grad in zip("qkv", grads, ref_grads, strict=True):
         assert oracle.relative_error(grad, ref_grad) < tol, name
     return out, grads
 
