@@ -24,6 +24,18 @@ SHAPES = [
 # while every shape and every geometry is covered.
 GEOMETRIES = [(8, 4), (16, 8), (4, 4), (8, 4)]
 WINDOWS = [1, 7, 32, 16]
+# Every shape unpacked; packed rows (segments) on the two extreme group sizes, G = 1 (two rows,
+# many positions a tile) and G = 16 (one row, few positions a tile).
+PACKED_SHAPES = (SHAPES[0], SHAPES[3])
+
+
+def _cases(settings: list) -> list:
+    """``(shape, setting, packed)`` for each shape and its geometry or window."""
+    return [
+        pytest.param(shape, setting, packed, id=f"{'packed' if packed else 'single'}-{shape}-{setting}")
+        for shape, setting in zip(SHAPES, settings, strict=True)
+        for packed in ((False, True) if shape in PACKED_SHAPES else (False,))
+    ]
 
 
 def _skip_unless_runs_here(op, implementation):
@@ -58,8 +70,7 @@ def _check_vjp(ours, theirs, args, cotangent, dtype, has_aux: bool = False):
 
 
 @pytest.mark.parametrize("implementation", nsa_jax.implementations("compressed_attention"))
-@pytest.mark.parametrize(("shape", "geometry"), list(zip(SHAPES, GEOMETRIES, strict=True)), ids=str)
-@pytest.mark.parametrize("packed", [False, True], ids=["single", "packed"])
+@pytest.mark.parametrize(("shape", "geometry", "packed"), _cases(GEOMETRIES))
 def test_compressed_matches_oracle(implementation, shape, geometry, packed, dtype):
     _skip_unless_runs_here("compressed_attention", implementation)
     batch, length, q_heads, kv_heads, dk, dv = shape
@@ -127,8 +138,7 @@ def test_compressed_with_standard_token_count():
 
 
 @pytest.mark.parametrize("implementation", nsa_jax.implementations("sliding_window_attention"))
-@pytest.mark.parametrize(("shape", "window"), list(zip(SHAPES, WINDOWS, strict=True)), ids=str)
-@pytest.mark.parametrize("packed", [False, True], ids=["single", "packed"])
+@pytest.mark.parametrize(("shape", "window", "packed"), _cases(WINDOWS))
 def test_window_matches_oracle(implementation, shape, window, packed, dtype):
     _skip_unless_runs_here("sliding_window_attention", implementation)
     batch, length, q_heads, kv_heads, dk, dv = shape

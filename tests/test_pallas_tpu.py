@@ -140,9 +140,13 @@ def test_index_lists_over_the_smem_budget_are_chunked():
     jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(inputs.q, inputs.k, inputs.v))
     assert jaxpr.count("pallas_call[") == 2 + 2 + 3  # forward, dQ, dK/dV
 
-    window = lambda q, k, v, sizes: dense.sliding_window_attention(
-        q, k, v, window=9, scale=16**-0.5, segment_ids=seg, interpret=True, block_sizes=sizes
-    )
+    def window(q, k, v, sizes):
+        return jax.jit(
+            lambda q, k, v: dense.sliding_window_attention(
+                q, k, v, window=9, scale=16**-0.5, segment_ids=seg, interpret=True, block_sizes=sizes
+            )
+        )(q, k, v)
+
     tiny_window = TpuBlockSizes(query_rows=16, key_tile=8, smem_words=100)
     np.testing.assert_allclose(
         window(inputs.q, inputs.k, inputs.v, tiny_window),
