@@ -125,6 +125,12 @@ def check(length: int, dk: int) -> dict:
     return result
 
 
+def compiled_with_memory(select, q, k, lse):
+    """``(compiled select, its temporary memory in MiB)``."""
+    compiled = jax.jit(select).lower(q, k, lse).compile()
+    return compiled, compiled.memory_analysis().temp_size_in_bytes / 2**20
+
+
 def memory_at(length: int, rounds: int, iters: int, dk: int = 128) -> dict:
     """Temporary memory (MiB), ms (medians of interleaved rounds) and equal picks: the default and
     ``one_launch`` at T."""
@@ -132,8 +138,7 @@ def memory_at(length: int, rounds: int, iters: int, dk: int = 128) -> dict:
     result = dict(T=length, dk=dk)
     calls = {}
     for name, select in (("default", default_select), ("one_launch", one_launch_select)):
-        compiled = jax.jit(select).lower(q, k, lse).compile()
-        result[f"{name}_temp_mib"] = compiled.memory_analysis().temp_size_in_bytes / 2**20
+        compiled, result[f"{name}_temp_mib"] = compiled_with_memory(select, q, k, lse)
         calls[name] = (compiled, (q, k, lse))
     for name, ms in alternating_rounds(calls, rounds=rounds, iters=iters).items():
         result[f"{name}_ms"] = float(np.median(ms))
@@ -230,19 +235,14 @@ def main() -> int:
                 calls[f"top_n_{name}"] = (jax.jit(picks_of(TOP_N[name])), (scores,))
         temp_mib = {}
         for name, select in budget_names.items():
-            fn = jax.jit(select)
-            temp_mib[name] = fn.lower(q, k, lse).compile().memory_analysis().temp_size_in_bytes / 2**20
-            calls[name] = (fn, (q, k, lse))
+            compiled, temp_mib[name] = compiled_with_memory(select, q, k, lse)
+            calls[name] = (compiled, (q, k, lse))
         times = alternating_rounds(calls, rounds=args.rounds, iters=args.iters)
         compared = "default" if "default" in calls else next(iter(budget_names), "triton")
-        unlike = np.any(
-            np.asarray(calls["triton"][0](q, k, lse)) != np.asarray(calls[compared][0](q, k, lse)), -1
-        )
+        compared_picks = np.asarray(calls[compared][0](q, k, lse))
+        unlike = np.any(np.asarray(calls["triton"][0](q, k, lse)) != compared_picks, -1)
         for name in budget_names:
-            same = np.array_equal(
-                np.asarray(calls[name][0](q, k, lse)), np.asarray(calls[compared][0](q, k, lse))
-            )
-            if not same:
+            if not np.array_equal(np.asarray(calls[name][0](q, k, lse)), compared_picks):
                 raise AssertionError(f"{name}'s picks differ from {compared}'s")
         report["timing"][str(dk)] = dict(ms=times, rows_unlike_triton=int(unlike.sum()), temp_mib=temp_mib)
         print(dk, {name: round(float(np.median(v)), 3) for name, v in times.items()}, flush=True)

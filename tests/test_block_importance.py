@@ -260,6 +260,16 @@ def test_supports_and_rejects():
         )
     with pytest.raises(ValueError, match="max_importances must be positive, got 0"):
         importance_kernel.ImportanceTuning(max_importances=0)
+    with pytest.raises(ValueError, match="importances_a_position must be positive, got 0"):
+        importance_kernel.chunk_positions(0, importance_kernel.ImportanceTuning())
+    picks = dict(selection_block_size=64, num_selected=4, num_initial_blocks=1, num_local_blocks=2)
+    with pytest.raises(
+        ValueError, match=r"positions first=60 .. stop=80 must be rows of importance, positions 0 .. 64"
+    ):
+        top_n.top_blocks_of_range(
+            jnp.zeros((1, 64, 1, 2)), first=60, stop=80, blocks=2, rows_first=0, **picks, interpret=True,
+            tuning=top_n.TopNTuning(),
+        )  # fmt: skip
     with pytest.raises(ValueError, match="lse must be"):
         importance_kernel.block_importance(q, k_cmp, lse[:, :8], **PAPER, scale=1.0, interpret=True)
     with pytest.raises(ValueError, match="importance must be float32"):

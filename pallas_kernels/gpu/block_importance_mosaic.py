@@ -151,14 +151,16 @@ def chunk_positions(importances_a_position: int, tuning: ImportanceTuning) -> in
     """Positions :func:`select_blocks` scores in one launch: as many as ``tuning.max_importances``
     holds at ``importances_a_position`` (``B * H * ceil(T / l')``) each, a multiple of the
     program's ``P``, at least ``P``."""
+    if importances_a_position < 1:
+        raise ValueError(f"importances_a_position must be positive, got {importances_a_position}")
     fit = tuning.max_importances // importances_a_position
     return max(tuning.positions, fit - fit % tuning.positions)
 
 
-def padded_rows(length: int, position_ranges: list[tuple[int, int]], positions: int) -> int:
-    """Rows ``q`` needs for :func:`block_importance` to score each ``(first, stop)`` range with
+def _padded_rows(length: int, first: int, stop: int, positions: int) -> int:
+    """Rows ``q`` needs for :func:`block_importance` to score positions ``first .. stop - 1`` with
     programs of ``positions`` positions: a multiple of ``positions``, at least ``length``."""
-    needed = max(first + -(-(stop - first) // positions) * positions for first, stop in position_ranges)
+    needed = first + -(-(stop - first) // positions) * positions
     return -(-max(length, needed) // positions) * positions
 
 
@@ -236,7 +238,7 @@ def block_importance(
     lse2 = jnp.where(jnp.isfinite(lse2), lse2 * math.log2(math.e), 0.0)
     # The programs read q rows up to first + padded_count, and TMA takes q's rows in whole tiles
     # of P; lse only for their own positions.
-    q_pad = padded_rows(length, [position_range or (0, length)], positions) - length
+    q_pad = _padded_rows(length, first_position, stop, positions) - length
     if q_pad > 0:
         q5 = jnp.pad(q5, ((0, 0), (0, q_pad), (0, 0), (0, 0), (0, 0)))
     lse2 = lse2[:, first_position:stop]
@@ -446,7 +448,7 @@ def select_blocks(
     chunk = chunk_positions(batch * heads * num_blocks, tuning)
     ranges = top_n.position_ranges(length, num_blocks, selection_block_size, top_n_tuning.narrowest)
     # Padded once here (a copy of q) where the last chunk needs it, rather than in its call.
-    rows = padded_rows(length, [(0, length)], tuning.positions)
+    rows = _padded_rows(length, 0, length, tuning.positions)
     if rows > length:
         q = jnp.pad(q, ((0, 0), (0, rows - length), (0, 0), (0, 0)))
         lse = jnp.pad(lse, ((0, 0), (0, rows - length), (0, 0)))

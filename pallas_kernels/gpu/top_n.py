@@ -230,6 +230,13 @@ def position_ranges(
     return ranges
 
 
+def _check_importance(importance: jax.Array) -> None:
+    if importance.ndim != 4 or importance.dtype != jnp.float32:
+        raise ValueError(
+            f"importance must be float32 [B, T, H, Nb], got {importance.dtype} of shape {importance.shape}"
+        )
+
+
 def top_blocks_of_range(
     importance: jax.Array,
     *,
@@ -247,7 +254,13 @@ def top_blocks_of_range(
     """Eq. 11 for positions ``first .. stop - 1``, which see at most ``blocks`` blocks, from
     ``importance`` float32 ``[B, R, H, Nb]`` whose row ``i`` is position ``rows_first + i``:
     int32 ``[B, stop - first, H, n]`` (one launch)."""
+    _check_importance(importance)
     batch, rows, heads, num_blocks = importance.shape
+    if not rows_first <= first < stop <= rows_first + rows:
+        raise ValueError(
+            f"positions first={first} .. stop={stop} must be rows of importance, positions "
+            f"{rows_first} .. {rows_first + rows}"
+        )
     # A chunk's importances may be narrower than its range's blocks; its positions see no further.
     shape = _Shape(
         tuning.positions, min(blocks, num_blocks), num_selected, num_initial_blocks, num_local_blocks
@@ -297,10 +310,7 @@ def top_blocks(
     """Eq. 11 on ``importance`` float32 ``[B, T, H, Nb]`` (entries past a position's own block
     are never read): int32 ``[B, T, H, n]``, ascending, ``-1`` last, as
     :func:`nsa_jax.reference.selection.top_blocks` with every segment starting at 0."""
-    if importance.ndim != 4 or importance.dtype != jnp.float32:
-        raise ValueError(
-            f"importance must be float32 [B, T, H, Nb], got {importance.dtype} of shape {importance.shape}"
-        )
+    _check_importance(importance)
     tuning = TopNTuning() if tuning is None else tuning
     length, num_blocks = importance.shape[1], importance.shape[3]
     parts = [
